@@ -1,0 +1,432 @@
+"""CodeGen in plain JAX: config, parameters, forward pass with a KV cache, loss, and
+Hugging Face checkpoint import/export.
+
+CodeGen (Nijkamp et al., ICLR 2023, §2.2) is a GPT-J-style decoder:
+
+    h = wte[tokens]                                  # no position embedding
+    for each layer:                                  # run with jax.lax.scan
+        x = LayerNorm(h)                             # ONE norm feeds both branches
+        h = h + Attention(x) + MLP(x)                # parallel residual
+    logits = LayerNorm(h) @ head_w + head_b          # untied head, with a bias
+
+Attention rotates the first `rotary_dim` dims of every query/key head with GPT-J's
+interleaved rotary embedding and does its softmax in float32; the MLP is
+Linear(4D) -> gelu(tanh) -> Linear(D), both with biases.
+
+Parameters are a plain nested dict of arrays (no framework); per-layer weights are
+stacked on a leading layer axis so one `scan` runs them all and a 34-layer model
+compiles as fast as a 2-layer one. Weights are stored as JAX kernels `[in, out]`.
+
+The released checkpoints fuse q, k, v into one `qkv_proj` whose rows come in 4
+model-parallel blocks, each ordered (q, v, k) — the TPU-v4 layout the weights were
+trained in. `load_hf` splits it once into plain `wq`, `wk`, `wv`; `save_hf` puts it back.
+
+    python -c "import model; c, p = model.load_hf('codegen-350M-mono'); print(c)"
+"""
+import dataclasses
+import json
+import math
+import os
+import pickle
+import zipfile
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    rotary_dim: int           # leading dims of each q/k head that get rotary; the rest pass through
+    n_ctx: int = 2048         # longest sequence (HF: n_positions)
+    vocab_size: int = 51200   # 50,295 tokenizer ids padded to a multiple of the TPU core count
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        def bad(why):
+            raise ValueError(f"impossible Config({self.n_layer=}, {self.n_embd=}, {self.n_head=}, "
+                             f"{self.rotary_dim=}, {self.n_ctx=}): {why}")
+        if min(self.n_layer, self.n_embd, self.n_head, self.n_ctx, self.vocab_size) <= 0:
+            bad("every size must be positive")
+        if self.n_embd % self.n_head:
+            bad("n_embd must be divisible by n_head")
+        if self.n_head % MP_NUM:
+            bad(f"n_head must be divisible by {MP_NUM} (the released qkv layout has {MP_NUM} blocks)")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            bad(f"rotary_dim must be even and in (0, head_dim={self.head_dim}]")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def d_ff(self):
+        return 4 * self.n_embd  # HF n_inner is null in every released config
+
+
+MP_NUM = 4  # model-parallel blocks baked into the released qkv_proj (TPU-v4: 4 cores per host)
+
+CONFIGS = {
+    # Laptop presets: the 51,200-wide head dominates their compute, so they stay shallow.
+    "nano": Config(n_layer=4, n_embd=128, n_head=4, rotary_dim=16, n_ctx=256),
+    "small": Config(n_layer=8, n_embd=512, n_head=8, rotary_dim=32, n_ctx=1024),
+    # The paper's four sizes (architecture.md §2.1; JAXformer configs and FasterTransformer pbtxt).
+    "350M": Config(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32),
+    "2B": Config(n_layer=32, n_embd=2560, n_head=32, rotary_dim=64),
+    "6B": Config(n_layer=33, n_embd=4096, n_head=16, rotary_dim=64),
+    "16B": Config(n_layer=34, n_embd=6144, n_head=24, rotary_dim=64),
+}
+
+
+def param_count(config, embedding=True):
+    """Number of parameters; `embedding=False` drops the input table (a gather, no FLOPs)."""
+    D, F, V, L = config.n_embd, config.d_ff, config.vocab_size, config.n_layer
+    per_layer = 2 * D + 4 * D * D + (D * F + F) + (F * D + D)  # ln, q/k/v/o, fc_in, fc_out
+    return (V * D if embedding else 0) + L * per_layer + 2 * D + (D * V + V)
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token (forward + backward): 6 per weight plus attention scores.
+
+    The attention term 12·L·D·T counts QKᵀ and AV over the whole window (the PaLM/nanoGPT
+    convention, which does not discount the causal mask).
+    """
+    return 6 * param_count(config, embedding=False) + 12 * config.n_layer * config.n_embd * seq_len
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init_params(config, key):
+    """JAXformer's pre-training init: truncated normal with std 1/sqrt(fan_in); the two
+    projections back into the residual stream are scaled by 2/n_layer; biases 0, norms 1."""
+    D, F, V, L = config.n_embd, config.d_ff, config.vocab_size, config.n_layer
+    keys = iter(jax.random.split(key, 8))
+
+    def normal(shape, std):  # Haiku's TruncatedNormal: cut at 2σ, rescaled to keep σ
+        return jax.random.truncated_normal(next(keys), -2.0, 2.0, shape) * (std / 0.87962566)
+
+    out_std = (2.0 / L) / math.sqrt(D)  # JAXformer init_scale / sqrt(model dim), for wo and w_out alike
+    return {
+        "wte": normal((V, D), 1 / math.sqrt(V)),
+        "layers": {
+            "ln_scale": jnp.ones((L, D)), "ln_bias": jnp.zeros((L, D)),
+            "wq": normal((L, D, D), 1 / math.sqrt(D)),
+            "wk": normal((L, D, D), 1 / math.sqrt(D)),
+            "wv": normal((L, D, D), 1 / math.sqrt(D)),
+            "wo": normal((L, D, D), out_std),
+            "w_in": normal((L, D, F), 1 / math.sqrt(D)), "b_in": jnp.zeros((L, F)),
+            "w_out": normal((L, F, D), out_std), "b_out": jnp.zeros((L, D)),
+        },
+        "lnf_scale": jnp.ones(D), "lnf_bias": jnp.zeros(D),
+        "head_w": normal((D, V), 1 / math.sqrt(D)), "head_b": jnp.zeros(V),
+    }
+
+
+def cast(params, dtype):
+    """Compute dtype = the params' dtype; cast a copy (fp32 master weights stay untouched)."""
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _rotary(x_BTHd, sin_BTr, cos_BTr):
+    """GPT-J rotary on the first 2r dims: each pair (x[2i], x[2i+1]) turns by angle θ_i."""
+    R = 2 * sin_BTr.shape[-1]
+    rot = x_BTHd[..., :R].astype(jnp.float32)
+    even, odd = rot[..., 0::2], rot[..., 1::2]                      # (B, T, H, r)
+    sin, cos = sin_BTr[:, :, None, :], cos_BTr[:, :, None, :]        # broadcast over heads
+    turned = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return jnp.concatenate([turned.reshape(rot.shape).astype(x_BTHd.dtype), x_BTHd[..., R:]], -1)
+
+
+def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
+    """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, start):
+    the new keys/values are written at slot `start` and attention reads the whole cache."""
+    B, T, D = x_BTD.shape
+    H, hd = config.n_head, config.head_dim
+    h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
+
+    q = _rotary((h @ p["wq"]).reshape(B, T, H, hd), sin, cos)
+    k = _rotary((h @ p["wk"]).reshape(B, T, H, hd), sin, cos)
+    v = (h @ p["wv"]).reshape(B, T, H, hd)
+    if past_kv is not None:
+        k_cache, v_cache, start = past_kv                          # (B, S, H, hd)
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = jnp.where(mask_BTS[:, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)        # (B, H, T, S), fp32 softmax
+    attn = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, D) @ p["wo"]
+
+    mlp = jax.nn.gelu(h @ p["w_in"] + p["b_in"], approximate=True) @ p["w_out"] + p["b_out"]
+    return x_BTD + attn + mlp, (k, v)
+
+
+def init_cache(config, batch, max_len, dtype=jnp.float32):
+    """Empty KV cache for `batch` rows of up to `max_len` tokens.
+
+    `valid` marks slots holding real tokens (left padding stays False), `pos` counts each
+    row's real tokens so far (its next rotary position), `length` is the next free slot.
+    """
+    shape = (config.n_layer, batch, max_len, config.n_head, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "pos": jnp.zeros(batch, jnp.int32),
+            "length": jnp.zeros((), jnp.int32)}
+
+
+def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False):
+    """Logits (B, T, V) in float32; with a `cache`, returns (logits, updated cache).
+
+    `valid_BT` (False = left padding) gives each real token the position it would have
+    without padding (cumsum - 1) and hides padded keys from attention.
+    """
+    B, T = tokens_BT.shape
+    if valid_BT is None:
+        valid_BT = jnp.ones((B, T), bool)
+    seen = jnp.zeros(B, jnp.int32) if cache is None else cache["pos"]
+    pos_BT = jnp.maximum(seen[:, None] + jnp.cumsum(valid_BT, axis=1) - 1, 0)
+
+    if cache is None:
+        start, key_valid_BS = 0, valid_BT
+    else:
+        start = cache["length"]
+        key_valid_BS = jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start))
+    S = key_valid_BS.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+    mask_BTS = causal_TS[None] & key_valid_BS[:, None, :]
+
+    inv_freq = 1.0 / 10000 ** (np.arange(0, config.rotary_dim, 2) / config.rotary_dim)
+    angles_BTr = pos_BT[..., None].astype(jnp.float32) * inv_freq.astype(np.float32)
+    sin, cos = jnp.sin(angles_BTr), jnp.cos(angles_BTr)
+
+    block = partial(_block, sin=sin, cos=cos, mask_BTS=mask_BTS, config=config)
+    if remat:  # recompute each layer's activations in the backward pass instead of storing them
+        block = jax.checkpoint(block)
+
+    x = params["wte"][tokens_BT]                                   # (B, T, D)
+    if cache is None:
+        x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
+    else:
+        def step(x, layer):
+            p, k_cache, v_cache = layer
+            return block(x, p, past_kv=(k_cache, v_cache, start))
+        x, (k, v) = jax.lax.scan(step, x, (params["layers"], cache["k"], cache["v"]))
+        cache = {"k": k, "v": v, "valid": key_valid_BS, "pos": seen + valid_BT.sum(1, dtype=jnp.int32),
+                 "length": start + T}
+
+    x = _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon)
+    logits = jnp.dot(x, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
+    return logits if cache is None else (logits, cache)
+
+
+def loss_fn(params, batch_BT1, config, z_loss=0.0, remat=False):
+    """Mean next-token cross entropy over every position (JAXformer trains all of them, EOS
+    included), plus JAXformer's optional z-loss z·logsumexp² that keeps the softmax normaliser near 1."""
+    logits = forward(params, batch_BT1[:, :-1], config, remat=remat)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, batch_BT1[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(lse - target) + z_loss * jnp.mean(jnp.square(lse))
+
+
+# ----------------------------------------------------------------------------- Hugging Face format
+# HF CodeGen stores torch Linear weights as [out, in]; ours are JAX kernels [in, out].
+
+_PER_LAYER = {  # our stacked name -> HF name inside transformer.h.{i}
+    "ln_scale": "ln_1.weight", "ln_bias": "ln_1.bias", "wo": "attn.out_proj.weight",
+    "w_in": "mlp.fc_in.weight", "b_in": "mlp.fc_in.bias", "w_out": "mlp.fc_out.weight", "b_out": "mlp.fc_out.bias",
+}
+_TOP = {"wte": "transformer.wte.weight", "lnf_scale": "transformer.ln_f.weight",
+        "lnf_bias": "transformer.ln_f.bias", "head_w": "lm_head.weight", "head_b": "lm_head.bias"}
+_TRANSPOSED = {"wo", "w_in", "w_out", "head_w"}
+
+
+def _split_qkv(qkv_w, D):
+    """HF qkv_proj.weight [3D, D] -> our (wq, wk, wv), each [D, D].
+
+    Output features come in MP_NUM blocks, block m holding [q | v | k] for heads
+    m·H/MP_NUM ... (m+1)·H/MP_NUM - 1; inside a block heads are in natural order.
+    """
+    blocks = qkv_w.T.reshape(D, MP_NUM, 3, D // MP_NUM)      # (in, block, {q,v,k}, features)
+    q, v, k = (blocks[:, :, i, :].reshape(D, D) for i in range(3))
+    return q, k, v
+
+
+def _fuse_qkv(q, k, v):
+    D = q.shape[0]
+    blocks = np.stack([a.reshape(D, MP_NUM, D // MP_NUM) for a in (q, v, k)], axis=2)
+    return blocks.reshape(D, 3 * D).T
+
+
+def to_hf_state(params, config):
+    """Our params -> {HF tensor name: numpy array}."""
+    p = jax.tree.map(np.asarray, params)
+    state = {hf: (p[ours].T if ours in _TRANSPOSED else p[ours]) for ours, hf in _TOP.items()}
+    for i in range(config.n_layer):
+        layer = {name: a[i] for name, a in p["layers"].items()}
+        pre = f"transformer.h.{i}."
+        for ours, hf in _PER_LAYER.items():
+            state[pre + hf] = layer[ours].T if ours in _TRANSPOSED else layer[ours]
+        state[pre + "attn.qkv_proj.weight"] = _fuse_qkv(layer["wq"], layer["wk"], layer["wv"])
+    return {name: np.ascontiguousarray(a) for name, a in state.items()}
+
+
+def from_hf_state(state, config, dtype=np.float32):
+    """{HF tensor name: array} -> our params, checking every name and shape."""
+    D, F, V = config.n_embd, config.d_ff, config.vocab_size
+    want = {"transformer.wte.weight": (V, D), "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,),
+            "lm_head.weight": (V, D), "lm_head.bias": (V,)}
+    per_layer_shapes = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.out_proj.weight": (D, D),
+                        "attn.qkv_proj.weight": (3 * D, D), "mlp.fc_in.weight": (F, D), "mlp.fc_in.bias": (F,),
+                        "mlp.fc_out.weight": (D, F), "mlp.fc_out.bias": (D,)}
+    for i in range(config.n_layer):
+        want.update({f"transformer.h.{i}.{n}": s for n, s in per_layer_shapes.items()})
+    for name, shape in want.items():
+        if name not in state:
+            raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {shape})")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} "
+                             f"for this config")
+
+    def get(name, transpose=False):
+        a = np.asarray(state[name]).astype(dtype)
+        return a.T if transpose else a
+
+    params = {ours: get(hf, ours in _TRANSPOSED) for ours, hf in _TOP.items()}
+    layers = {name: [] for name in ("wq", "wk", "wv", *_PER_LAYER)}
+    for i in range(config.n_layer):
+        pre = f"transformer.h.{i}."
+        for ours, hf in _PER_LAYER.items():
+            layers[ours].append(get(pre + hf, ours in _TRANSPOSED))
+        for name, a in zip(("wq", "wk", "wv"), _split_qkv(get(pre + "attn.qkv_proj.weight"), D)):
+            layers[name].append(a)
+    params["layers"] = {name: np.stack(a) for name, a in layers.items()}
+    return jax.tree.map(jnp.asarray, params)
+
+
+def config_to_hf(config):
+    return {
+        "model_type": "codegen", "architectures": ["CodeGenForCausalLM"],
+        "vocab_size": config.vocab_size, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "rotary_dim": config.rotary_dim, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": 0.02,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False,
+        "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
+    }
+
+
+def config_from_hf(hf):
+    if hf.get("model_type") != "codegen":
+        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only 'codegen' checkpoints load here")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError("config.json asks for n_inner/activation_function that CodeGen never used; not supported")
+    head_dim = hf["n_embd"] // hf["n_head"]
+    return Config(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"],
+                  rotary_dim=hf.get("rotary_dim") or head_dim, n_ctx=hf.get("n_positions", 2048),
+                  vocab_size=hf["vocab_size"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def save_hf(params, config, path, dtype=np.float32):
+    """Write `config.json` + `model.safetensors`, loadable by transformers' CodeGenForCausalLM."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(config) | {"torch_dtype": np.dtype(dtype).name}, f, indent=2)
+    state = {name: a.astype(dtype) for name, a in to_hf_state(params, config).items()}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_hf(path, dtype=np.float32):
+    """(config, params) from a HF CodeGen directory: `model.safetensors`, sharded
+    `*.safetensors` + index, or `pytorch_model.bin` (read without torch); fp32/fp16/bf16."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "
+                         f"pass a Hugging Face CodeGen directory or one written by train.py")
+    with open(cfg_path) as f:
+        config = config_from_hf(json.load(f))
+    return config, from_hf_state(read_hf_tensors(path), config, dtype)
+
+
+def read_hf_tensors(path):
+    """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses."""
+    from safetensors.numpy import load_file
+    files = sorted(os.listdir(path))
+    if "model.safetensors" in files:
+        return load_file(os.path.join(path, "model.safetensors"))
+    if "model.safetensors.index.json" in files:
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
+    if "pytorch_model.bin" in files:
+        return read_torch_bin(os.path.join(path, "pytorch_model.bin"))
+    if "pytorch_model.bin.index.json" in files:
+        with open(os.path.join(path, "pytorch_model.bin.index.json")) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_torch_bin(os.path.join(path, shard)).items()}
+    raise ValueError(f"no weights in {path!r}: expected model.safetensors, sharded *.safetensors with "
+                     f"model.safetensors.index.json, or pytorch_model.bin")
+
+
+_TORCH_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
+                 "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
+                 "BoolStorage": np.bool_, "ByteStorage": np.uint8}
+
+
+def read_torch_bin(file):
+    """Read a `torch.save` state dict without torch.
+
+    The file is a zip: `*/data.pkl` is a pickle whose tensors point (via persistent ids)
+    at raw little-endian storages `*/data/<key>`; each tensor is rebuilt as a strided view.
+    """
+    with zipfile.ZipFile(file) as zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise ValueError(f"{file!r} is not a torch zip checkpoint (no data.pkl); re-save it with torch>=1.6")
+        root = pkl[: -len("data.pkl")]
+        storages = {}
+
+        def load_storage(dtype, key):
+            if key not in storages:
+                storages[key] = np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype)
+            return storages[key]
+
+        def rebuild(storage, offset, size, stride, *_):
+            item = storage.dtype.itemsize
+            return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * item for s in stride)).copy()
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                    return rebuild
+                if module == "torch" and name in _TORCH_DTYPES:
+                    return _TORCH_DTYPES[name]
+                if module == "collections" and name == "OrderedDict":
+                    import collections
+                    return collections.OrderedDict
+                raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
+
+            def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+                return load_storage(pid[1], pid[2])
+
+        with zf.open(pkl) as f:
+            return dict(Unpickler(f).load())

@@ -1,0 +1,215 @@
+"""model.py against Hugging Face's CodeGenForCausalLM (the ground truth), plus the
+properties a decoder must have: causality, cached decoding == full forward, exact
+checkpoint round-trips, and the released qkv layout."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+
+TINY = model.Config(n_layer=3, n_embd=64, n_head=8, rotary_dim=4, n_ctx=64, vocab_size=128)
+
+
+def random_params(config, seed=0):
+    """init_params, then perturb norms and biases so a wrong mapping cannot hide behind 1s and 0s."""
+    params = model.init_params(config, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    noisy = {"ln_scale", "ln_bias", "b_in", "b_out", "lnf_scale", "lnf_bias", "head_b"}
+
+    def perturb(path, a):
+        name = path[-1].key
+        return a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) if name in noisy else a
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+# ----------------------------------------------------------------------------- configs and counts
+
+def test_presets_match_the_paper():
+    sizes = {n: (c.n_layer, c.n_embd, c.n_head, c.rotary_dim, c.n_ctx, c.vocab_size) for n, c in model.CONFIGS.items()}
+    assert sizes["350M"] == (20, 1024, 16, 32, 2048, 51200)
+    assert sizes["2B"] == (32, 2560, 32, 64, 2048, 51200)
+    assert sizes["6B"] == (33, 4096, 16, 64, 2048, 51200)
+    assert sizes["16B"] == (34, 6144, 24, 64, 2048, 51200)
+    # architecture.md §2.1, counted from the released tensor shapes
+    assert model.param_count(model.CONFIGS["350M"]) == 356_712_448
+    assert model.param_count(model.CONFIGS["16B"]) == 16_032_155_648
+    for c in model.CONFIGS.values():
+        assert c.n_head % 4 == 0
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(n_layer=2, n_embd=100, n_head=8, rotary_dim=4), "divisible by n_head"),
+    (dict(n_layer=2, n_embd=96, n_head=6, rotary_dim=4), "divisible by 4"),
+    (dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=5), "rotary_dim"),
+    (dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=32), "rotary_dim"),
+    (dict(n_layer=0, n_embd=64, n_head=4, rotary_dim=4), "positive"),
+])
+def test_impossible_configs_fail_with_a_reason(kwargs, why):
+    with pytest.raises(ValueError, match=why) as e:
+        model.Config(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_param_count_matches_the_tree():
+    params = model.init_params(TINY, jax.random.PRNGKey(0))
+    assert sum(a.size for a in jax.tree.leaves(params)) == model.param_count(TINY)
+    assert model.flops_per_token(TINY, 32) == 6 * (model.param_count(TINY) - 128 * 64) + 12 * 3 * 64 * 32
+
+
+# ----------------------------------------------------------------------------- layout
+
+def test_qkv_layout_is_four_blocks_of_q_v_k():
+    """Row r of the fused HF weight belongs to block r // (3D/4); inside it q, then v, then k."""
+    D = 16
+    q, k, v = (np.full((D, D), c, np.float32) for c in (1.0, 2.0, 3.0))
+    q += np.arange(D)[None, :] / 100  # output feature index, to check head order inside a block
+    fused = model._fuse_qkv(q, k, v)  # [3D, D]
+    L = D // 4
+    for block in range(4):
+        rows = fused[block * 3 * L:(block + 1) * 3 * L, 0]
+        np.testing.assert_allclose(rows[:L], 1 + np.arange(block * L, (block + 1) * L) / 100)
+        assert (rows[L:2 * L] == 3.0).all() and (rows[2 * L:] == 2.0).all()  # v before k
+    for ours, back in zip((q, k, v), model._split_qkv(fused, D)):
+        np.testing.assert_array_equal(ours, back)
+
+
+# ----------------------------------------------------------------------------- model properties
+
+def test_cached_decoding_equals_full_forward():
+    params = random_params(TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
+    full = model.forward(params, tokens, TINY)
+    cache = model.init_cache(TINY, 2, 16)
+    logits, cache = model.forward(params, tokens[:, :5], TINY, cache=cache)  # prefill 5
+    steps = [logits]
+    for t in range(5, 12):                                                      # then one at a time
+        logits, cache = model.forward(params, tokens[:, t:t + 1], TINY, cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert int(cache["length"]) == 12
+
+
+def test_left_padding_gives_the_same_logits_as_the_unpadded_row():
+    params = random_params(TINY)
+    row = jnp.array([[5, 9, 2, 7, 1]])
+    alone = model.forward(params, row, TINY)
+    padded = jnp.array([[0, 0, 0, 5, 9, 2, 7, 1]])
+    valid = jnp.arange(8)[None] >= 3
+    out = model.forward(params, padded, TINY, valid_BT=valid)
+    np.testing.assert_allclose(out[:, 3:], alone, atol=1e-5, rtol=1e-5)
+    # and through the cache: left-padded prefill, then decode
+    cache = model.init_cache(TINY, 1, 10)
+    logits, cache = model.forward(params, padded[:, :6], TINY, valid_BT=valid[:, :6], cache=cache)
+    nxt, _ = model.forward(params, padded[:, 6:7], TINY, cache=cache)
+    np.testing.assert_allclose(logits[:, 3:], alone[:, :3], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(nxt[:, 0], alone[:, 3], atol=1e-5, rtol=1e-5)
+
+
+def test_causality_future_tokens_never_change_earlier_logits():
+    params = random_params(TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, TINY.vocab_size)
+    changed = tokens.at[0, 6].set((tokens[0, 6] + 1) % TINY.vocab_size)
+    a, b = model.forward(params, tokens, TINY), model.forward(params, changed, TINY)
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
+    assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
+
+
+def test_remat_and_bf16_agree_with_fp32():
+    params = random_params(TINY)
+    batch = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, TINY.vocab_size)
+    loss = model.loss_fn(params, batch, TINY)
+    g = jax.grad(model.loss_fn)(params, batch, TINY)
+    g_remat = jax.grad(model.loss_fn)(params, batch, TINY, remat=True)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    loss_bf16 = model.loss_fn(model.cast(params, jnp.bfloat16), batch, TINY)
+    assert abs(float(loss_bf16) - float(loss)) < 0.05
+    # loss is the mean cross entropy of the next token
+    logits = model.forward(params, batch[:, :-1], TINY)
+    manual = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], -1).mean()
+    np.testing.assert_allclose(loss, manual, rtol=1e-6)
+    z = model.loss_fn(params, batch, TINY, z_loss=1e-4)
+    np.testing.assert_allclose(z - loss, 1e-4 * jnp.mean(jax.nn.logsumexp(logits, -1) ** 2), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- checkpoints (no torch needed)
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    params = random_params(TINY)
+    model.save_hf(params, TINY, tmp_path)
+    config, loaded = model.load_hf(tmp_path)
+    assert config == TINY
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(x, y)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        model.load_hf(tmp_path)
+    model.save_hf(random_params(TINY), TINY, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "gptj"}))
+    with pytest.raises(ValueError, match="model_type 'gptj'"):
+        model.load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"n_layer": 4}))
+    with pytest.raises(ValueError, match=r"missing tensor 'transformer\.h\.3\.ln_1\.weight'"):
+        model.load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"n_embd": 32}))
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference; pip install -r requirements-test.txt")
+transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
+
+
+def hf_model(config, seed=0):
+    hf_config = transformers.CodeGenConfig(**model.config_to_hf(config))
+    torch.manual_seed(seed)
+    m = transformers.CodeGenForCausalLM(hf_config).eval()
+    with torch.no_grad():  # perturb norms and biases away from 1 and 0
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def hf_logits(m, tokens):
+    with torch.no_grad():
+        return m(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch_model.bin", "sharded", "bf16-bin"])
+def test_logits_match_transformers(tmp_path, fmt):
+    m = hf_model(TINY)
+    if fmt == "safetensors":
+        m.save_pretrained(tmp_path)
+    elif fmt == "sharded":
+        m.save_pretrained(tmp_path, max_shard_size="100KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        dtype = torch.bfloat16 if fmt == "bf16-bin" else torch.float32
+        m.config.save_pretrained(tmp_path)
+        torch.save({k: v.to(dtype) for k, v in m.state_dict().items()}, tmp_path / "pytorch_model.bin")
+        if fmt == "bf16-bin":
+            m = m.to(torch.bfloat16).float()  # the reference sees the same rounded weights
+    config, params = model.load_hf(tmp_path)
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 24))
+    ours = np.asarray(model.forward(params, jnp.asarray(tokens), config))
+    assert np.abs(ours - hf_logits(m, tokens)).max() <= 1e-4
+
+
+def test_save_hf_loads_in_transformers_without_warnings(tmp_path):
+    params = random_params(TINY)
+    model.save_hf(params, TINY, tmp_path)
+    m, info = transformers.CodeGenForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 20))
+    ours = np.asarray(model.forward(params, jnp.asarray(tokens), TINY))
+    assert np.abs(ours - hf_logits(m.eval(), tokens)).max() <= 1e-4
