@@ -356,7 +356,12 @@ def save_hf(params, config, path, dtype=np.float32):
 
 def load_hf(path, dtype=np.float32):
     """(config, params) from a HF CodeGen directory: `model.safetensors`, sharded
-    `*.safetensors` + index, or `pytorch_model.bin` (read without torch); fp32/fp16/bf16."""
+    `*.safetensors` + index, or `pytorch_model.bin` (read without torch); fp32/fp16/bf16.
+    A train.py output directory (holding `ckpt-*` subdirectories) loads its newest checkpoint."""
+    path = os.fspath(path)
+    checkpoints = sorted(d for d in os.listdir(path) if d.startswith("ckpt-")) if os.path.isdir(path) else []
+    if checkpoints and not os.path.isfile(os.path.join(path, "config.json")):
+        path = os.path.join(path, checkpoints[-1])  # a train.py output directory: its newest checkpoint
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "
