@@ -85,12 +85,12 @@ def hf_model(config, params):
 def hf_train(m, batch_BT1, reps):
     import torch
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    x = torch.tensor(batch_BT1, dtype=torch.long)
+    x = torch.tensor(batch_BT1[:, :-1], dtype=torch.long)  # T inputs, as ours (HF shifts labels inside)
     m.train()
 
     def run():
         opt.zero_grad(set_to_none=True)
-        loss = m(input_ids=x, labels=x).loss  # HF shifts the labels itself: T predictions per row
+        loss = m(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()

@@ -198,6 +198,13 @@ def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False
     `valid_BT` (False = left padding) gives each real token the position it would have
     without padding (cumsum - 1) and hides padded keys from attention.
     """
+    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache, remat)
+    logits = jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
+    return logits if cache is None else (logits, new_cache)
+
+
+def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
+    """Embedding, the layers and the final LayerNorm: hidden states (B, T, D) for the head."""
     B, T = tokens_BT.shape
     if valid_BT is None:
         valid_BT = jnp.ones((B, T), bool)
@@ -231,19 +238,68 @@ def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False
         x, (k, v) = jax.lax.scan(step, x, (params["layers"], cache["k"], cache["v"]))
         cache = {"k": k, "v": v, "valid": key_valid_BS, "pos": seen + valid_BT.sum(1, dtype=jnp.int32),
                  "length": start + T}
-
-    x = _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon)
-    logits = jnp.dot(x, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
-    return logits if cache is None else (logits, cache)
+    return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 
 
 def loss_fn(params, batch_BT1, config, z_loss=0.0, remat=False):
     """Mean next-token cross entropy over every position (JAXformer trains all of them, EOS
     included), plus JAXformer's optional z-loss z·logsumexp² that keeps the softmax normaliser near 1."""
-    logits = forward(params, batch_BT1[:, :-1], config, remat=remat)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, batch_BT1[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(lse - target) + z_loss * jnp.mean(jnp.square(lse))
+    x_BTD, _ = _trunk(params, batch_BT1[:, :-1], config, None, None, remat)
+    D = x_BTD.shape[-1]
+    return head_loss(x_BTD.reshape(-1, D), params["head_w"], params["head_b"], batch_BT1[:, 1:].reshape(-1), z_loss)
+
+
+# The head is the most expensive part of a small model: (tokens x 51,200) logits, several
+# times the size of everything else. Written naively, they are stored, read back for the
+# softmax, again for its gradient, and again by two matmuls. `head_loss` instead walks the
+# tokens a chunk at a time and computes the loss *and* its gradient in that one pass,
+# while the chunk's logits are still in cache; the backward pass only scales the result.
+# On CPU small chunks fit the cache best (128 tokens x 51,200 logits = 26 MB; measured
+# 1.3-1.8x faster than the naive loss for `nano`); accelerators want bigger matmuls.
+HEAD_CHUNK = {"cpu": 128}
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_loss(x_ND, w_DV, b_V, targets_N, z_loss):
+    """mean over N of  logsumexp(l) - l[target] + z_loss·logsumexp(l)²,  l = x @ w + b."""
+    return _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss)[0]
+
+
+def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
+    N, D = x_ND.shape
+    C = min(HEAD_CHUNK.get(jax.default_backend(), 4096), N)
+    pad = -N % C
+    x_KCD = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D)
+    y_KC = jnp.pad(targets_N, (0, pad)).reshape(-1, C)
+    live_KC = (jnp.arange(N + pad) < N).reshape(-1, C)
+
+    def chunk(carry, xs):
+        loss_sum, dw_DV, db_V = carry
+        x_CD, y_C, live_C = xs
+        logits_CV = jnp.dot(x_CD, w_DV, preferred_element_type=jnp.float32) + b_V
+        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+        target_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
+        loss_sum += jnp.sum(jnp.where(live_C, lse_C - target_C + z_loss * lse_C ** 2, 0.0))
+        # d(loss)/d(logits) = softmax · (1 + 2·z·lse) − onehot(target), divided by N for the mean
+        is_target_CV = jnp.arange(logits_CV.shape[1])[None, :] == y_C[:, None]
+        d_CV = jnp.exp(logits_CV - lse_C[:, None]) * (1 + 2 * z_loss * lse_C)[:, None] - is_target_CV
+        d_CV = jnp.where(live_C[:, None], d_CV / N, 0.0)
+        dx_CD = jnp.dot(d_CV.astype(w_DV.dtype), w_DV.T, preferred_element_type=jnp.float32)
+        dw_DV += jnp.dot(x_CD.T, d_CV.astype(x_CD.dtype), preferred_element_type=jnp.float32)
+        return (loss_sum, dw_DV, db_V + d_CV.sum(0)), dx_CD.astype(x_ND.dtype)
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
+    (loss_sum, dw_DV, db_V), dx_KCD = jax.lax.scan(chunk, zeros, (x_KCD, y_KC, live_KC))
+    grads = (dx_KCD.reshape(-1, D)[:N], dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
+    return loss_sum / N, grads
+
+
+def _head_loss_bwd(z_loss, grads, g):
+    dx, dw, db = grads
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), (g * db).astype(db.dtype), None
+
+
+head_loss.defvjp(lambda *args: _head_loss_and_grads(*args), _head_loss_bwd)
 
 
 # ----------------------------------------------------------------------------- Hugging Face format

@@ -213,3 +213,22 @@ def test_save_hf_loads_in_transformers_without_warnings(tmp_path):
     tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 20))
     ours = np.asarray(model.forward(params, jnp.asarray(tokens), TINY))
     assert np.abs(ours - hf_logits(m.eval(), tokens)).max() <= 1e-4
+
+
+def test_fused_head_loss_has_the_naive_loss_and_gradients(monkeypatch):
+    """head_loss computes loss and gradient chunk by chunk; it must equal the textbook version,
+    including a last chunk padded with dead rows (9 tokens in chunks of 4) and the z-loss."""
+    monkeypatch.setitem(model.HEAD_CHUNK, jax.default_backend(), 4)
+    params = random_params(TINY)
+    batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0, TINY.vocab_size)
+
+    def naive(p):
+        logits = model.forward(p, batch[:, :-1], TINY)
+        lse = jax.nn.logsumexp(logits, -1)
+        target = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+        return jnp.mean(lse - target) + 1e-2 * jnp.mean(lse ** 2)
+    want, want_g = jax.value_and_grad(naive)(params)
+    got, got_g = jax.value_and_grad(model.loss_fn)(params, batch, TINY, z_loss=1e-2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
