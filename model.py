@@ -180,6 +180,18 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     return x_BTD + attn + mlp, (k, v)
 
 
+def _split_batch(x_BTD):
+    """Sharding hint, a no-op without a device mesh: under tpu.py's mesh (`jax.set_mesh`),
+    keep activations split by batch rows over the data-parallel axes. Without it the
+    compiler may carry the weights' fsdp split into the residual stream and replicate
+    the batch instead (tpu.py, the note under RULES)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    if not axes or x_BTD.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x_BTD
+    return jax.lax.with_sharding_constraint(x_BTD, jax.sharding.PartitionSpec(axes))
+
+
 def init_cache(config, batch, max_len, dtype=jnp.float32):
     """Empty KV cache for `batch` rows of up to `max_len` tokens.
 
@@ -228,7 +240,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
     if remat:  # recompute each layer's activations in the backward pass instead of storing them
         block = jax.checkpoint(block)
 
-    x = params["wte"][tokens_BT]                                   # (B, T, D)
+    x = _split_batch(params["wte"][tokens_BT])                     # (B, T, D)
     if cache is None:
         x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
     else:
@@ -428,21 +440,17 @@ def load_hf(path, dtype=np.float32):
 
 
 def read_hf_tensors(path):
-    """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses."""
+    """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses:
+    one weights file, or shards listed by an index's weight_map."""
     from safetensors.numpy import load_file
-    files = sorted(os.listdir(path))
-    if "model.safetensors" in files:
-        return load_file(os.path.join(path, "model.safetensors"))
-    if "model.safetensors.index.json" in files:
-        with open(os.path.join(path, "model.safetensors.index.json")) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
-    if "pytorch_model.bin" in files:
-        return read_torch_bin(os.path.join(path, "pytorch_model.bin"))
-    if "pytorch_model.bin.index.json" in files:
-        with open(os.path.join(path, "pytorch_model.bin.index.json")) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_torch_bin(os.path.join(path, shard)).items()}
+    files = set(os.listdir(path))
+    for single, reader in (("model.safetensors", load_file), ("pytorch_model.bin", read_torch_bin)):
+        if single in files:
+            return reader(os.path.join(path, single))
+        if single + ".index.json" in files:
+            with open(os.path.join(path, single + ".index.json")) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in reader(os.path.join(path, shard)).items()}
     raise ValueError(f"no weights in {path!r}: expected model.safetensors, sharded *.safetensors with "
                      f"model.safetensors.index.json, or pytorch_model.bin")
 

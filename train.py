@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,8 @@ def parse_args(argv=None):
     o.add_argument("--dry-run", action="store_true", help="print parameter, FLOP and per-device memory estimates "
                    "for --mesh without allocating the model, then exit")
     o.add_argument("--device-memory", type=float, default=80.0, help="GiB per device, for --dry-run")
+    o.add_argument("--peak", default=None, help="for --dry-run: peak FLOP/s per device, or a datasheet name "
+                   "('TPU v4', 'TPU v5p', 'H100', 'A100', ...); default: this machine's device")
     o.add_argument("--plot", metavar="OUT", default=None, help="plot OUT/metrics.jsonl to OUT/loss.png and exit")
     args = p.parse_args(argv)
 
@@ -225,8 +228,6 @@ def parse_args(argv=None):
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.anneal = args.anneal or preset["anneal"] or max(args.max_steps - args.warmup, 1)
     args.out = args.out or os.path.join("out", args.size)
-    if args.dtype == "auto":
-        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return args
 
 
@@ -271,8 +272,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         return plot(args.plot)
-    tpu.init_distributed()
-    log = print if tpu.is_main() else (lambda *a, **k: None)
+    try:
+        if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
+            tpu.ensure_fake_devices(args.mesh)
+        else:
+            tpu.init_distributed()  # before anything else touches a JAX backend
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
+        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
+    log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
 
     # ---- the model: a preset, or the architecture of the checkpoint we start from
     init_params = None
@@ -287,14 +296,15 @@ def main(argv=None):
     recipe = Recipe(lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, anneal=args.anneal,
                     weight_decay=args.weight_decay, clip=args.clip, z_loss=args.z_loss, dtype=args.dtype,
                     remat=args.remat)
-    if args.dry_run:
-        return log(tpu.dry_run(config, args.mesh, args.batch_size, args.seq_len, recipe, args.grad_accum,
-                               args.device_memory))
     try:
+        if args.dry_run:
+            return log(tpu.dry_run(config, args.mesh, args.batch_size, args.seq_len, recipe, args.grad_accum,
+                                   args.device_memory, peak=args.peak))
         mesh = tpu.make_mesh(args.mesh)
         tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
     log(f"config: {config}\nrecipe: {recipe}")
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")
@@ -357,7 +367,8 @@ def main(argv=None):
 
     def checkpoint():
         extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe)}
-        path = save_checkpoint(args.out, state, config, extra, args.keep) if tpu.is_main() else None
+        host_state = tpu.to_host(state)  # every process takes part: shards on other hosts are gathered
+        path = save_checkpoint(args.out, host_state, config, extra, args.keep) if tpu.is_main() else None
         log(f"saved {path}")
 
     tokens_per_step = args.batch_size * args.seq_len
@@ -391,10 +402,10 @@ def main(argv=None):
             checkpoint()
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoints in {args.out}")
 
+    params = tpu.to_host(state["params"]) if args.sample_tokens else None  # a collective: all processes
     if args.sample_tokens and tpu.is_main():
         import sample
         prompt = "def fibonacci(n):\n"
-        params = jax.device_get(state["params"])
         text = sample.complete(params, config, [prompt], args.sample_tokens, temperature=0.2, top_p=0.95, seed=0)[0]
         log(f"sample ({args.sample_tokens} tokens, temperature 0.2):\n{prompt}{text}")
 
