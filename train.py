@@ -163,6 +163,9 @@ def load_checkpoint(path, config):
     from safetensors.numpy import load_file
     try:
         ckpt_config, params = model.load_hf(path)
+        if ckpt_config != config:
+            raise SystemExit(f"error: checkpoint {path} holds a different model ({ckpt_config}) than requested "
+                             f"({config}); pick another --out or the matching --size")
         with open(os.path.join(path, "train_state.json")) as f:
             extra = json.load(f)
         moments = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -170,9 +173,6 @@ def load_checkpoint(path, config):
                  "step": jnp.asarray(extra["step"], jnp.int32)}
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: checkpoint {path} is unreadable ({e}); delete it or pick another --out")
-    if ckpt_config != config:
-        raise SystemExit(f"error: checkpoint {path} holds a different model ({ckpt_config}) than requested "
-                         f"({config}); pick another --out or the matching --size")
     return state, extra
 
 
@@ -186,6 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="stdlib", help="comma-separated sources: 'stdlib', a directory, a .jsonl[.gz] "
                    "file, or a directory prepared by `python data.py --prepare`")
     p.add_argument("--out", default=None, help="checkpoint directory (default: out/SIZE)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation "
+                   "(chosen by a hash of each document's name, so stable across runs)")
     p.add_argument("--init-from", default=None, help="start from a Hugging Face CodeGen directory or one of our "
                    "checkpoints, with a fresh optimizer")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from "
@@ -329,11 +331,11 @@ def main(argv=None):
     # ---- data: each process reads its own share of the files
     micro = args.batch_size // args.grad_accum // jax.process_count()
     try:
+        share = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                     val_fraction=args.val_fraction)
         train_stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        state=data_state)
-        val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+                                        state=data_state, **share)
+        val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --data {args.data}: {e}")
     log(train_stream.describe())
