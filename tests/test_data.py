@@ -1,0 +1,269 @@
+"""Tests of data.py's stream: packing, resume, split, host shares, prepared shards, bad input.
+
+Small corpora built in tmp_path; one quick look at the real standard library.
+The stream is checked without re-implementing its order: its windows are concatenated,
+cut at EOS, and every piece must be exactly one whole document (the tokens of its text),
+each epoch a permutation of the split's documents.
+
+Run: python -m pytest -q tests/test_data.py
+"""
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+
+REPO = Path(__file__).resolve().parents[1]
+B, T = 2, 15  # small windows of 16 tokens, so documents (~30-150 tokens) span several
+
+
+def write_corpus(root: Path) -> dict[str, str]:
+    """A directory of .py files and a .jsonl.gz beside it; returns {text: file key} of every document."""
+    docs = {}
+    src = root / "proj"
+    for i in range(24):
+        body = f"# module {i}\n"
+        body += "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(i % 5 + 1))
+        if i == 3:
+            body += "class K:\n\tdef m(self):\n\t\treturn 'tabs'\n"
+        if i == 7:
+            body += "s = 'héllo wörld 👍 <|endoftext|> inside a document'\n"
+        path = src / f"pkg{i % 3}" / f"m{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+        docs[body] = f"proj/pkg{i % 3}/m{i}.py"
+    (src / "empty.py").write_text("")        # no document, no EOS
+    (src / "notes.txt").write_text("skip")   # not selected by ext
+    with gzip.open(root / "extra.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i in range(10):
+            text = f"print('jsonl document {i}')\n" * (i + 1)
+            f.write(json.dumps({"content": text, "id": i}) + "\n")
+            docs[text] = "extra.jsonl.gz"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    docs = write_corpus(root)
+    return f"{root / 'proj'},{root / 'extra.jsonl.gz'}", docs
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+def pieces(batches) -> list[list[int]]:
+    """Concatenate windows, cut after every EOS; the unfinished tail is dropped."""
+    flat = np.concatenate([b.reshape(-1) for b in batches]).tolist()
+    out, cur = [], []
+    for t in flat:
+        if t == data.EOS:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out
+
+
+def decode(ids):
+    return data.get_tokenizer().decode(ids, skip_special_tokens=False)
+
+
+def epochs_of(stream, total_tokens, n_epochs=2, first=()):
+    """Texts of the documents in a fresh stream's first (more than) n_epochs epochs."""
+    batches = list(first) + take(stream, (n_epochs + 1) * total_tokens // (B * (T + 1)) + 2)
+    return [decode(p) for p in pieces(batches)]
+
+
+def test_windows_are_the_eos_joined_stream(corpus):
+    sources, docs = corpus
+    total = sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in docs)
+    split = {}
+    for name in ("train", "val"):
+        stream = data.TokenStream(sources, B, T, split=name, val_fraction=0.25)
+        batch = next(stream)
+        assert batch.shape == (B, T + 1) and batch.dtype == np.int32
+        texts = epochs_of(stream, total, first=[batch])
+        assert set(texts) <= set(docs), "every piece between two EOS is one whole document"
+        n = len(set(texts))
+        first, second = texts[:n], texts[n:2 * n]
+        assert len(set(first)) == n and sorted(second) == sorted(first), "each epoch visits each document once"
+        if name == "train":
+            assert second != first, "train is reshuffled every epoch"
+        split[name] = set(first)
+    assert split["train"] and split["val"] and not split["train"] & split["val"]
+    assert split["train"] | split["val"] == set(docs)
+    reseeded = data.TokenStream(sources, B, T, seed=1, val_fraction=0.25)
+    assert set(epochs_of(reseeded, total, n_epochs=1)) == split["train"], "the seed never moves the split"
+
+    # the tokens are exactly the tokenizer's, EOS only between documents ...
+    stream = data.TokenStream(sources, B, T, val_fraction=0.25)
+    for ids in pieces(take(stream, total // (B * (T + 1)))):
+        text = decode(ids)
+        if "<|endoftext|>" not in text:
+            assert ids == data.get_tokenizer().encode(text).ids
+    # ... and `<|endoftext|>` written inside a document stays text
+    special = next(t for t in docs if "<|endoftext|>" in t)
+    assert special in split["train"] | split["val"]
+
+
+def test_resume_reproduces_the_stream(corpus):
+    sources, _ = corpus
+    kw = dict(seed=3, val_fraction=0.25)
+    full = take(data.TokenStream(sources, B, T, **kw), 260)  # about two epochs
+    mid_document = 0
+    for k in (0, 1, 5, 17, 40, 77, 118, 129, 150, 201, 243):
+        stream = data.TokenStream(sources, B, T, **kw)
+        take(stream, k)
+        state = json.loads(json.dumps(stream.state()))
+        mid_document += state["offset"] > 0
+        resumed = data.TokenStream(sources, B, T, state=state, **kw)
+        for got, want in zip(take(resumed, 12), full[k:k + 12]):
+            np.testing.assert_array_equal(got, want)
+    assert mid_document >= 5
+    # the state is token-exact: a different batch size continues the same token stream
+    stream = data.TokenStream(sources, B, T, **kw)
+    take(stream, 9)
+    wider = data.TokenStream(sources, 2 * B, T, state=stream.state(), **kw)
+    np.testing.assert_array_equal(np.concatenate(take(wider, 3)), np.concatenate(full[9:15]))
+    with pytest.raises(ValueError, match="another corpus, seed"):
+        data.TokenStream(sources, B, T, state=stream.state(), seed=4, val_fraction=0.25)
+
+
+def test_split_and_order_are_stable_across_runs(corpus, tmp_path):
+    sources, _ = corpus
+    script = ("import sys, data, numpy as np; "
+              "v = data.eval_batches(sys.argv[1], 2, 15, 3, val_fraction=0.25); "
+              "t = data.TokenStream(sys.argv[1], 2, 15, seed=5); "
+              "print(np.concatenate(v + [next(t)]).tolist())")
+    outs = []
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed, PYTHONPATH=str(REPO))
+        res = subprocess.run([sys.executable, "-c", script, sources], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=120)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1]
+    here = data.eval_batches(sources, 2, 15, 3, val_fraction=0.25)
+    here.append(next(data.TokenStream(sources, 2, 15, seed=5)))
+    assert json.loads(outs[0]) == np.concatenate(here).tolist()
+    assert not np.array_equal(next(data.TokenStream(sources, 2, 15, seed=6)), here[-1])
+
+
+def test_host_shares_partition_the_files(corpus):
+    sources, docs = corpus
+    everything = data.TokenStream(sources, B, T).files
+    total = sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in docs)
+    shares = []
+    for i in range(3):
+        stream = data.TokenStream(sources, B, T, process_index=i, process_count=3, val_fraction=0.25)
+        shares.append(set(stream.files))
+        read = {docs[t] for t in epochs_of(stream, total, n_epochs=1)}
+        assert read and read <= shares[-1], "a process reads only documents of its own files"
+    assert set.union(*shares) == set(everything) and sum(map(len, shares)) == len(everything)
+    with pytest.raises(ValueError, match="process 99 of 100 gets no files"):
+        data.TokenStream(sources, B, T, process_index=99, process_count=100)
+
+
+def test_prepared_shards_give_the_same_stream(corpus, tmp_path):
+    sources, _ = corpus
+    out = tmp_path / "prepared"
+    index = data.prepare(sources, out, shard_tokens=400, log=lambda *a: None)
+    assert index["complete"] and len(index["shards"]) > 2
+    for kw in (dict(), dict(split="val", val_fraction=0.25), dict(process_index=1, process_count=2, seed=7)):
+        fly, mm = data.TokenStream(sources, B, T, **kw), data.TokenStream(str(out), B, T, **kw)
+        for a, b in zip(take(fly, 60), take(mm, 60)):
+            np.testing.assert_array_equal(a, b)
+        # a state saved on the fly resumes on the shards
+        again = data.TokenStream(str(out), B, T, state=fly.state(), **kw)
+        np.testing.assert_array_equal(next(again), next(fly))
+
+    # a prepare killed after its first shard resumes and writes the same shards
+    first = json.loads((out / "index.json").read_text())
+    cut = dict(first, complete=False, shards=first["shards"][:1], tokens=first["shards"][0]["tokens_count"],
+               files=[f for f in first["files"] if f["shard"] == 0])
+    (out / "index.json").write_text(json.dumps(cut))
+    (out / "tokens_00001.bin").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unfinished --prepare"):
+        data.TokenStream(str(out), B, T)
+    assert json.loads(json.dumps(data.prepare(sources, out, shard_tokens=400, log=lambda *a: None))) == first
+    for shard in first["shards"]:
+        assert (out / shard["tokens"]).stat().st_size == 2 * shard["tokens_count"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "z.py").write_text("z = 1\n")
+    with pytest.raises(ValueError, match="holds a preparation of other sources"):
+        data.prepare(str(other), out, log=lambda *a: None)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
+    d = tmp_path / "code"
+    d.mkdir()
+    (d / "good.py").write_text("x = 1\n")
+    (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    (d / "gone.py").symlink_to(d / "missing-target.py")
+    stream = data.TokenStream(str(d), 1, 7)
+    texts = [decode(p) for p in pieces(take(stream, 10))]
+    assert set(texts) == {"x = 1\n"}
+    assert stream.skipped == 2 and "2 skipped" in stream.describe()
+    err = capsys.readouterr().err
+    assert "code/latin1.py: not UTF-8" in err and "code/gone.py: cannot be read" in err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"^data source not found: .*nowhere"):
+        data.TokenStream(str(tmp_path / "nowhere"), B, T)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^no documents in .*empty: no files ending in \.py"):
+        data.TokenStream(str(tmp_path / "empty"), B, T)
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.py").write_text("")
+    with pytest.raises(ValueError, match="train split of .* has no documents"):
+        next(data.TokenStream(str(tmp_path / "blank"), B, T))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="val split of .* has no documents"):
+        data.eval_batches(str(tmp_path / "one"), B, T, 1, val_fraction=0.0)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "a = 1"}\n\n{"content": "b = 2"\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}:3: line is not JSON") as err:
+        take(data.TokenStream(str(bad), 1, 3), 20)
+    assert "\n" not in str(err.value)
+    nofield = tmp_path / "nofield.jsonl.gz"
+    with gzip.open(nofield, "wt") as f:
+        f.write('{"text": "a = 1"}\n{"code": "b = 2"}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(nofield))}:2: no string field 'content' or 'text'"):
+        take(data.TokenStream(str(nofield), 1, 3), 20)
+
+
+def test_cli(corpus, tmp_path):
+    sources, _ = corpus
+    run = lambda *args: subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True,
+                                       text=True, cwd=tmp_path, timeout=120)
+    res = run("--data", str(tmp_path / "missing"))
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: data source not found")
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = run("--prepare", sources, "--out", str(tmp_path / "shards"))
+    assert res.returncode == 0, res.stderr
+    assert "holds 1,849 tokens of 26 files" in res.stdout and (tmp_path / "shards" / "index.json").exists()
+    res = run("--data", str(tmp_path / "shards"), "--batch-size", "1", "--seq-len", "31")
+    assert res.returncode == 0 and "first window (32 tokens)" in res.stdout
+
+
+def test_standard_library_stream():
+    stream = data.TokenStream("stdlib", 2, 63)
+    assert len(stream.files) > 100 and all(k.startswith("stdlib/") for k in stream.files)
+    assert not any("site-packages" in k for k in stream.files)
+    batch = next(stream)
+    assert batch.shape == (2, 64) and 0 <= batch.min() and batch.max() < data.VOCAB_SIZE
+    val = data.eval_batches("stdlib", 2, 63, 2)  # the default val_fraction holds some stdlib out
+    assert len(val) == 2 and not np.array_equal(val[0], batch)
