@@ -38,7 +38,7 @@ import tpu
 # 300k steps to lr/10, 350k total, ~0.5M/1M tokens per step) and the 16B numbers from the paper's
 # blog summary (lr 0.5e-4, 2M tokens/step). The laptop presets are tuned to finish in minutes.
 PRESETS = {
-    "nano": dict(lr=3e-3, warmup=50, anneal=None, max_steps=400, batch_size=8, seq_len=256, z_loss=0.0),
+    "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300, batch_size=8, seq_len=256, z_loss=0.0),
     "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000, batch_size=16, seq_len=512, z_loss=0.0),
     "350M": dict(lr=3.0e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=256, seq_len=2048, z_loss=1e-4),
     "2B": dict(lr=1.6e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
