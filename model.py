@@ -244,10 +244,20 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
     if cache is None:
         x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
     else:
-        def step(x, layer):
-            p, k_cache, v_cache = layer
-            return block(x, p, past_kv=(k_cache, v_cache, start))
-        x, (k, v) = jax.lax.scan(step, x, (params["layers"], cache["k"], cache["v"]))
+        # The stacked cache rides in the scan's carry and only the T new slots are written
+        # back, so XLA updates it in place; as scan inputs/outputs it would be rebuilt
+        # (zeroed and copied whole) on every call, which dominates batched decoding.
+        def step(carry, layer):
+            x, k_all, v_all = carry                                # (L, B, S, H, hd)
+            p, i = layer
+            x, (k, v) = block(x, p, past_kv=(k_all[i], v_all[i], start))
+            new_k = jax.lax.dynamic_slice_in_dim(k, start, T, axis=1)[None]
+            new_v = jax.lax.dynamic_slice_in_dim(v, start, T, axis=1)[None]
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k, (i, 0, start, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v, (i, 0, start, 0, 0))
+            return (x, k_all, v_all), None
+        layers = (params["layers"], jnp.arange(config.n_layer))
+        (x, k, v), _ = jax.lax.scan(step, (x, cache["k"], cache["v"]), layers)
         cache = {"k": k, "v": v, "valid": key_valid_BS, "pos": seen + valid_BT.sum(1, dtype=jnp.int32),
                  "length": start + T}
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache

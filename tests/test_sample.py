@@ -1,0 +1,289 @@
+"""sample.py: cached generation against transformers' greedy generate() and against an
+uncached loop of full forwards, the token filters, seeds, stop strings, EOS, input
+checks, the paper's truncation, the chat loop and the CLI.
+
+Shapes are shared between tests on purpose (batch, 64-token prompt bucket, 64-token
+output bucket), so the whole file compiles only a handful of programs."""
+import io
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import model
+import sample
+
+# Token-id tests: a small vocabulary is enough (the real-id mask is min(vocab, 50,295)).
+TINY = model.Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=256)
+# Text tests: the real padded vocabulary, so every tokenizer id exists.
+WIDE = model.Config(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=51200)
+PROMPTS = [[5, 9, 2, 7, 1, 33, 200], [17, 3]]
+NEW = 40
+
+
+def random_params(config, seed=0):
+    """init_params with noisy norms and biases, so logits are far from uniform."""
+    params = model.init_params(config, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    for name in ("head_b", "lnf_bias"):
+        params[name] = params[name] + rng.standard_normal(params[name].shape).astype(np.float32)
+    return params
+
+
+@cache
+def tiny():
+    return random_params(TINY)
+
+
+@cache
+def wide():
+    return random_params(WIDE, seed=1)
+
+
+@cache
+def greedy_alone():
+    """Each prompt generated on its own (batch 1)."""
+    return [sample.generate(tiny(), TINY, [p], NEW)[0] for p in PROMPTS]
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+
+def test_greedy_matches_transformers(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference")
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
+    model.save_hf(tiny(), TINY, tmp_path)
+    hf = transformers.CodeGenForCausalLM.from_pretrained(tmp_path).eval()
+    for prompt, ours in zip(PROMPTS, greedy_alone()):
+        x = torch.tensor([prompt])
+        with torch.no_grad():  # EOS (50256) is outside this vocabulary, so neither side stops early
+            theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+        assert len(ours) == NEW and ours == theirs
+
+
+def test_cached_generation_equals_uncached_argmax_loop():
+    forward = jax.jit(lambda p, t: model.forward(p, t, TINY))
+    for prompt, ours in zip(PROMPTS, greedy_alone()):
+        buf = np.zeros((1, len(prompt) + NEW), np.int32)  # one shape: later slots do not affect earlier logits
+        buf[0, :len(prompt)] = prompt
+        for t in range(len(prompt), len(prompt) + NEW):
+            buf[0, t] = int(jnp.argmax(forward(tiny(), buf)[0, t - 1]))
+        assert buf[0, len(prompt):].tolist() == ours
+
+
+def test_left_padded_batch_rows_equal_the_prompts_run_alone():
+    assert sample.generate(tiny(), TINY, PROMPTS, NEW) == greedy_alone()
+    # prompt-major ordering of num_samples; greedy samples of one prompt are identical
+    assert sample.generate(tiny(), TINY, PROMPTS[::-1], NEW) == greedy_alone()[::-1]
+
+
+def test_top_k_1_is_greedy():
+    out = sample.generate(tiny(), TINY, PROMPTS[1:], NEW, temperature=0.8, top_k=1, seed=3, num_samples=2)
+    assert out == greedy_alone()[1:] * 2
+
+
+def test_seeds_reproduce_and_differ():
+    go = lambda seed: sample.generate(tiny(), TINY, PROMPTS[1:], NEW, temperature=1.0, top_p=0.9, seed=seed,
+                                      num_samples=2)
+    a, b, c = go(0), go(0), go(1)
+    assert a == b
+    assert a != c
+    assert a[0] != a[1]  # the two samples of one prompt are different draws
+    assert all(len(row) == NEW and max(row) < TINY.vocab_size for row in a + c)
+
+
+# ----------------------------------------------------------------------------- token filters
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])             # sorted: 0.4, 0.3, 0.15, 0.1, 0.05
+    logits = jnp.log(jnp.array([probs, probs[::-1]]))
+    kept = lambda p: np.isfinite(np.asarray(sample.filter_logits(logits, top_p=p)))
+    np.testing.assert_array_equal(kept(0.7)[0], [0, 1, 0, 1, 0])    # 0.4 + 0.3 reaches 0.7
+    np.testing.assert_array_equal(kept(0.71)[0], [0, 1, 0, 1, 1])   # needs the 0.15 too
+    np.testing.assert_array_equal(kept(0.71)[1], [1, 1, 0, 1, 0])   # per row
+    np.testing.assert_array_equal(kept(0.01)[0], [0, 1, 0, 0, 0])   # the top token always stays
+    assert kept(1.0).all()
+    kept_values = np.asarray(sample.filter_logits(logits, top_p=0.7))[0]
+    np.testing.assert_allclose(kept_values[[1, 3]], np.log([0.4, 0.3]), rtol=1e-6)  # survivors untouched
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = jnp.array([[0.5, 3.0, -1.0, 2.0, 1.0]])
+    np.testing.assert_array_equal(np.isfinite(sample.filter_logits(logits, top_k=2))[0], [0, 1, 0, 1, 0])
+    both = sample.filter_logits(logits, top_k=3, top_p=0.01)   # top-k first, then the nucleus
+    np.testing.assert_array_equal(np.isfinite(both)[0], [0, 1, 0, 0, 0])
+
+
+# ----------------------------------------------------------------------------- text: EOS, stop strings
+
+
+PROMPT_TEXT = "def fib(n):\n"
+
+
+@cache
+def wide_greedy():
+    ids = data.get_tokenizer().encode(PROMPT_TEXT).ids
+    return ids, sample.generate(wide(), WIDE, [ids], NEW)[0]
+
+
+def test_generation_stops_at_eos_and_never_picks_padded_ids():
+    prompt, ids = wide_greedy()
+    assert len(ids) == NEW and max(ids) < data.VOCAB_SIZE
+    # A copy of token X's head column, slightly ahead, turns every greedy X into EOS.
+    x = ids[5]
+    p = dict(wide(), head_w=wide()["head_w"].at[:, data.EOS].set(wide()["head_w"][:, x]),
+             head_b=wide()["head_b"].at[data.EOS].set(wide()["head_b"][x] + 1e-3))
+    assert sample.generate(p, WIDE, [prompt], NEW) == [ids[:ids.index(x)]]   # EOS not included
+    # An id past the tokenizer's 50,295 with a huge logit is still never picked.
+    p = dict(wide(), head_b=wide()["head_b"].at[50300].set(1e4))
+    assert sample.generate(p, WIDE, [prompt], NEW) == [ids]
+
+
+def test_stop_string_split_across_two_tokens(monkeypatch):
+    tok = data.get_tokenizer()
+    prompt, ids = wide_greedy()
+    text = tok.decode(ids, skip_special_tokens=False)
+    # Find token i whose last character + the next token's first character is a string
+    # that first occurs exactly there: a stop string that begins inside token i.
+    for i in range(3, NEW - 1):
+        head, nxt = tok.decode(ids[:i + 1]), tok.decode(ids[:i + 2])
+        if len(nxt) > len(head) > 0 and text.startswith(nxt) and head.isascii() and nxt.isascii():
+            stop = head[-1] + nxt[len(head)]
+            if text.find(stop) == len(head) - 1:
+                break
+    else:
+        pytest.skip("this random model's text has no suitable token boundary")
+    assert sample.generate(wide(), WIDE, [prompt], NEW, stop=[stop]) == [ids[:i]]   # token i holds the stop's start
+    assert sample.complete(wide(), WIDE, [PROMPT_TEXT], NEW, stop=["never there", stop]) == [text[:len(head) - 1]]
+    # decoding stops early: rows are checked every CHUNK tokens, not run to max_new_tokens
+    monkeypatch.setattr(sample, "CHUNK", 4)
+    raw = sample._sample(wide(), WIDE, [prompt], NEW, stop=[stop])[0]
+    assert raw == ids[:len(raw)] and i + 2 <= len(raw) <= i + 2 + 4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[[1, 2]], max_new_tokens=127), "prompt 0 has 2 tokens but the context holds 128"),
+    (dict(prompts=[[1], []]), "prompt 1 is empty"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(num_samples=0), "num_samples must be >= 1"),
+    (dict(prompts=[[1, 256]]), "outside"),
+    (dict(prompts=[1, 2]), "list of token-id lists"),
+])
+def test_bad_input_is_a_one_line_value_error(kwargs, message):
+    args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message) as e:
+        sample.generate(tiny(), TINY, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- truncation and chat
+
+
+def test_truncate_follows_the_paper():
+    # the self-test of CodeGen's mtpb_sample.py / hf/sample.py
+    assert sample.truncate("\nif len_a > len_b:\n    result = a\nelse:\n    result = b\n\n\n\n#") == \
+        "\nif len_a > len_b:\n    result = a\nelse:\n    result = b"
+    assert sample.truncate("x = 1\nprint(x)\ny = 2\nprint(y)\n") == "x = 1\nprint(x)\ny = 2\n"
+    assert sample.truncate("def f():\n    pass\n\ndef g():\n    pass") == "def f():\n    pass\n\n"
+    assert sample.truncate("a = 1\n# next step\nb = 2") == "a = 1\n"
+    assert sample.truncate("a = 1\n    # indented comments stay\nb = 2") == "a = 1\n    # indented comments stay\nb = 2"
+    assert sample.truncate("a = 1<|endoftext|>junk") == "a = 1"
+    assert sample.truncate('a = 1\n"""doc"""') == "a = 1\n"
+    assert sample.truncate("# starts with a comment") == ""
+
+
+def test_chat_turns_undo_save_and_unknown_commands(tmp_path):
+    seen = []
+
+    def write_turn(program):  # a stand-in model: code, then a new column-0 comment to cut away
+        seen.append(program)
+        return f"x{len(seen)} = {len(seen)}\n# the model rambles on\njunk = 0"
+
+    said = []
+    lines = ["make x1", "", "make x2", ":undo", "make x3", ":bogus", f":save {tmp_path / 'prog.py'}", ":show",
+             ":quit", "never read"]
+    final = sample.chat(write_turn, iter(lines), say=said.append)
+    assert seen[0] == sample.MTPB_PREFIX + "# make x1\n"
+    assert seen[1] == sample.MTPB_PREFIX + "# make x1\nx1 = 1\n\n\n# make x2\n"   # truncate keeps the "\n"
+    expected = sample.MTPB_PREFIX + "# make x1\nx1 = 1\n\n\n# make x3\nx3 = 3\n\n\n"
+    assert final == expected and (tmp_path / "prog.py").read_text() == expected
+    assert said[0] == "# make x1\nx1 = 1\n\n"
+    assert "dropped: # make x2" in said[2]
+    assert "unknown command :bogus" in said[4]
+    assert said[-1] == expected.rstrip("\n")
+    assert len(seen) == 3
+
+
+def test_chat_run_executes_the_program_in_the_sandbox():
+    said = []
+    sample.chat(lambda program: 'print("hi from turn")\n', iter(["say hi", ":run"]), say=said.append)
+    assert "--- stdout\nhi from turn" in said and said[-1].startswith("(passed")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_hf(wide(), WIDE, path)
+    return path
+
+
+def test_cli_prints_completions_and_throughput(checkpoint, capsys):
+    sample.main(["--init-from", str(checkpoint), "--prompt", PROMPT_TEXT, "--temperature", "0",
+                 "--max-new-tokens", str(NEW)])
+    out = capsys.readouterr().out
+    tok = data.get_tokenizer()
+    assert PROMPT_TEXT + tok.decode(wide_greedy()[1]) in out and "sample 1/1" in out
+    assert f"prompt tokens {len(wide_greedy()[0])}, new tokens {NEW}," in out and "tokens/s" in out
+
+
+def test_cli_chat_from_piped_stdin(checkpoint, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"count to three\n:save {tmp_path / 'p.py'}\n"))
+    sample.main(["--init-from", str(checkpoint), "--chat", "--temperature", "0", "--max-new-tokens", str(NEW)])
+    out = capsys.readouterr().out
+    program = (tmp_path / "p.py").read_text()
+    assert out.startswith("# count to three\n") and "> " not in out       # no prompt decoration when piped
+    assert program.startswith(sample.MTPB_PREFIX + "# count to three\n") and program.endswith("\n\n")
+
+
+def test_cli_chat_refuses_a_turn_that_would_overflow_the_context(checkpoint, capsys, monkeypatch):
+    long_line = "x " * 28                                   # ~30 tokens; WIDE's context is 128
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long_line}\n{long_line}\n:show\n"))
+    sample.main(["--init-from", str(checkpoint), "--chat", "--temperature", "0", "--max-new-tokens", "64"])
+    out = capsys.readouterr().out
+    assert "(turn not added: the program is" in out and "more than the context of 128" in out
+    assert out.count(f"# {long_line.strip()}") == 2          # turn 1 as written, then in :show; turn 2 never added
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, checkpoint, capsys):
+    for argv, message in [(["--init-from", str(tmp_path / "nothing")], "run `python train.py` first or pass --init-from"),
+                          (["--init-from", str(checkpoint), "--prompt", "x " * 100], "prompt 0 has"),
+                          (["--init-from", str(checkpoint), "--top-p", "2"], "top_p must be in"),
+                          (["--init-from", str(tmp_path)], "no config.json")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_help_runs_as_a_script():
+    out = subprocess.run([sys.executable, "sample.py", "--help"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--chat" in out.stdout and "(default: 0.95)" in out.stdout
