@@ -45,11 +45,12 @@ import zlib
 from pathlib import Path
 
 import sandbox
+from sample import MTPB_PREFIX, truncate
 
 # ----------------------------------------------------------------------------- problems
 
-PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # mtpb_sample.py: once at the top of every program
-DEFAULT_MAX_GEN_LENGTH = 256                              # mtpb_sample.py default; problems 39-45 lack the field
+PREFIX = MTPB_PREFIX         # mtpb_sample.py: once at the top of every program
+DEFAULT_MAX_GEN_LENGTH = 256  # mtpb_sample.py default; problems 39-45 lack the field
 
 
 def wrap(prompt):
@@ -149,22 +150,8 @@ def read_jsonl(path, what="file"):
 
 # ----------------------------------------------------------------------------- truncation
 
-_TERMINALS = [re.compile(p, re.MULTILINE) for p in ("^#", re.escape("<|endoftext|>"), "^'''", '^"""', "\n\n\n")]
-
-
-def truncate(completion):
-    """The reference's cut of one turn's completion (mtpb_sample.py and jaxformer/hf/sample.py):
-    at the 2nd line starting with `print`, then at the 2nd line starting with `def`, then at the
-    earliest line starting with `#`, `'''` or `\"\"\"`, `<|endoftext|>`, or blank-line pair `\\n\\n\\n`."""
-    prints = list(re.finditer("^print", completion, re.MULTILINE))
-    if len(prints) > 1:
-        completion = completion[:prints[1].start()]
-    defs = list(re.finditer("^def", completion, re.MULTILINE))
-    if len(defs) > 1:
-        completion = completion[:defs[1].start()]
-    cuts = [m.start() for m in (t.search(completion) for t in _TERMINALS) if m]
-    return completion[:min(cuts)] if cuts else completion
-
+# `truncate` (the reference's cut of one turn's completion) and the prefix live in sample.py,
+# which the chat shares with this benchmark.
 
 # Stop strings for early stopping. `sample.complete` cuts the text *before* the first stop string
 # (and before <|endoftext|>), so a stop is exact, truncate(full) == truncate(stopped), only if the

@@ -256,7 +256,12 @@ def check_args(args, config):
 
 
 def plot(out):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
+    if not os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise SystemExit(f"error: {out} has no metrics.jsonl; pass the --out directory of a training run")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
