@@ -458,6 +458,27 @@ def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwa
     return batches
 
 
+def read_jsonl(path, what="file"):
+    """Yield (line number, object) for each non-blank line of a .jsonl or .jsonl.gz file
+    (the evaluations' problem, sample and result files); bad input is one ValueError line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        f = opener(path, "rt", encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            yield number, obj
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=print) -> dict:

@@ -22,7 +22,6 @@ it (FILE_results.jsonl) repeats each sample with "result" ('passed', 'timed out'
 an interrupted run picks up where it stopped when started again with the same command.
 """
 import argparse
-import gzip
 import importlib.resources
 import json
 import os
@@ -31,27 +30,12 @@ import time
 from collections import Counter, defaultdict
 
 import sandbox
+from data import read_jsonl
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 
 
 # ----------------------------------------------------------------------------- files
-
-def read_jsonl(path):
-    """Yield (line number, object) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            yield number, obj
-
 
 def load_problems(path=None):
     """task_id -> problem (task_id, prompt, test, entry_point, ...), in file order, from

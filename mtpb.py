@@ -45,6 +45,7 @@ import zlib
 from pathlib import Path
 
 import sandbox
+from data import read_jsonl
 from sample import MTPB_PREFIX, truncate
 
 # ----------------------------------------------------------------------------- problems
@@ -125,27 +126,6 @@ def parse_ids(text):
     if not ids:
         raise ValueError(f"--ids {text!r} names no problem; give ids like 1,2,5")
     return ids
-
-
-def read_jsonl(path, what="file"):
-    """[(line number, object)] of a jsonl file; blank lines are skipped."""
-    rows = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, row))
-    return rows
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -582,7 +562,7 @@ def _load_results(path):
         p = results_path(p)
         if not p.exists():
             raise ValueError(f"{path} has not been scored yet ({p} is missing); run --samples {path} first")
-    rows = read_jsonl(p, "results file")
+    rows = list(read_jsonl(p, "results file"))
     for lineno, r in rows:
         if "id" not in r or "passed" not in r:
             raise ValueError(f"{p}:{lineno}: a results record needs 'id' and 'passed'")

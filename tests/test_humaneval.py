@@ -131,7 +131,7 @@ def test_problems_from_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"task_id": "HumanEval/0", "completion": "x"', ":2: malformed JSON"),
+    ('{"task_id": "HumanEval/0", "completion": "x"', ":2: not valid JSON"),
     ('{"task_id": "HumanEval/999", "completion": "x"}', ":2: unknown task_id 'HumanEval/999'"),
     ('{"task_id": "HumanEval/0"}', ":2: sample without completion"),
     ('["HumanEval/0", "x"]', ":2: expected a JSON object"),
