@@ -148,7 +148,7 @@ def main(argv=None):
     res["train"] = {"ms": s * 1e3, "tokens_per_s": B * T / s, "flops_per_s": flops * B * T / s,
                     "mfu": flops * B * T / s / peak}
     print(f"train  ours: {s * 1e3:8.1f} ms/step  {B * T / s:9.0f} tok/s  MFU {100 * res['train']['mfu']:.1f}%")
-    sample_params = params if dtype == "float32" else model.cast(params, jnp.bfloat16)
+    sample_params = model.unstack_layers(params if dtype == "float32" else model.cast(params, jnp.bfloat16))
     for b in (1, 8):
         prefill, tps = ours_sample(config, sample_params, args.prompt_len, args.new_tokens, b, args.reps)
         res[f"sample_b{b}"] = {"prefill_ms": prefill * 1e3, "decode_tokens_per_s": tps, "ms_per_token": b / tps * 1e3}

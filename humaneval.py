@@ -234,6 +234,7 @@ def model_completer(init_from, top_p, max_new_tokens, dtype):
     if dtype == "bfloat16":
         import jax.numpy as jnp
         params = model.cast(params, jnp.bfloat16)
+    params = model.unstack_layers(params)  # once, not per call (see sample.generate)
 
     def complete(prompts, temperature, seed):
         return sample.complete(params, config, prompts, max_new_tokens, stop=STOP,

@@ -87,12 +87,21 @@ def _mode(temperature, top_k, top_p):
     return "filtered" if top_k or top_p < 1 else "sample"
 
 
+def _argmax(logits_BV):
+    """jnp.argmax (the first index of the maximum) as two plain reductions: XLA:CPU does
+    not vectorise argmax's paired (value, index) reduction, which took a quarter of
+    `nano`'s batch-8 decode step."""
+    top_B1 = logits_BV.max(axis=-1, keepdims=True)
+    index_V = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits_BV == top_B1, index_V, logits_BV.shape[-1]), axis=-1)
+
+
 def _pick(logits_BV, key, knobs, mode):
     """Next token per row; knobs = (temperature, top_k, top_p)."""
     n_real = min(logits_BV.shape[-1], data.VOCAB_SIZE)              # the model pads its head to 51,200
     logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_real, logits_BV, -jnp.inf)
     if mode == "greedy":
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return _argmax(logits_BV)
     temperature, top_k, top_p = knobs
     logits_BV = logits_BV / temperature
     if mode == "filtered":
@@ -181,6 +190,7 @@ def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1
         return []
     if dtype is not None:
         params = model.cast(params, dtype)  # once per call, not per token
+    params = model.unstack_layers(params)  # a copy per call, unless the caller split them once
     rows = [p for p in prompts for _ in range(num_samples)]
     T = _bucket(max(len(p) for p in rows))
     prompt_BT = np.zeros((len(rows), T), np.int32)
@@ -232,7 +242,8 @@ def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0
     tokens whose text ends before the first stop string (a stop string may begin inside a
     token; that token is dropped — use `complete` for exact text). temperature=0 is
     greedy; the same seed gives the same samples. `dtype` (e.g. jnp.bfloat16) casts the
-    weights for this call; callers making many calls should cast once with model.cast.
+    weights for this call. Decoding reads per-layer weights (model.unstack_layers); callers
+    making many calls should cast and split once: model.unstack_layers(model.cast(params, dtype)).
     """
     rows = _sample(params, config, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, num_samples=num_samples, stop=stop, dtype=dtype)
@@ -384,7 +395,7 @@ def main(argv=None):
         config, params = model.load_hf(args.init_from)
     except (ValueError, OSError) as e:
         _die(e)
-    params = model.cast(params, jnp.dtype(args.dtype))
+    params = model.unstack_layers(model.cast(params, jnp.dtype(args.dtype)))  # once, not per call
     how = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     tok = data.get_tokenizer()
 

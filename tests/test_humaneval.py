@@ -195,7 +195,8 @@ def test_generation_cli_with_a_fake_model(problems, tmp_path, monkeypatch, capsy
                           stop=stop, temperature=temperature, top_p=top_p))
         return [canonical[t] for t in texts]
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_hf=lambda path: ("config", "params")))
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_hf=lambda path: ("config", "params"),
+                                                                    unstack_layers=lambda params: params))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(complete=complete))
     table = humaneval.main(["--init-from", str(tmp_path), "--n", "2", "--temperature", "0.2,0.8",
                             "--limit", "4", "--batch-size", "3", "--workers", "2", "--k", "1"])

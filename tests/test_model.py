@@ -82,14 +82,17 @@ def test_cached_decoding_equals_full_forward():
     params = random_params(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
     full = model.forward(params, tokens, TINY)
-    cache = model.init_cache(TINY, 2, 16)
-    logits, cache = model.forward(params, tokens[:, :5], TINY, cache=cache)  # prefill 5
-    steps = [logits]
-    for t in range(5, 12):                                                      # then one at a time
-        logits, cache = model.forward(params, tokens[:, t:t + 1], TINY, cache=cache)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert int(cache["length"]) == 12
+    split = model.unstack_layers(params)  # what sample.py decodes with
+    assert model.unstack_layers(split) is split and len(split["layers"]) == TINY.n_layer
+    for weights in (params, split):
+        cache = model.init_cache(TINY, 2, 16)
+        logits, cache = model.forward(weights, tokens[:, :5], TINY, cache=cache)  # prefill 5
+        steps = [logits]
+        for t in range(5, 12):                                                       # then one at a time
+            logits, cache = model.forward(weights, tokens[:, t:t + 1], TINY, cache=cache)
+            steps.append(logits)
+        np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
+        assert int(cache["length"]) == 12
 
 
 def test_left_padding_gives_the_same_logits_as_the_unpadded_row():

@@ -84,6 +84,14 @@ def test_left_padded_batch_rows_equal_the_prompts_run_alone():
     assert sample.generate(tiny(), TINY, PROMPTS[::-1], NEW) == greedy_alone()[::-1]
 
 
+def test_argmax_is_jnp_argmax_ties_included():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (64, 200)).astype(np.float32)  # many ties: the first index must win
+    logits[5] = -np.inf
+    logits[6, [7, 150]] = np.inf
+    np.testing.assert_array_equal(sample._argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+
+
 def test_top_k_1_is_greedy():
     out = sample.generate(tiny(), TINY, PROMPTS[1:], NEW, temperature=0.8, top_k=1, seed=3, num_samples=2)
     assert out == greedy_alone()[1:] * 2
