@@ -479,6 +479,15 @@ def read_jsonl(path, what="file"):
             yield number, obj
 
 
+def write_jsonl(path, rows):
+    """Write one JSON object per line to a temporary name, then rename it to `path`:
+    a kill never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=print) -> dict:

@@ -30,7 +30,7 @@ import time
 from collections import Counter, defaultdict
 
 import sandbox
-from data import read_jsonl
+from data import read_jsonl, write_jsonl
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 
@@ -86,14 +86,6 @@ def results_path(samples_path):
         if name.endswith(suffix):
             return name[: -len(suffix)] + "_results.jsonl"
     return name + "_results.jsonl"
-
-
-def write_jsonl(path, rows):
-    """Write rows to a temporary name, then rename: a kill never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- scoring

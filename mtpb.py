@@ -45,7 +45,7 @@ import zlib
 from pathlib import Path
 
 import sandbox
-from data import read_jsonl
+from data import read_jsonl, write_jsonl
 from sample import MTPB_PREFIX, truncate
 
 # ----------------------------------------------------------------------------- problems
@@ -477,13 +477,6 @@ def score(records, reference_semantics=False, timeout=10.0, workers=None, memory
         result = f"skipped: {skip}" if skip else verdicts[key]
         out.append({**r, "passed": result == "passed", "result": result, "semantics": semantics})
     return out
-
-
-def write_jsonl(path, rows):
-    """Written to a temporary name and renamed, so a kill never leaves half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- report
