@@ -4,7 +4,7 @@ Hugging Face checkpoint import/export.
 CodeGen (Nijkamp et al., ICLR 2023, §2.2) is a GPT-J-style decoder:
 
     h = wte[tokens]                                  # no position embedding
-    for each layer:                                  # run with jax.lax.scan
+    for each layer:                                  # a jax.lax.scan; unrolled when decoding
         x = LayerNorm(h)                             # ONE norm feeds both branches
         h = h + Attention(x) + MLP(x)                # parallel residual
     logits = LayerNorm(h) @ head_w + head_b          # untied head, with a bias
@@ -15,7 +15,8 @@ Linear(4D) -> gelu(tanh) -> Linear(D), both with biases.
 
 Parameters are a plain nested dict of arrays (no framework); per-layer weights are
 stacked on a leading layer axis so one `scan` runs them all and a 34-layer model
-compiles as fast as a 2-layer one. Weights are stored as JAX kernels `[in, out]`.
+compiles as fast as a 2-layer one (decoding unrolls the layers instead: see `_trunk`).
+Weights are stored as JAX kernels `[in, out]`.
 
 The released checkpoints fuse q, k, v into one `qkv_proj` whose rows come in 4
 model-parallel blocks, each ordered (q, v, k) — the TPU-v4 layout the weights were
