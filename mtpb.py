@@ -710,8 +710,12 @@ def _model_complete(params, config, args):
     Rows whose history already fills the context get an empty completion (the reference asserts
     and stops); near the end every row of a batch gets the room left by its longest history."""
     import data
+    import model
     import sample
     tokenizer = data.get_tokenizer()
+    # Split per layer once, not in every call (see sample.generate). A call would hold both
+    # copies anyway; the stacked one stays for --perplexity.
+    params = model.unstack_layers(params)
 
     def complete(texts, max_new_tokens, *, stop, num_samples, seed):
         lengths = [len(tokenizer.encode(t).ids) for t in texts]
