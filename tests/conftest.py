@@ -1,2 +1,29 @@
-import sys, pathlib
+"""What the test files share: the repo on sys.path, a few tiny configs, and random
+parameters whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping
+cannot hide behind them and logits are far from uniform). Import with `from conftest import ...`."""
+import pathlib
+import sys
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import model  # noqa: E402
+
+# Token-id tests: a small vocabulary is enough.
+TINY = model.Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=256)
+# Text tests: the real padded vocabulary, so every tokenizer id exists.
+WIDE = model.Config(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=51200)
+
+NOISY = ("ln_scale", "ln_bias", "b_in", "b_out", "lnf_scale", "lnf_bias", "head_b")
+
+
+def random_params(config, seed=0):
+    """init_params, then norms and biases perturbed by N(0, 0.3^2)."""
+    params = model.init_params(config, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, a):
+        return a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) if path[-1].key in NOISY else a
+    return jax.tree_util.tree_map_with_path(perturb, params)

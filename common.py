@@ -1,0 +1,141 @@
+"""The chores every script shares, each written once: one-line errors for the user's
+mistakes, jsonl files (read, written atomically, appended to and resumed after a kill),
+and progress lines with rate and ETA.
+
+Standard library only, so every other file may import it (it sits on the ground floor
+with model.py, data.py and sandbox.py).
+
+The error idiom: library functions raise ValueError (or OSError) with a one-line message
+that names the file, flag or value and says what to do; a script's `main` is run by
+`run_main`, which turns those into `error: <message>` on stderr and exit status 2, and
+Ctrl-C into one line and exit status 130.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+
+# ----------------------------------------------------------------------------- errors
+
+def die(message):
+    """A mistake of the user's: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in the same one-line form as every other error, and
+    every flag's default shown in --help."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        die(f"{message} (see --help)")
+
+
+def run_main(main, argv=None):
+    """Run a script's main(argv): user errors become one line and exit status 2."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ----------------------------------------------------------------------------- jsonl files
+
+def read_jsonl(path, what="file"):
+    """Yield (line number, object) for each non-blank line of a .jsonl or .jsonl.gz file;
+    bad input is one ValueError line naming the file and line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        f = opener(path, "rt", encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    with f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object")
+                yield number, obj
+        except (OSError, EOFError, UnicodeDecodeError) as e:    # a corrupt .gz, binary junk
+            raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
+def write_jsonl(path, rows):
+    """Write one JSON object per line to a temporary name, then rename it to `path`:
+    a kill never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def resume_jsonl(path, what="file"):
+    """The rows already in a file that a resumable job appends to, after cutting off a
+    torn last line (a kill in the middle of a write leaves half a line). [] when absent."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            print(f"{path}: dropped an incomplete last line (interrupted write)")
+    return [obj for _, obj in read_jsonl(path, what)]
+
+
+def append_jsonl(f, rows):
+    """Append rows to an open file and flush: what is written survives a kill."""
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+    f.flush()
+
+
+def results_path(samples_path):
+    """FILE.jsonl (or FILE.jsonl.gz) -> FILE_results.jsonl, beside it."""
+    name = str(samples_path)
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + "_results.jsonl"
+    return name + "_results.jsonl"
+
+
+# ----------------------------------------------------------------------------- progress
+
+def duration(seconds):
+    """12 s, 3.5 min, 2.1 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """progress(done) prints about `lines` lines over a job of `total` units, each with
+    the count, the rate per second, the elapsed time and the ETA."""
+
+    def __init__(self, verb, unit, total, lines=20):
+        self.verb, self.unit, self.total = verb, unit, total
+        self.every = max(1, total // lines)
+        self.start, self.shown = time.monotonic(), 0
+
+    def __call__(self, done):
+        if done < self.total and done - self.shown < self.every:
+            return
+        self.shown = done
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = duration((self.total - done) / rate) if rate > 0 else "?"
+        print(f"{self.verb} {done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+              f"elapsed {duration(elapsed)}, ETA {eta}", flush=True)
