@@ -458,36 +458,6 @@ def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwa
     return batches
 
 
-def read_jsonl(path, what="file"):
-    """Yield (line number, object) for each non-blank line of a .jsonl or .jsonl.gz file
-    (the evaluations' problem, sample and result files); bad input is one ValueError line."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        f = opener(path, "rt", encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            yield number, obj
-
-
-def write_jsonl(path, rows):
-    """Write one JSON object per line to a temporary name, then rename it to `path`:
-    a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=print) -> dict:

@@ -30,7 +30,7 @@ import time
 from collections import Counter, defaultdict
 
 import sandbox
-from data import read_jsonl, write_jsonl
+from common import read_jsonl, write_jsonl
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 

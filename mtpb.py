@@ -45,7 +45,7 @@ import zlib
 from pathlib import Path
 
 import sandbox
-from data import read_jsonl, write_jsonl
+from common import read_jsonl, write_jsonl
 from sample import MTPB_PREFIX, truncate
 
 # ----------------------------------------------------------------------------- problems
