@@ -7,7 +7,7 @@ corpora added: near-duplicate removal with MinHash + LSH (as BigCode did for The
 and decontamination against our own evaluations (HumanEval, MTPB). data.py tokenizes
 and packs what is kept; docs/data.md explains the rules and their costs.
 
-  files(spec, exts, field)   one source spec -> its files (directory, stdlib, .jsonl,
+  expand(sources, exts, field)  source specs -> their files (directory, stdlib, .jsonl,
                              .jsonl.gz, .jsonl.zst, .parquet, or one plain file)
   scan(files, cleaning)      every document once, in the stable file order -> what is
                              dropped and why, and the counts for stats.json
@@ -40,8 +40,8 @@ MAX_AVG_LINE = 100
 MAX_LINE = 1000
 MAX_HEX_FRACTION = 0.9
 DIGEST_BYTES = 16          # exact dedup keeps 16 bytes of each kept document's SHA-256 (section 2.1)
-CONTAMINATION_WORDS = 20   # a shared run of this many words with a benchmark text drops a document
-ANCHOR_WORDS = 10          # benchmark word 10-grams are indexed; a document is probed every 11 words
+CONTAMINATION_CHARS = 100  # a shared run this long with a benchmark text (squashed) drops a document
+ANCHOR_CHARS = 50          # benchmark pieces of 50 are indexed; a document is probed every 51 characters
 NUM_PERM, BANDS = 128, 16  # MinHash signature of 128 values, LSH with 16 bands of 8 rows
 SHINGLE_WORDS = 5          # BigCode's near-dedup of The Stack: word 5-grams, Jaccard 0.85
 NEAR_DUP_JACCARD = 0.85
@@ -50,18 +50,24 @@ LANGUAGES = {"c": (".c", ".h"), "cpp": (".cpp", ".cc", ".cxx", ".hpp", ".hh", ".
              "java": (".java",), "javascript": (".js", ".jsx", ".mjs"), "python": (".py",)}
 REASONS = ("language", "avg_line_length", "max_line_length", "hex_digits", "duplicate",
            "contaminated", "near_duplicate")
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+PREPARED_FORMAT = "nanocodegen-tokens-v2"  # data.py --prepare output, read here as a source
 
-# bytes -> lowercase words of [a-z0-9_] (and any non-ASCII byte): what decontamination and
-# near-dedup compare, so indentation, comment markers and quotes do not hide a copy.
+# bytes -> lowercase words of [a-z0-9_] (and any non-ASCII byte), the rest turned into
+# spaces: what decontamination and near-dedup compare.
 _WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if c >= 128 or chr(c).isalnum() or c == 95 else 32
                     for c in range(256))
+_NON_WORD = bytes(c for c in range(256) if _WORD_BYTES[c] == 32)
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 def words(text: str) -> list[bytes]:
     return text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
+
+
+def squash(text: str) -> bytes:
+    """The word characters of `text` only, lowercased: 'def f(x):  # Sum' -> b'deffxsum'."""
+    return text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES, _NON_WORD)
 
 
 def language_of(name: str) -> str | None:
@@ -175,7 +181,7 @@ def _walk(root: Path, name: str, exts: tuple[str, ...], field, exclude=()) -> li
     return found
 
 
-def files(spec: str, exts: tuple[str, ...], field: str | None = None) -> list[SourceFile]:
+def source_files(spec: str, exts: tuple[str, ...], field: str | None = None) -> list[SourceFile]:
     """The files of one source: 'stdlib' (the interpreter's standard library, without
     site-packages), a directory (files ending in `exts`, hidden directories skipped), or
     one file (records when it ends in .jsonl[.gz|.zst] or .parquet, else one document)."""
@@ -188,17 +194,98 @@ def files(spec: str, exts: tuple[str, ...], field: str | None = None) -> list[So
     return [SourceFile(path.name, path, field)]
 
 
+class _PreparedFile:
+    """A file tokenized by `prepare`: its documents are rows (doc_index, start, length)
+    of its shard's docs table, the tokens a slice of the shard's uint16 memmap."""
+
+    def __init__(self, key: str, shard, rows: np.ndarray):
+        self.key, self._shard, self._rows = key, shard, rows
+
+    def docs(self, first: int, wanted, skip):
+        tokens = self._shard.tokens()
+        for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
+            if wanted(doc_index):
+                yield doc_index, tokens[start:start + length], self.key
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path, self._tokens = path, None
+
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:  # opened on first use: a host may never touch most shards
+            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        return self._tokens
+
+
+def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
+    index = json.loads((root / "index.json").read_text())
+    if index.get("format") != PREPARED_FORMAT:
+        raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index")
+    if not index["complete"]:
+        raise ValueError(f"{root} is an unfinished --prepare; rerun the same command to finish it")
+    shards = [(_Shard(root / s["tokens"]), np.load(root / s["docs"], mmap_mode="r"))  # rows: (docs, 3)
+              for s in index["shards"]]
+    files = []
+    for f in index["files"]:
+        tokens, rows = shards[f["shard"]]
+        files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
+    return files, dict(index["skipped"]), index["counts"]
+
+
+def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, str], list[dict]]:
+    """Source spec(s) -> all files of the corpus sorted by key, skips known in advance, and
+    the cleaning counts of --prepare outputs among them."""
+    specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
+    files, skipped, prepared = [], {}, []
+    for spec in filter(None, specs):
+        path = Path(spec)
+        if spec != "stdlib" and not path.exists():
+            raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, a .jsonl, "
+                             ".jsonl.gz, .jsonl.zst or .parquet file, or a --prepare output directory)")
+        if (path / "index.json").is_file():
+            found, known, counts = _load_prepared(path)
+            skipped.update(known)
+            prepared.append(counts)
+        else:
+            found = source_files(spec, exts, field)
+        if not found:
+            raise ValueError(f"no documents in {spec}: no files ending in {', '.join(exts)}")
+        files += found
+    if not files:
+        raise ValueError("no data sources given")
+    files.sort(key=lambda f: f.key)
+    for a, b in zip(files, files[1:]):
+        if a.key == b.key:
+            raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
+    return files, skipped, prepared
+
+
+def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], skip) -> tuple[dict, dict]:
+    """`scan` of the raw files, with the counts of the --prepare outputs among them added."""
+    dropped, counts = scan([f for f in every if isinstance(f, SourceFile)], cleaning, skip)
+    for more in prepared:
+        counts["documents_in"] += more["documents_in"]
+        counts["kept"] += more["kept"]
+        for reason, n in more["dropped"].items():
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+    return dropped, counts
+
+
 # ----------------------------------------------------------------------------- the rules
 
 def paper_filter(text: str) -> str | None:
     """The reason section 2.1's filters drop `text`, or None. Lines are split at '\\n';
     the digit share is of the non-whitespace bytes of its UTF-8."""
-    lines = text.split("\n")
-    if (len(text) - len(lines) + 1) / len(lines) > MAX_AVG_LINE:
-        return "avg_line_length"
-    if max(map(len, lines)) > MAX_LINE:
-        return "max_line_length"
     raw = text.encode("utf-8", "surrogatepass")
+    newlines = raw.count(b"\n")
+    if (len(text) - newlines) / (newlines + 1) > MAX_AVG_LINE:
+        return "avg_line_length"
+    if len(raw) > MAX_LINE:  # line lengths in bytes first (numpy), in characters only when one is long
+        ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == ord("\n"))
+        if np.diff(ends, prepend=-1, append=len(raw)).max() - 1 > MAX_LINE \
+                and max(map(len, text.split("\n"))) > MAX_LINE:
+            return "max_line_length"
     visible = len(raw.translate(None, _WHITESPACE))
     hex_digits = len(raw) - len(raw.translate(None, _HEX_DIGITS))
     return "hex_digits" if visible and hex_digits > MAX_HEX_FRACTION * visible else None
@@ -225,38 +312,38 @@ def benchmark_texts(mtpb: str | None = None) -> list[str]:
 
 
 class Contamination:
-    """`contains(text)`: does text share a run of CONTAMINATION_WORDS consecutive words
-    (see `words`) with one of the benchmark texts? Every ANCHOR_WORDS-gram of the
-    benchmarks is indexed; a document's grams are looked up only every
-    CONTAMINATION_WORDS - ANCHOR_WORDS + 1 words, which is enough: a shared run that long
-    covers one whole probed gram. A hit is then extended both ways to measure the run."""
+    """`contains(text)`: does text share a run of CONTAMINATION_CHARS with one of the
+    benchmark texts, both squashed to their lowercase letters, digits and underscores
+    (`squash`: indentation, comment markers, quotes and punctuation do not hide a copy)?
+    Every ANCHOR_CHARS-long piece of the squashed benchmarks is indexed; a document is
+    probed only every CONTAMINATION_CHARS - ANCHOR_CHARS + 1 characters, which is
+    enough: a shared run that long covers one whole probe. A hit is extended both ways
+    to measure the run."""
 
     def __init__(self, texts: list[str]):
-        self.texts = [words(t) for t in texts]
-        self.grams: dict[bytes, list[tuple[int, int]]] = {}
-        for i, w in enumerate(self.texts):
-            for p in range(len(w) - ANCHOR_WORDS + 1):
-                self.grams.setdefault(b" ".join(w[p:p + ANCHOR_WORDS]), []).append((i, p))
+        self.texts = [squash(t) for t in texts]
+        self.pieces: dict[bytes, list[tuple[int, int]]] = {}
+        for i, t in enumerate(self.texts):
+            for j in range(len(t) - ANCHOR_CHARS + 1):
+                self.pieces.setdefault(t[j:j + ANCHOR_CHARS], []).append((i, j))
+        self.keys = frozenset(self.pieces)
 
     def contains(self, text: str) -> bool:
-        w = words(text)
-        stride = CONTAMINATION_WORDS - ANCHOR_WORDS + 1
-        probes = [b" ".join(w[p:p + ANCHOR_WORDS]) for p in range(0, len(w) - ANCHOR_WORDS + 1, stride)]
-        hits = self.grams.keys() & set(probes)  # one C-speed set operation; usually empty
-        return any(gram in hits and any(self._run(w, k * stride, self.texts[i], j) >= CONTAMINATION_WORDS
-                                        for i, j in self.grams[gram])
-                   for k, gram in enumerate(probes))
+        a = squash(text)
+        stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
+        probes = [a[p:p + ANCHOR_CHARS] for p in range(0, len(a) - ANCHOR_CHARS + 1, stride)]
+        hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
+        return any(piece in hits and any(self._run(a, k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
+                                         for i, j in self.pieces[piece])
+                   for k, piece in enumerate(probes))
 
     @staticmethod
-    def _run(a: list, p: int, b: list, j: int) -> int:
-        """Length of the common run of words through a[p:p+ANCHOR] == b[j:j+ANCHOR]."""
-        left = 0
-        while p - left > 0 and j - left > 0 and a[p - left - 1] == b[j - left - 1]:
-            left += 1
-        right = ANCHOR_WORDS
-        while p + right < len(a) and j + right < len(b) and a[p + right] == b[j + right]:
-            right += 1
-        return left + right
+    def _run(a: bytes, p: int, b: bytes, j: int) -> int:
+        """Length of the common run through a[p:p+ANCHOR] == b[j:j+ANCHOR], up to 2 * CONTAMINATION_CHARS."""
+        n = CONTAMINATION_CHARS
+        left = os.path.commonprefix([a[max(p - n, 0):p][::-1], b[max(j - n, 0):j][::-1]])
+        right = os.path.commonprefix([a[p:p + n], b[j:j + n]])
+        return len(left) + len(right)
 
 
 class NearDuplicates:
@@ -321,27 +408,54 @@ class Cleaning:
     def off(cls) -> "Cleaning":
         return cls(filters=False, dedup=False, decontaminate=False)
 
+    @classmethod
+    def from_args(cls, args) -> "Cleaning":
+        """From the flags of `add_flags`."""
+        languages = tuple(x.strip() for x in (args.languages or "").split(",") if x.strip())
+        return cls(filters=not args.no_filter, dedup=not args.no_dedup, near_dedup=args.near_dedup,
+                   decontaminate=not args.no_decontaminate, mtpb=args.mtpb, languages=languages,
+                   language_tags=args.language_tags)
+
     def tagged(self, text: str, name: str) -> str:
         language = language_of(name) if self.language_tags else None
         return self.TAG.format(language) + text if language else text
 
 
-def scan(source_files: list, cleaning: Cleaning, skip) -> tuple[dict[str, set[int]], dict]:
+SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
+
+
+def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict[str, set[int]], dict]:
     """Decide every document of `source_files` (all of them, in the given stable order, so
     that every host and every run decides the same): -> ({file key: dropped doc indices},
-    {"documents_in", "kept", "dropped": {reason: n}}). Files without text (already
-    tokenized) are passed over."""
+    {"documents_in", "kept", "dropped": {reason: n}}). Cached while the files are unchanged."""
+    key = (cleaning, tuple((f.key, str(f.path), *_stat(f.path)) for f in source_files))
+    if key not in SCANS:
+        skipped = {}
+        SCANS[key] = (*_scan(source_files, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
+    dropped, counts, skipped = SCANS[key]
+    for k, why in skipped.items():
+        skip(k, why)
+    return dropped, json.loads(json.dumps(counts))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     unknown = set(cleaning.languages) - set(LANGUAGES)
     if unknown:
         raise ValueError(f"unknown language {', '.join(sorted(unknown))}; choose from {', '.join(LANGUAGES)}")
-    digests: set[bytes] = set()
+    digests: set[bytes] = set()  # 16 bytes of SHA-256 per kept document (about 90 bytes in a Python set)
     near = NearDuplicates() if cleaning.near_dedup else None
     contamination = Contamination(benchmark_texts(cleaning.mtpb)) if cleaning.decontaminate else None
     dropped: dict[str, set[int]] = {}
     counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0)}
     for f in source_files:
-        if not isinstance(f, SourceFile):
-            continue
         for d, text, name in f.docs(0, lambda d: True, skip):
             reason = None
             if cleaning.languages and language_of(name) not in cleaning.languages:
@@ -368,3 +482,20 @@ def describe_counts(counts: dict) -> str:
     """'1,234 documents in, 1,200 kept; dropped: duplicate 30, contaminated 4'."""
     why = ", ".join(f"{r} {n:,}" for r, n in counts["dropped"].items() if n) or "none"
     return f"{counts['documents_in']:,} documents in, {counts['kept']:,} kept; dropped: {why}"
+
+
+def add_flags(p):
+    """The flags of Cleaning, for every script that reads a corpus."""
+    p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
+                   "(default: 'content', else 'text')")
+    p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
+                   f"({', '.join(LANGUAGES)}), chosen by file extension; default all")
+    p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
+                   f"as {Cleaning.TAG.format('python')!r}")
+    p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "
+                   "(paper section 2.1 filters)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (SHA-256)")
+    p.add_argument("--near-dedup", action="store_true", help="drop near duplicates (MinHash + LSH)")
+    p.add_argument("--no-decontaminate", action="store_true", help="keep documents that contain "
+                   "HumanEval / MTPB text")
+    p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, for decontamination against it too")

@@ -38,7 +38,6 @@ from corpus import Cleaning
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
 VOCAB_SIZE = 50295   # 50,257 GPT-2 tokens + 30 space runs + 8 tab runs (model pads to 51,200)
 GROUP_CHARS = 1 << 20  # characters handed to one encode_batch call: enough work for all cores
-PREPARED_FORMAT = "nanocodegen-tokens-v2"
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -101,103 +100,6 @@ def _in_val(doc_key: str, val_fraction: float) -> bool:
     return int.from_bytes(_hash("split:" + doc_key), "big") < val_fraction * 2**64
 
 
-class _PreparedFile:
-    """A file tokenized by `prepare`: its documents are rows (doc_index, start, length)
-    of its shard's docs table, the tokens a slice of the shard's uint16 memmap."""
-
-    def __init__(self, key: str, shard, rows: np.ndarray):
-        self.key, self._shard, self._rows = key, shard, rows
-
-    def docs(self, first: int, wanted, skip):
-        tokens = self._shard.tokens()
-        for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
-            if wanted(doc_index):
-                yield doc_index, tokens[start:start + length], self.key
-
-
-class _Shard:
-    def __init__(self, path: Path):
-        self.path, self._tokens = path, None
-
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:  # opened on first use: a host may never touch most shards
-            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
-        return self._tokens
-
-
-def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
-    index = json.loads((root / "index.json").read_text())
-    if index.get("format") != PREPARED_FORMAT:
-        raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index")
-    if not index["complete"]:
-        raise ValueError(f"{root} is an unfinished --prepare; rerun the same command to finish it")
-    shards = [(_Shard(root / s["tokens"]), np.load(root / s["docs"], mmap_mode="r"))  # rows: (docs, 3)
-              for s in index["shards"]]
-    files = []
-    for f in index["files"]:
-        tokens, rows = shards[f["shard"]]
-        files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
-    return files, dict(index["skipped"]), index["counts"]
-
-
-def _expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, str], list[dict]]:
-    """Source spec(s) -> all files of the corpus sorted by key, skips known in advance, and
-    the cleaning counts of --prepare outputs among them."""
-    specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
-    files, skipped, prepared = [], {}, []
-    for spec in filter(None, specs):
-        path = Path(spec)
-        if spec != "stdlib" and not path.exists():
-            raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, a .jsonl, "
-                             ".jsonl.gz, .jsonl.zst or .parquet file, or a --prepare output directory)")
-        if (path / "index.json").is_file():
-            found, known, counts = _load_prepared(path)
-            skipped.update(known)
-            prepared.append(counts)
-        else:
-            found = corpus.files(spec, exts, field)
-        if not found:
-            raise ValueError(f"no documents in {spec}: no files ending in {', '.join(exts)}")
-        files += found
-    if not files:
-        raise ValueError("no data sources given")
-    files.sort(key=lambda f: f.key)
-    for a, b in zip(files, files[1:]):
-        if a.key == b.key:
-            raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
-    return files, skipped, prepared
-
-
-_SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
-
-
-def _scan(files: list, cleaning: Cleaning, prepared: list[dict], skip) -> tuple[dict, dict]:
-    """corpus.scan of the raw files (cached), with the counts of --prepare outputs added."""
-    raw = [f for f in files if isinstance(f, corpus.SourceFile)]
-    key = (cleaning, tuple((f.key, str(f.path), *_stat(f.path)) for f in raw))
-    if key not in _SCANS:
-        skipped = {}
-        _SCANS[key] = (*corpus.scan(raw, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
-    dropped, counts, skipped = _SCANS[key]
-    for k, why in skipped.items():
-        skip(k, why)
-    counts = json.loads(json.dumps(counts))
-    for more in prepared:
-        counts["documents_in"] += more["documents_in"]
-        counts["kept"] += more["kept"]
-        for reason, n in more["dropped"].items():
-            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
-    return dropped, counts
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
-
-
 def _batched_encode(items):
     """(tag, text | tokens | None) -> (tag, tokens | None) in the same order.
 
@@ -252,9 +154,9 @@ class TokenStream:
         self.sources, self.split, self.seed = sources, split, seed
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
         self.process = (process_index, process_count)
-        every, self._skipped, prepared = _expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+        every, self._skipped, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
         self.cleaning = cleaning
-        self._dropped, self.counts = _scan(every, cleaning, prepared, self._skip)
+        self._dropped, self.counts = corpus.scan_all(every, cleaning, prepared, self._skip)
         self._files = every[process_index::process_count]
         if not self._files:
             raise ValueError(f"process {process_index} of {process_count} gets no files: "
@@ -384,12 +286,12 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
     A shard is closed at the first file boundary past `shard_tokens`; index.json is
     rewritten after each one, so rerunning the same command resumes from the last shard.
     """
-    files, skipped, prepared = _expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+    files, skipped, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
     out, index = Path(out), None
     if (out / "index.json").exists():
         index = json.loads((out / "index.json").read_text())
         done = [f["key"] for f in index["files"]]
-        if index.get("format") != PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
+        if index.get("format") != corpus.PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
             raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
         if index["complete"]:
             log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")
@@ -397,11 +299,11 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
         log(f"prepare: resuming after {len(done)} of {len(files)} files")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
-    dropped, counts = _scan(files, cleaning, prepared, lambda key, reason: skipped.setdefault(key, reason))
+    dropped, counts = corpus.scan_all(files, cleaning, prepared, lambda key, reason: skipped.setdefault(key, reason))
     log(f"prepare: {corpus.describe_counts(counts)}")
     if index is None:
         out.mkdir(parents=True, exist_ok=True)
-        index = {"format": PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
+        index = {"format": corpus.PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
                  "complete": False, "tokens": 0, "counts": counts, "shards": [], "files": [], "skipped": []}
     skipped.update(index["skipped"])
     todo = files[len(index["files"]):]
@@ -502,7 +404,7 @@ def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 204
     """Tokens/s the train stream delivers (scanning + reading + tokenizing + packing), the
     tokenizer built first and the cleaning scan counted in."""
     _document_tokenizer()
-    _SCANS.clear()
+    corpus.SCANS.clear()
     steps = max(1, tokens // (batch_size * (seq_len + 1)))
     start = time.perf_counter()
     stream = TokenStream(sources, batch_size, seq_len, cleaning=cleaning)
@@ -512,30 +414,6 @@ def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 204
 
 
 # ----------------------------------------------------------------------------- command line
-
-def cleaning_flags(p):
-    """The flags of corpus.Cleaning, for every script that reads a corpus."""
-    p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
-                   "(default: 'content', else 'text')")
-    p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
-                   f"({', '.join(corpus.LANGUAGES)}), chosen by file extension; default all")
-    p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
-                   f"as {corpus.Cleaning.TAG.format('python')!r}")
-    p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "
-                   "(paper section 2.1 filters)")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (SHA-256)")
-    p.add_argument("--near-dedup", action="store_true", help="drop near duplicates (MinHash + LSH)")
-    p.add_argument("--no-decontaminate", action="store_true", help="keep documents that contain "
-                   "HumanEval / MTPB text")
-    p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, for decontamination against it too")
-
-
-def cleaning_from(args) -> Cleaning:
-    languages = tuple(x.strip() for x in (args.languages or "").split(",") if x.strip())
-    return Cleaning(filters=not args.no_filter, dedup=not args.no_dedup, near_dedup=args.near_dedup,
-                    decontaminate=not args.no_decontaminate, mtpb=args.mtpb, languages=languages,
-                    language_tags=args.language_tags)
-
 
 def main(argv=None):
     p = ArgumentParser(description="CodeGen's tokenizer and the packed token stream: "
@@ -555,9 +433,9 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="measure the train stream's tokens/s on --data, "
                    "with the cleaning flags and with no cleaning")
     p.add_argument("--bench-tokens", type=int, default=5_000_000, help="tokens streamed by --bench")
-    cleaning_flags(p)
+    corpus.add_flags(p)
     args = p.parse_args(argv)
-    cleaning = cleaning_from(args)
+    cleaning = Cleaning.from_args(args)
     if args.ext:
         ext = tuple(e.strip() for e in args.ext.split(",") if e.strip())
     else:
