@@ -1,25 +1,19 @@
-"""Run untrusted Python programs (model-written code) and get back a verdict the program
-cannot forge, nor change for any other program.
+"""Run untrusted Python programs (model-written code) and get back a verdict that no
+program can forge, for itself or for any other program.
 
 HumanEval (paper §3) and MTPB (§4) score a model by *executing* the programs it writes.
-Here every program runs in a forked child of a *judge* process (`python -I sandbox.py
---judge`, one per worker), inside bubblewrap: its own user, PID, IPC, network, UTS and
-cgroup namespaces, a read-only root, a private size-limited /tmp. The child locks itself
-down (rlimits, Landlock, no capabilities, an allowlist seccomp filter), runs the program
-in a fresh `__main__`, and writes a random secret to a verdict pipe only after the
-program's last line; the judge says 'passed' iff exactly the secret arrived and the
-child exited 0. docs/sandbox.md has the design and the threat model per path.
+Each program runs in a forked child of a judge (`python -E -s sandbox.py --judge`, one per
+worker) inside bubblewrap; the child locks itself down (rlimits, Landlock, no capabilities,
+an allowlist seccomp filter) and writes a random secret to a verdict pipe only after the
+program's last line. docs/sandbox.md has the design and the threat model of each path.
 
-    import sandbox
     sandbox.run("assert sum([1, 2]) == 3").status          # 'passed'
-    sandbox.run("import sys; sys.exit(0)")                # status='failed', reason='SystemExit: 0'
-    sandbox.run_many(programs, timeout=3.0, workers=8)    # results in the order of `programs`
-
+    sandbox.run_many(programs, timeout=3.0, workers=8)    # Results in the order of `programs`
     python sandbox.py prog.py --timeout 3 --memory-mb 2048
 
-Without a working bubblewrap (`apt-get install bubblewrap`) run_many refuses; the weaker
-fallback (the same child on the host) runs only when asked for: `allow_fallback=True`,
-`--allow-fallback`, or `SANDBOX_ISOLATION=rlimits`. Linux only; standard library only.
+Without a working bubblewrap (`apt-get install bubblewrap`) it refuses; the weaker fallback
+(the same child on the host) runs only when asked for: `allow_fallback=True`,
+`--allow-fallback` or `SANDBOX_ISOLATION=rlimits`. Linux only; standard library only.
 """
 import ctypes
 import dataclasses
@@ -27,6 +21,7 @@ import json
 import os
 import resource
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -37,6 +32,8 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import common
 
 FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
@@ -107,47 +104,39 @@ def _confine(directory):
     os.close(ruleset)
 
 
-# seccomp: the system calls a program may make, as name:x86_64:aarch64 (asm-generic
-# numbering, "-" where aarch64 has no such call). Everything else fails with EPERM: new
-# processes, exec, sockets, SysV IPC, keyrings, xattr and ownership changes, ptrace,
-# namespaces, mounts, memfd, io_uring, sync(). The calls after the first block are
-# allowed only with the arguments `seccomp_filter` checks.
+# seccomp allowlist: name:x86_64:aarch64 (asm-generic numbers; "-": no such call there).
+# The last block passes only in the forms seccomp_filter checks; any other call fails (EPERM).
 _SYSCALLS = """
-read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 creat:85:- close:3:57
-close_range:436:436 pread64:17:67 pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69
-pwritev:296:70 preadv2:327:286 pwritev2:328:287 lseek:8:62 stat:4:- fstat:5:80 lstat:6:-
-newfstatat:262:79 statx:332:291 statfs:137:43 fstatfs:138:44 access:21:- faccessat:269:48
-faccessat2:439:439 getdents:78:- getdents64:217:61 truncate:76:45 ftruncate:77:46
-fallocate:285:47 fsync:74:82 fdatasync:75:83 fadvise64:221:223 readahead:187:213 sendfile:40:71
-copy_file_range:326:285 splice:275:76 tee:276:77 dup:32:23 dup2:33:- dup3:292:24 pipe:22:-
-pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create:213:-
-epoll_create1:291:20 epoll_ctl:233:21 epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441
-eventfd:284:- eventfd2:290:19 signalfd:282:- signalfd4:289:74 timerfd_create:283:85
-timerfd_settime:286:86 timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226
-mremap:25:216 madvise:28:233 mincore:27:232 msync:26:227 brk:12:214 rt_sigaction:13:134
-rt_sigprocmask:14:135 rt_sigreturn:15:139 rt_sigsuspend:130:133 rt_sigpending:127:136
-rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102 setitimer:38:103
-timer_create:222:107 timer_settime:223:110 timer_gettime:224:108 timer_getoverrun:225:109
+read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 creat:85:- close:3:57 close_range:436:436
+pread64:17:67 pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69 pwritev:296:70 preadv2:327:286
+pwritev2:328:287 lseek:8:62 stat:4:- fstat:5:80 lstat:6:- newfstatat:262:79 statx:332:291 statfs:137:43
+fstatfs:138:44 access:21:- faccessat:269:48 faccessat2:439:439 getdents:78:- getdents64:217:61
+truncate:76:45 ftruncate:77:46 fallocate:285:47 fsync:74:82 fdatasync:75:83 fadvise64:221:223
+readahead:187:213 sendfile:40:71 copy_file_range:326:285 splice:275:76 tee:276:77 dup:32:23 dup2:33:-
+dup3:292:24 pipe:22:- pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create:213:-
+epoll_create1:291:20 epoll_ctl:233:21 epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441 eventfd:284:-
+eventfd2:290:19 signalfd:282:- signalfd4:289:74 timerfd_create:283:85 timerfd_settime:286:86
+timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226 mremap:25:216 madvise:28:233 mincore:27:232
+msync:26:227 brk:12:214 rt_sigaction:13:134 rt_sigprocmask:14:135 rt_sigreturn:15:139 rt_sigsuspend:130:133
+rt_sigpending:127:136 rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102
+setitimer:38:103 timer_create:222:107 timer_settime:223:110 timer_gettime:224:108 timer_getoverrun:225:109
 timer_delete:226:111 pause:34:- nanosleep:35:101 clock_nanosleep:230:115 clock_gettime:228:113
-clock_getres:229:114 gettimeofday:96:169 time:201:- getrlimit:97:163 setrlimit:160:164
-getrusage:98:165 times:100:153 sysinfo:99:179 uname:63:160 getpriority:140:141
-sched_yield:24:124 sched_getparam:143:121 sched_getscheduler:145:120
-sched_get_priority_max:146:125 sched_get_priority_min:147:126 sched_getaffinity:204:123
-sched_rr_get_interval:148:127 getcpu:309:168 getpid:39:172 gettid:186:178 getppid:110:173
-getuid:102:174 geteuid:107:175 getgid:104:176 getegid:108:177 getgroups:115:158
-getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:155 getsid:124:156 getcwd:79:17
-chdir:80:49 fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35
-rename:82:- renameat:264:38 renameat2:316:276 link:86:- linkat:265:37 symlink:88:-
-symlinkat:266:36 readlink:89:- readlinkat:267:78 umask:95:166 getxattr:191:8 lgetxattr:192:9
-fgetxattr:193:10 listxattr:194:11 llistxattr:195:12 flistxattr:196:13 exit:60:93
-exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449
-set_robust_list:273:99 rseq:334:293 set_tid_address:218:96 arch_prctl:158:-
-restart_syscall:219:128 getrandom:318:278 membarrier:324:283 capget:125:90 sendto:44:206
-recvfrom:45:207 sendmsg:46:211 recvmsg:47:212 shutdown:48:210 getsockopt:55:209
-setsockopt:54:208 getsockname:51:204 getpeername:52:205
+clock_getres:229:114 gettimeofday:96:169 time:201:- getrlimit:97:163 setrlimit:160:164 getrusage:98:165
+times:100:153 sysinfo:99:179 uname:63:160 getpriority:140:141 sched_yield:24:124 sched_getparam:143:121
+sched_getscheduler:145:120 sched_get_priority_max:146:125 sched_get_priority_min:147:126
+sched_getaffinity:204:123 sched_rr_get_interval:148:127 getcpu:309:168 getpid:39:172 gettid:186:178
+getppid:110:173 getuid:102:174 geteuid:107:175 getgid:104:176 getegid:108:177 getgroups:115:158
+getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:155 getsid:124:156 getcwd:79:17 chdir:80:49
+fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35 rename:82:- renameat:264:38
+renameat2:316:276 link:86:- linkat:265:37 symlink:88:- symlinkat:266:36 readlink:89:- readlinkat:267:78
+umask:95:166 getxattr:191:8 lgetxattr:192:9 fgetxattr:193:10 listxattr:194:11 llistxattr:195:12
+flistxattr:196:13 exit:60:93 exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449
+set_robust_list:273:99 rseq:334:293 set_tid_address:218:96 arch_prctl:158:- restart_syscall:219:128
+getrandom:318:278 membarrier:324:283 capget:125:90 sendto:44:206 recvfrom:45:207 sendmsg:46:211
+recvmsg:47:212 shutdown:48:210 getsockopt:55:209 setsockopt:54:208 getsockname:51:204 getpeername:52:205
 clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setpriority:141:140
-sched_setaffinity:203:122 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32
-utime:132:- utimes:235:- utimensat:280:88 futimesat:261:-
+sched_setaffinity:203:122 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32 utime:132:-
+utimes:235:- utimensat:280:88 futimesat:261:-
 """
 _ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column
 _CONDITIONAL = "clone clone3 kill tgkill prlimit64 setpriority sched_setaffinity prctl fcntl ioctl socketpair"
@@ -162,20 +151,14 @@ def _numbers(machine):
 
 
 def seccomp_filter(machine, pid):
-    """A classic-BPF seccomp program (bytes) for `machine`, or None for an unknown one.
-    Only the calls in _SYSCALLS pass; of the conditional ones only these forms: clone for
-    threads; kill/tgkill at this process `pid` itself; prlimit, setpriority and
-    sched_setaffinity on itself; harmless prctl options; fcntl and ioctl commands that
-    touch only the file (no F_SETOWN/F_SETSIG/FIOSETOWN: they deliver signals to any
-    process); socketpair(AF_UNIX, SOCK_STREAM), which can reach no other socket. File
-    locks and time stamps are pretended: they succeed and do nothing, so no program can
-    block or touch a file outside its directory through them."""
+    """A classic-BPF seccomp program (bytes) for `machine` (None for an unknown one) that
+    lets process `pid` reach nothing outside itself: docs/sandbox.md lists what it denies."""
     if machine not in _ARCHES:
         return None
     nr = _numbers(machine)
     LD, AND, JEQ, JGE, RET = 0x20, 0x54, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_ALU|AND|K, BPF_JMP|.., BPF_RET|K
-    ALLOW, KILL = 0x7FFF0000, 0x80000000
-    EPERM, PRETEND, ENOSYS, ENOTTY = 0x00050001, 0x00050000, 0x00050026, 0x00050019  # RET_ERRNO|errno
+    ALLOW, KILL, EPERM, PRETEND, ENOSYS, ENOTTY = (  # RET_ERRNO|errno: fail; PRETEND: 0, do nothing
+        0x7FFF0000, 0x80000000, 0x00050001, 0x00050000, 0x00050026, 0x00050019)
     NR, ARCH = 0, 4                 # offsets in struct seccomp_data; args[i] at 16 + 8 i (low half)
 
     def op(code, k, jt=0, jf=0):
@@ -304,14 +287,8 @@ def _judge(program, timeout, memory_mb):
     start = time.monotonic()
     secret = secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="program-")
-    (out_r, out_w), (err_r, err_w), (verdict_r, verdict_w) = pipes = os.pipe(), os.pipe(), os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        for fd in (fd for pair in pipes for fd in pair):
-            os.close(fd)
-        _remove_tree(workdir)
-        raise
+    (out_r, out_w), (err_r, err_w), (verdict_r, verdict_w) = os.pipe(), os.pipe(), os.pipe()
+    pid = os.fork()     # if this or pidfd_open raises, the evaluating process replaces the judge
     if pid == 0:
         try:
             _child(program, secret, (out_w, err_w, verdict_w), workdir, timeout, memory_mb)
@@ -322,11 +299,7 @@ def _judge(program, timeout, memory_mb):
     out, err, verdict = bytearray(), bytearray(), bytearray()
     bufs = {out_r: (out, OUTPUT_CAP, "stdout"), err_r: (err, OUTPUT_CAP, "stderr"),
             verdict_r: (verdict, 4096, "the verdict pipe")}
-    try:
-        pidfd = os.pidfd_open(pid)         # becomes readable when the child exits (Linux >= 5.3)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)
-        raise
+    pidfd = os.pidfd_open(pid)             # becomes readable when the child exits (Linux >= 5.3)
     sel = selectors.DefaultSelector()
     for fd in (*bufs, pidfd):
         sel.register(fd, selectors.EVENT_READ)
@@ -424,43 +397,34 @@ def _remove_tree(path):
         return False
 
 
-def _send(fd, obj):
-    """One message: 8-byte length, then JSON."""
-    data = json.dumps(obj).encode()
-    view = memoryview(struct.pack("=Q", len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
+def _send(stream, obj):
+    """One message: a line of JSON."""
+    stream.write(json.dumps(obj).encode() + b"\n")
+    stream.flush()
 
 
-def _receive(fd, deadline=None):
-    """The next message on `fd`, or None at EOF or past `deadline` (time.monotonic())."""
-    data, need = b"", 8
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while len(data) < need:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and (timeout <= 0 or not sel.select(timeout)):
-                return None
-            chunk = os.read(fd, need - len(data))
-            if not chunk:
-                return None
-            data += chunk
-            if need == 8 and len(data) == 8:
-                need += struct.unpack("=Q", data)[0]
-    return json.loads(data[8:])
+def _receive(stream, deadline=None):
+    """The next message on `stream`, or None at EOF or past `deadline` (time.monotonic())."""
+    if deadline is not None:
+        poll = select.poll()
+        poll.register(stream, select.POLLIN)
+        if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            return None
+    line = stream.readline()
+    return json.loads(line) if line else None
 
 
 def _serve():
     """The judge's loop: a request on stdin, the answer on stdout, until stdin closes."""
     _prctl(4, 0)    # PR_SET_DUMPABLE 0: no process of the same uid may read or write our memory
     _prctl(1, signal.SIGKILL)                        # PR_SET_PDEATHSIG: die with the evaluating process
-    while (request := _receive(0)) is not None:
+    while (request := _receive(sys.stdin.buffer)) is not None:
         try:
             reply = _judge(request["program"], request["timeout"], request["memory_mb"])
         except Exception as e:   # e.g. out of file descriptors: the program gets 'error', we go on
             reply = dict(status="error", reason=f"the judge failed: {_one_line(e)}", stdout="",
                          stderr="", seconds=0.0, clean=False)
-        _send(1, reply)
+        _send(sys.stdout.buffer, reply)
 
 
 # ----------------------------------------------------------------------------- the evaluating process
@@ -489,44 +453,34 @@ class _Judge:
             # if the judge had to be killed in the middle of a program.
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
             self.proc = subprocess.Popen(
-                (_bwrap_args() if self.use_bwrap else []) + [sys.executable, "-I", _THIS_FILE, "--judge"],
-                cwd="/", start_new_session=True, bufsize=0,
+                (_bwrap_args() if self.use_bwrap else []) + [sys.executable, "-E", "-s", _THIS_FILE, "--judge"],
+                cwd="/", start_new_session=True,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
         start = time.monotonic()
         try:
-            _send(self.proc.stdin.fileno(), {"program": program, "timeout": timeout, "memory_mb": memory_mb})
+            _send(self.proc.stdin, {"program": program, "timeout": timeout, "memory_mb": memory_mb})
         except BrokenPipeError:
             pass                           # it died: _receive sees EOF and we report why
-        reply = _receive(self.proc.stdout.fileno(), start + timeout + JUDGE_SLACK)
+        reply = _receive(self.proc.stdout, start + timeout + JUDGE_SLACK)
         if reply is None:
-            self.close(kill=True)
+            self.close()
             return Result("error", f"the judge failed: {self.last_words or 'no answer'}", "", "",
                           time.monotonic() - start)
         if not reply.pop("clean"):         # a fresh judge, with a fresh /tmp, for the next program
-            self.close(kill=True)
+            self.close()
         return Result(**reply)
 
-    def close(self, kill=False):
-        """Stop the judge: let it finish (stdin EOF) or, with kill, SIGKILL its group."""
+    def close(self):
+        """Stop the judge (SIGKILL to its group: between programs it has nothing to finish)."""
         if self.proc is None:
             return
-        self.proc.stdin.close()
-        if not kill:
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                kill = True
-        if kill:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         lines = self.proc.stderr.read(OUTPUT_CAP).decode("utf-8", "replace").strip().splitlines()
         self.last_words = lines[-1][:300] if lines else ""
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
         self.proc = None
         if not self.use_bwrap:
             _remove_tree(self.tmpdir)
@@ -546,41 +500,31 @@ def _choose_isolation():
     judge = _Judge(use_bwrap=True)
     probe = judge.run("pass", 10.0, 2048)
     judge.close()
-    if probe.status != "passed":
-        return "rlimits", f"bwrap does not work here ({probe.reason})"
-    return "bwrap", ""
+    return ("bwrap", "") if probe.status == "passed" else ("rlimits", f"bwrap fails here ({probe.reason})")
 
 
-def isolation():
-    """'bwrap' or 'rlimits': the path programs run on here."""
-    global _isolation
+def isolation(allow_fallback=None):
+    """'bwrap' or 'rlimits': the path programs run on here. Given `allow_fallback`, the
+    fallback raises OSError (one line: how to get bwrap) unless it is true or
+    SANDBOX_ISOLATION=rlimits, and otherwise warns once per process."""
+    global _isolation, _warned
     with _isolation_lock:
-        if _isolation is None:
-            _isolation = _choose_isolation()
-    return _isolation[0]
-
-
-def _use_bwrap(allow_fallback):
-    """True for the bwrap path; the fallback only when asked for (with one warning line
-    per process), else OSError with one line saying how to get the strong path."""
-    global _warned
-    if isolation() == "bwrap":
-        return True
-    why = _isolation[1]
-    if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
-        raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or allow the weaker "
-                      "fallback explicitly (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
-    with _isolation_lock:
-        if not _warned:
-            _warned = True
-            missing = ["private filesystem, network, IPC or PID namespace"]
-            if landlock_abi() == 0:
-                missing.append("Landlock: files outside the temp dir are NOT protected")
-            if os.uname().machine not in _ARCHES:
-                missing.append(f"seccomp filter for {os.uname().machine}: processes may fork")
-            print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(missing)}); "
-                  f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
-    return False
+        _isolation = _isolation or _choose_isolation()
+        path, why = _isolation
+        if path == "bwrap" or allow_fallback is None or _warned:
+            return path
+        if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
+            raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
+                          "fallback (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
+        _warned = True
+        missing = ["private filesystem, network, IPC or PID namespace"]
+        if landlock_abi() == 0:
+            missing.append("Landlock: files outside the temp dir are NOT protected")
+        if os.uname().machine not in _ARCHES:
+            missing.append(f"seccomp filter for {os.uname().machine}: processes may fork")
+        print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(missing)}); "
+              f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
+        return path
 
 
 def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None, allow_fallback=False):
@@ -589,11 +533,10 @@ def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None,
     program ran to its end within the limits; `timeout` is wall-clock seconds per
     program; memory_mb bounds its address space. `progress(done, total)` is called
     (from worker threads, one call at a time) after each program. Without bubblewrap it
-    raises OSError unless `allow_fallback` (or SANDBOX_ISOLATION=rlimits) asks for the
-    weaker path."""
+    raises OSError unless `allow_fallback` asks for the weaker path."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")
-    use_bwrap = _use_bwrap(allow_fallback)
+    use_bwrap = isolation(allow_fallback) == "bwrap"
     results, lock = [None] * len(programs), threading.Lock()
     todo, done = iter(range(len(programs))), [0]
 
@@ -635,7 +578,6 @@ def shown(text, prefix):
 
 
 def main(argv=None):
-    import common    # here, not above: the judge runs with -I, without this directory on sys.path
     parser = common.ArgumentParser(description="Run one Python file in the sandbox and print its "
                                    "output (each line prefixed), then its verdict on the last line.")
     parser.add_argument("file", help="the Python program to run")
@@ -652,10 +594,7 @@ def main(argv=None):
         common.die(f"cannot read {args.file}: {e}")
     if args.timeout <= 0 or args.memory_mb <= 0:
         common.die("--timeout and --memory-mb must be positive")
-    try:
-        result = run(program, args.timeout, args.memory_mb, allow_fallback=args.allow_fallback)
-    except OSError as e:
-        common.die(str(e))
+    result = run(program, args.timeout, args.memory_mb, allow_fallback=args.allow_fallback)
     sys.stdout.write(shown(result.stdout, "stdout| ") + shown(result.stderr, "stderr| "))
     print(f"{result.status}{': ' + shown(result.reason, '').strip() if result.reason else ''} "
           f"({result.seconds:.2f} s, isolation: {isolation()})", flush=True)
@@ -666,4 +605,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--judge"]:
         _serve()
     else:
-        raise SystemExit(main())
+        raise SystemExit(common.run_main(main))
