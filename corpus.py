@@ -2,18 +2,18 @@
 
 CodeGen's data preparation (Nijkamp et al., 2023, section 2.1) filters its code files
 (by extension, average and longest line length, share of digits) and removes exact
-duplicates by SHA-256 before tokenizing. This file does that, plus what later code
-corpora added: near-duplicate removal with MinHash + LSH (as BigCode did for The Stack)
-and decontamination against our own evaluations (HumanEval, MTPB). data.py tokenizes
-and packs what is kept; docs/data.md explains the rules and their costs.
+duplicates by SHA-256 before tokenizing. This file does that, plus near-duplicate removal
+with MinHash + LSH (as BigCode did for The Stack) and decontamination against our own
+evaluations (HumanEval, MTPB); data.py tokenizes and packs what is kept.
 
-  expand(sources, exts, field)  source specs -> their files (directory, stdlib, .jsonl,
-                             .jsonl.gz, .jsonl.zst, .parquet, or one plain file)
-  scan(files, cleaning)      every document once, in the stable file order -> what is
-                             dropped and why, and the counts for stats.json
-  benchmark_texts(mtpb)      the evaluation texts that decontamination looks for
+  expand(sources, exts, field)  specs -> files: stdlib, directories, .jsonl[.gz|.zst],
+                                .parquet, plain files, --prepare outputs
+  scan(files, cleaning, skip)   every document once, in the stable file order -> what is
+                                dropped and why, and the counts of stats.json
+  benchmark_texts(mtpb)         the evaluation texts that decontamination looks for
 
-Run `python data.py --prepare SOURCES --out DIR` to see the counts (DIR/stats.json).
+Rules, costs and measurements: docs/data.md. To see the counts on a corpus:
+`python data.py --prepare SOURCES --out DIR` (DIR/stats.json).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from common import read_jsonl
 MAX_AVG_LINE = 100
 MAX_LINE = 1000
 MAX_HEX_FRACTION = 0.9
-DIGEST_BYTES = 16          # exact dedup keeps 16 bytes of each kept document's SHA-256 (section 2.1)
+DIGEST_BYTES = 16          # section 2.1 dedups by SHA-256; 16 bytes of it are kept per document
 CONTAMINATION_CHARS = 100  # a shared run this long with a benchmark text (squashed) drops a document
 ANCHOR_CHARS = 50          # benchmark pieces of 50 are indexed; a document is probed every 51 characters
 NUM_PERM, BANDS = 128, 16  # MinHash signature of 128 values, LSH with 16 bands of 8 rows
@@ -62,6 +62,7 @@ _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
 def words(text: str) -> list[bytes]:
+    """'def f(X):  # Sum' -> [b'def', b'f', b'x', b'sum']."""
     return text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
 
 
@@ -439,18 +440,15 @@ def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict
 
 
 def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
+    st = path.stat() if path.exists() else None  # a dangling link is skipped by the scan
+    return (st.st_size, st.st_mtime_ns) if st else (-1, -1)
 
 
 def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     unknown = set(cleaning.languages) - set(LANGUAGES)
     if unknown:
         raise ValueError(f"unknown language {', '.join(sorted(unknown))}; choose from {', '.join(LANGUAGES)}")
-    digests: set[bytes] = set()  # 16 bytes of SHA-256 per kept document (about 90 bytes in a Python set)
+    digests: set[bytes] = set()  # 16 bytes per document, about 85 bytes in a Python set
     near = NearDuplicates() if cleaning.near_dedup else None
     contamination = Contamination(benchmark_texts(cleaning.mtpb)) if cleaning.decontaminate else None
     dropped: dict[str, set[int]] = {}
@@ -464,7 +462,9 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
                 reason = paper_filter(text)
             if reason is None and cleaning.dedup:
                 digest = hashlib.sha256(text.encode("utf-8")).digest()[:DIGEST_BYTES]
-                reason = "duplicate" if digest in digests else digests.add(digest)
+                if digest in digests:
+                    reason = "duplicate"
+                digests.add(digest)
             if reason is None and contamination and contamination.contains(text):
                 reason = "contaminated"
             if reason is None and near and near.seen(text):
@@ -478,18 +478,12 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     return dropped, counts
 
 
-def describe_counts(counts: dict) -> str:
-    """'1,234 documents in, 1,200 kept; dropped: duplicate 30, contaminated 4'."""
-    why = ", ".join(f"{r} {n:,}" for r, n in counts["dropped"].items() if n) or "none"
-    return f"{counts['documents_in']:,} documents in, {counts['kept']:,} kept; dropped: {why}"
-
-
 def add_flags(p):
     """The flags of Cleaning, for every script that reads a corpus."""
     p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
-                   "(default: 'content', else 'text')")
+                   "(None: 'content', else 'text')")
     p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
-                   f"({', '.join(LANGUAGES)}), chosen by file extension; default all")
+                   f"({', '.join(LANGUAGES)}), chosen by file extension (None: all)")
     p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
                    f"as {Cleaning.TAG.format('python')!r}")
     p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "

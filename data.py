@@ -259,7 +259,13 @@ class TokenStream:
         return (f"data {self.sources}: {len(self._files)} files (process {i} of {n}), split {self.split} "
                 f"(val_fraction {self.val_fraction}), seed {self.seed}, windows {self.batch_size}x"
                 f"{self.seq_len + 1}, epoch {self.state()['epoch']}, {self.skipped} skipped "
-                f"(not UTF-8 / unreadable); {corpus.describe_counts(self.counts)}")
+                f"(not UTF-8 / unreadable); {_describe_counts(self.counts)}")
+
+
+def _describe_counts(counts: dict) -> str:
+    """'1,234 documents in, 1,200 kept; dropped: duplicate 30, contaminated 4'."""
+    why = ", ".join(f"{r} {n:,}" for r, n in counts["dropped"].items() if n) or "none"
+    return f"{counts['documents_in']:,} documents in, {counts['kept']:,} kept; dropped: {why}"
 
 
 def eval_batches(sources, batch_size: int, seq_len: int, num_batches: int, **kwargs) -> list[np.ndarray]:
@@ -300,7 +306,7 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
     dropped, counts = corpus.scan_all(files, cleaning, prepared, lambda key, reason: skipped.setdefault(key, reason))
-    log(f"prepare: {corpus.describe_counts(counts)}")
+    log(f"prepare: {_describe_counts(counts)}")
     if index is None:
         out.mkdir(parents=True, exist_ok=True)
         index = {"format": corpus.PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
@@ -421,7 +427,7 @@ def main(argv=None):
     p.add_argument("--data", default="stdlib", help="comma-separated sources: stdlib, directories, "
                    ".jsonl, .jsonl.gz, .jsonl.zst, .parquet files, --prepare outputs")
     p.add_argument("--ext", help="comma-separated file endings read from directories "
-                   "(default: .py, or the extensions of --languages)")
+                   "(None: .py, or the extensions of --languages)")
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to show")
     p.add_argument("--seed", type=int, default=0, help="file order of every epoch")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out by hash")
