@@ -37,7 +37,7 @@ import common
 
 FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
-PROCESSES = 64             # RLIMIT_NPROC: threads count too (binds any uid but root)
+PROCESSES = 64             # RLIMIT_NPROC, threads included (binds every uid but root's)
 TMPFS_MB = 64              # the private /tmp under bwrap: all a program can write there
 OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the program
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer
@@ -61,8 +61,7 @@ class Result:
 def _check(ret):
     """libc returns -1 and sets errno on failure; turn that into OSError."""
     if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return ret
 
 
@@ -71,36 +70,39 @@ def _prctl(option, *args):
     return _check(_libc.prctl(ctypes.c_int(option), *(ctypes.c_ulong(a) for a in args)))
 
 
+def _landlock(*args):
+    """landlock_create_ruleset, _add_rule, restrict_self: 444, 445, 446 on every arch."""
+    return _check(_libc.syscall(*(a if isinstance(a, bytes) else ctypes.c_long(a) for a in args)))
+
+
 def landlock_abi():
     """The kernel's Landlock ABI version, 0 when it has none (Linux < 5.13 or disabled)."""
-    try:  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION); 444 on every arch
-        return _check(_libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1)))
+    try:  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+        return _landlock(444, 0, 0, 1)
     except OSError:
         return 0
 
 
 def _confine(directory):
     """Landlock: from now on this process may create, change or delete files only below
-    `directory` (and write to /dev/null), and (ABI >= 6) may send signals and connect to
-    abstract unix sockets only inside its own domain. Reading is not restricted."""
+    `directory` (and write /dev/null); with ABI >= 6 it may also signal, and connect to
+    abstract unix sockets of, only processes of its own domain. Reading is not restricted."""
     abi = landlock_abi()
     if abi == 0:
         return
     # LANDLOCK_ACCESS_FS_* bits: WRITE_FILE=1<<1, REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1),
-    # REFER=1<<13 (ABI 2, renames across directories), TRUNCATE=1<<14 (ABI 3).
+    # REFER=1<<13 (ABI 2, links and renames across directories), TRUNCATE=1<<14 (ABI 3).
     write_file, truncate = 1 << 1, (1 << 14 if abi >= 3 else 0)
     handled = write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
-    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4; 0: not
-    # handled), scoped (ABI 6: ABSTRACT_UNIX_SOCKET=1, SIGNAL=2)
+    # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (0: not restricted
+    # here, seccomp has no socket()), scoped (ABSTRACT_UNIX_SOCKET=1 | SIGNAL=2)
     attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
-    ruleset = _check(_libc.syscall(ctypes.c_long(444), attr, ctypes.c_long(len(attr)), ctypes.c_long(0)))
+    ruleset = _landlock(444, attr, len(attr), 0)
     for path, allowed in ((directory, handled), ("/dev/null", write_file | truncate)):
         fd = os.open(path, os.O_PATH)
-        rule = struct.pack("=Qi", allowed, fd)   # struct landlock_path_beneath_attr (packed)
-        _check(_libc.syscall(ctypes.c_long(445), ctypes.c_long(ruleset), ctypes.c_long(1),  # PATH_BENEATH
-                             rule, ctypes.c_long(0)))
+        _landlock(445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0)  # PATH_BENEATH, packed attr
         os.close(fd)
-    _check(_libc.syscall(ctypes.c_long(446), ctypes.c_long(ruleset), ctypes.c_long(0)))  # restrict_self
+    _landlock(446, ruleset, 0)
     os.close(ruleset)
 
 
@@ -138,16 +140,14 @@ clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setprio
 sched_setaffinity:203:122 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32 utime:132:-
 utimes:235:- utimensat:280:88 futimesat:261:-
 """
-_ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column
-_CONDITIONAL = "clone clone3 kill tgkill prlimit64 setpriority sched_setaffinity prctl fcntl ioctl socketpair"
+_ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column above
 _PRETENDED = "flock utime utimes utimensat futimesat"   # return 0 and do nothing
 
 
 def _numbers(machine):
     """{syscall name: number} for `machine` (only the calls it has)."""
-    column = _ARCHES[machine][1]
     rows = (entry.split(":") for entry in _SYSCALLS.split())
-    return {row[0]: int(row[column]) for row in rows if row[column] != "-"}
+    return {row[0]: int(row[_ARCHES[machine][1]]) for row in rows if row[_ARCHES[machine][1]] != "-"}
 
 
 def seccomp_filter(machine, pid):
@@ -159,7 +159,6 @@ def seccomp_filter(machine, pid):
     LD, AND, JEQ, JGE, RET = 0x20, 0x54, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_ALU|AND|K, BPF_JMP|.., BPF_RET|K
     ALLOW, KILL, EPERM, PRETEND, ENOSYS, ENOTTY = (  # RET_ERRNO|errno: fail; PRETEND: 0, do nothing
         0x7FFF0000, 0x80000000, 0x00050001, 0x00050000, 0x00050026, 0x00050019)
-    NR, ARCH = 0, 4                 # offsets in struct seccomp_data; args[i] at 16 + 8 i (low half)
 
     def op(code, k, jt=0, jf=0):
         return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
@@ -168,45 +167,39 @@ def seccomp_filter(machine, pid):
         return [op(JEQ, nr[name], 0, len(body)), *body] if name in nr else []
 
     def switch(arg, cases, default=EPERM, mask=None):
-        """Load args[arg] (& mask); return the action of the first case whose values hold it."""
+        """Load args[arg] (low 32 bits, & mask); the action of the first case holding it."""
         tests = [(v, k) for k, (values, _) in enumerate(cases) for v in values]
-        head = [op(LD, 16 + 8 * arg)] + ([op(AND, mask)] if mask else [])
+        head = [op(LD, 16 + 8 * arg)] + ([op(AND, mask)] if mask else [])   # struct seccomp_data
         jumps = [op(JEQ, v, len(tests) + k - i, 0) for i, (v, k) in enumerate(tests)]
         return head + jumps + [op(RET, default)] + [op(RET, action) for _, action in cases]
 
-    prog = [op(LD, ARCH), op(JEQ, _ARCHES[machine][0], 1, 0), op(RET, KILL), op(LD, NR)]
+    prog = [op(LD, 4), op(JEQ, _ARCHES[machine][0], 1, 0), op(RET, KILL), op(LD, 0)]   # arch, nr
     if machine == "x86_64":         # x32 syscalls (nr | 0x40000000) would dodge the numbers below
         prog += [op(JGE, 0x40000000, 0, 1), op(RET, KILL)]
     itself = [((pid, 0), ALLOW)]
-    prog += when("clone", *switch(0, [((0x10000,), ALLOW)], mask=0x10000))    # CLONE_THREAD
+    prog += when("clone", *switch(0, [((0x10000,), ALLOW)], mask=0x10000))    # CLONE_THREAD: threads only
     prog += when("clone3", op(RET, ENOSYS))    # its flags sit behind a pointer: glibc falls back to clone
-    prog += when("kill", *switch(0, [((pid, 0, -pid), ALLOW)]))   # itself, its own process group
+    prog += when("kill", *switch(0, [((pid, 0, -pid), ALLOW)]))   # itself or its own process group
     prog += when("tgkill", *switch(0, [((pid,), ALLOW)]))
-    for name in ("prlimit64", "sched_setaffinity"):
-        prog += when(name, *switch(0, itself))
+    prog += when("prlimit64", *switch(0, itself)) + when("sched_setaffinity", *switch(0, itself))
     prog += when("setpriority", op(LD, 16), op(JEQ, 0, 1, 0), op(RET, EPERM),   # PRIO_PROCESS only
                  *switch(1, itself))
     # PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_NAME, PR_GET_NAME, PR_GET_SECCOMP,
     # PR_CAPBSET_READ, PR_GET_NO_NEW_PRIVS, PR_SET_VMA (names memory areas)
     prog += when("prctl", *switch(0, [((2, 3, 15, 16, 21, 23, 39, 0x53564D41), ALLOW)]))
     # F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GETLK, F_OFD_GETLK, F_DUPFD_CLOEXEC;
-    # F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW pretended
+    # locks (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW) pretended; not F_SETOWN & co.
     prog += when("fcntl", *switch(1, [((0, 1, 2, 3, 4, 5, 36, 1030), ALLOW), ((6, 7, 37, 38), PRETEND)]))
     # TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX; anything else "not a tty"
     prog += when("ioctl", *switch(1, [((0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451), ALLOW)], ENOTTY))
-    prog += when("socketpair", op(LD, 16), op(JEQ, 1, 1, 0), op(RET, EPERM),   # AF_UNIX
-                 *switch(1, [((1,), ALLOW)], mask=0xF))                       # type & 0xf: SOCK_STREAM
+    prog += when("socketpair", op(LD, 16), op(JEQ, 1, 1, 0), op(RET, EPERM),   # AF_UNIX, and
+                 *switch(1, [((1,), ALLOW)], mask=0xF))                       # SOCK_STREAM (+ flags)
     for name in _PRETENDED.split():
         prog += when(name, op(RET, PRETEND))
-    special = set(_CONDITIONAL.split()) | set(_PRETENDED.split())
-    for name in sorted(set(nr) - special, key=nr.get):
+    conditional = set(_SYSCALLS[_SYSCALLS.index("\nclone:"):].replace(":", " ").split())
+    for name in sorted(set(nr) - conditional, key=nr.get):
         prog += when(name, op(RET, ALLOW))
-    prog.append(op(RET, EPERM))
-    return b"".join(prog)
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+    return b"".join(prog + [op(RET, EPERM)])
 
 
 def _lock_down(workdir, timeout, memory_mb):
@@ -220,12 +213,12 @@ def _lock_down(workdir, timeout, memory_mb):
     _confine(workdir)
     # Drop every capability: root without them cannot mount, load modules, bypass file
     # permissions or raise limits, and with exec denied there is no way to get them back.
-    _check(_libc.capset(ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0)),  # _LINUX_CAPABILITY_VERSION_3
-                        ctypes.create_string_buffer(24)))
+    _check(_libc.capset(struct.pack("=Ii", 0x20080522, 0), bytes(24)))   # _LINUX_CAPABILITY_VERSION_3
     bpf = seccomp_filter(os.uname().machine, os.getpid())
     if bpf is not None:
-        prog = _SockFprog(len(bpf) // 8, bpf)
-        _prctl(22, 2, ctypes.addressof(prog), 0, 0)       # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        bpf_buffer = ctypes.create_string_buffer(bpf)
+        fprog = ctypes.create_string_buffer(struct.pack("=H6xQ", len(bpf) // 8, ctypes.addressof(bpf_buffer)))
+        _prctl(22, 2, ctypes.addressof(fprog), 0, 0)      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER, sock_fprog
 
 
 # ----------------------------------------------------------------------------- the child
@@ -236,8 +229,7 @@ def _one_line(exc):
         text = str(exc).strip().splitlines()
     except BaseException:  # a program's exception may even fail to print
         text = []
-    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return line[:300]
+    return (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)[:300]
 
 
 def _child(program, secret, pipes, workdir, timeout, memory_mb):
@@ -245,13 +237,11 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb):
     Verdict pipe: "?reason" when the lock-down failed, else "S" (started) followed by the
     secret when the program ran to its end or "!reason" when it raised."""
     write, exit_now = os.write, os._exit   # our own references: the program may reassign os.*
-    out_w, err_w, verdict_w = pipes
     try:
         os.setpgid(0, 0)                             # own process group: killpg(0) hits only itself
         _prctl(1, signal.SIGKILL)                    # PR_SET_PDEATHSIG: die with the judge
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        for fd, target in ((devnull, 0), (out_w, 1), (err_w, 2), (verdict_w, 3)):
-            os.dup2(fd, target, inheritable=False)
+        for fd, target in zip((os.open("/dev/null", os.O_RDONLY), *pipes), range(4)):
+            os.dup2(fd, target, inheritable=False)   # stdin, stdout, stderr, the verdict pipe
         os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # nothing of the judge's stays open
         os.chdir(workdir)
         os.environ.clear()
@@ -284,8 +274,7 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb):
 def _judge(program, timeout, memory_mb):
     """Run one program in a forked child and return the Result fields as a dict, plus
     `clean`: whether its directory is gone (if not, the judge must be replaced)."""
-    start = time.monotonic()
-    secret = secrets.token_hex(16).encode()
+    start, secret = time.monotonic(), secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="program-")
     (out_r, out_w), (err_r, err_w), (verdict_r, verdict_w) = os.pipe(), os.pipe(), os.pipe()
     pid = os.fork()     # if this or pidfd_open raises, the evaluating process replaces the judge
@@ -310,14 +299,11 @@ def _judge(program, timeout, memory_mb):
             problem = ("timed out", f"exceeded the {timeout:g} s wall-clock limit")
             break
         for key, _ in sel.select(remaining):
-            if key.fd == pidfd:            # exited: its pipes now drain to EOF
-                sel.unregister(pidfd)
-                continue
-            chunk = os.read(key.fd, 65536)
-            buf, cap, name = bufs[key.fd]
-            if not chunk:
+            chunk = b"" if key.fd == pidfd else os.read(key.fd, 65536)
+            if not chunk:                  # exited (its pipes now drain to EOF), or EOF
                 sel.unregister(key.fd)
                 continue
+            buf, cap, name = bufs[key.fd]
             buf += chunk
             if len(buf) > cap:
                 problem = ("error", f"exceeded the output cap ({cap} bytes on {name})")
@@ -336,9 +322,9 @@ def _judge(program, timeout, memory_mb):
 
 def _verdict(verdict, secret, exitcode):
     """(status, reason) of a child that ended by itself; exitcode < 0 is -signal."""
-    if verdict.startswith(b"?"):
-        return "error", "sandbox setup failed: " + verdict[1:].decode("utf-8", "replace")
     body = verdict[1:]
+    if verdict.startswith(b"?"):
+        return "error", "sandbox setup failed: " + body.decode("utf-8", "replace")
     if verdict.startswith(b"S") and body == secret and exitcode == 0:
         return "passed", ""
     if body.startswith(b"!"):
@@ -346,55 +332,40 @@ def _verdict(verdict, secret, exitcode):
     if exitcode == -signal.SIGXCPU:
         return "timed out", "exceeded the CPU time limit"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        return "failed", f"killed by {name}"
+        names = {s.value: s.name for s in signal.Signals}
+        return "failed", f"killed by {names.get(-exitcode, f'signal {-exitcode}')}"
     return "failed", f"exited with code {exitcode} before the end of the program"
 
 
 def _remove_tree(path):
-    """Delete a directory tree whatever it holds (any depth, no permissions, sockets,
-    fifos) and return True, or False if something is left; never raises. It walks with
-    one directory fd at a time and names relative to it, so depth and PATH_MAX do not
-    matter; nothing else runs in the tree by then."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    """Delete a directory tree whatever it holds (any depth, directories without
+    permissions, fifos, sockets); True when it is gone, never raises. One directory fd at a
+    time and names relative to it, so depth and PATH_MAX do not matter."""
+    flags, below, fd = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, [], None   # below: names down to fd
     try:
-        fd, below = os.open(path, flags), []         # below: the names from `path` down to fd
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    try:
+        fd = os.open(path, flags)
         while True:
             os.fchmod(fd, 0o700)                     # a program may create directories with mode 0
-            subdir = None
             with os.scandir(fd) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        subdir = entry.name
-                    else:
-                        os.unlink(entry.name, dir_fd=fd)
-            if subdir is not None:                   # go down into it
-                fd, parent = os.open(subdir, flags, dir_fd=fd), fd
-                os.close(parent)
-                below.append(subdir)
-            elif below:                              # empty: go up and remove it
-                fd, child = os.open("..", flags, dir_fd=fd), fd
-                os.close(child)
-                os.rmdir(below.pop(), dir_fd=fd)
-            else:
+                names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            subdirs = [name for name, is_dir in names if is_dir]
+            for name in {name for name, _ in names} - set(subdirs):
+                os.unlink(name, dir_fd=fd)
+            if not subdirs and not below:
                 break
-        os.close(fd)
+            fd, previous = os.open(subdirs[0] if subdirs else "..", flags, dir_fd=fd), fd
+            os.close(previous)
+            if subdirs:                              # went down into it
+                below.append(subdirs[0])
+            else:                                    # came up from an emptied directory
+                os.rmdir(below.pop(), dir_fd=fd)
         os.rmdir(path)
-        return True
     except OSError:
-        try:
+        pass
+    finally:
+        if fd is not None:
             os.close(fd)
-        except OSError:
-            pass
-        return False
+    return not os.path.lexists(path)
 
 
 def _send(stream, obj):
@@ -421,25 +392,13 @@ def _serve():
     while (request := _receive(sys.stdin.buffer)) is not None:
         try:
             reply = _judge(request["program"], request["timeout"], request["memory_mb"])
-        except Exception as e:   # e.g. out of file descriptors: the program gets 'error', we go on
+        except Exception as e:   # e.g. fork failed: this program gets 'error', a new judge the next
             reply = dict(status="error", reason=f"the judge failed: {_one_line(e)}", stdout="",
                          stderr="", seconds=0.0, clean=False)
         _send(sys.stdout.buffer, reply)
 
 
 # ----------------------------------------------------------------------------- the evaluating process
-
-def _bwrap_args():
-    args = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp"]
-    # The private /tmp would hide an interpreter or this file living under /tmp: bind them back.
-    for path in sorted({_THIS_FILE, sys.prefix, sys.base_prefix}):
-        if path.startswith("/tmp/"):
-            args += ["--ro-bind", path, path]
-    return args + ["--"]
-
 
 class _Judge:
     """A judge process, started on first use and replaced if it fails or cannot clean up."""
@@ -452,23 +411,22 @@ class _Judge:
             # Without bwrap the programs' dirs go in one dir of ours, removed in close() even
             # if the judge had to be killed in the middle of a program.
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
-            self.proc = subprocess.Popen(
-                (_bwrap_args() if self.use_bwrap else []) + [sys.executable, "-E", "-s", _THIS_FILE, "--judge"],
-                cwd="/", start_new_session=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
+            cmd = [sys.executable, "-E", "-s", _THIS_FILE, "--judge"]
+            self.proc = subprocess.Popen(_bwrap_args() + cmd if self.use_bwrap else cmd, cwd="/",
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True, env={"LANG": "C.UTF-8", "PATH": os.defpath,
+                                                                      "TMPDIR": self.tmpdir})
         start = time.monotonic()
         try:
             _send(self.proc.stdin, {"program": program, "timeout": timeout, "memory_mb": memory_mb})
         except BrokenPipeError:
             pass                           # it died: _receive sees EOF and we report why
         reply = _receive(self.proc.stdout, start + timeout + JUDGE_SLACK)
-        if reply is None:
+        if reply is None or not reply.pop("clean"):   # a fresh judge (and /tmp) for the next program
             self.close()
+        if reply is None:
             return Result("error", f"the judge failed: {self.last_words or 'no answer'}", "", "",
                           time.monotonic() - start)
-        if not reply.pop("clean"):         # a fresh judge, with a fresh /tmp, for the next program
-            self.close()
         return Result(**reply)
 
     def close(self):
@@ -484,6 +442,18 @@ class _Judge:
         self.proc = None
         if not self.use_bwrap:
             _remove_tree(self.tmpdir)
+
+
+def _bwrap_args():
+    args = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp"]
+    # The private /tmp would hide an interpreter or this file living under /tmp: bind them back.
+    for path in sorted({os.path.dirname(_THIS_FILE), sys.prefix, sys.base_prefix}):
+        if path.startswith("/tmp/"):
+            args += ["--ro-bind", path, path]
+    return args + ["--"]
 
 
 _isolation = None          # (path, why the fallback), decided once per process
@@ -569,23 +539,22 @@ def run(program, timeout=3.0, memory_mb=2048, allow_fallback=False):
 
 
 def shown(text, prefix):
-    """Program output made safe for a terminal: every line starts with `prefix` and every
-    control or invisible character (escape sequences, carriage returns, bidi overrides)
-    is written as a Python escape, so output cannot hide, move or fake other lines."""
-    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
-    safe = ("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line) for line in lines)
-    return "".join(f"{prefix}{line}\n" for line in safe)
+    """Program output made safe for a terminal: each line starts with `prefix`, and control
+    and invisible characters (escape sequences, \\r, bidi overrides) are written as Python
+    escapes, so the output can neither hide nor fake the lines around it."""
+    lines = text.removesuffix("\n").split("\n") if text else []
+    return "".join(prefix + "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line) + "\n"
+                   for line in lines)
 
 
 def main(argv=None):
-    parser = common.ArgumentParser(description="Run one Python file in the sandbox and print its "
-                                   "output (each line prefixed), then its verdict on the last line.")
+    parser = common.ArgumentParser(description="Run one Python file in the sandbox; print its output "
+                                   "(each line prefixed 'stdout| ' or 'stderr| '), then its verdict.")
     parser.add_argument("file", help="the Python program to run")
     parser.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit")
-    parser.add_argument("--allow-fallback", action="store_true",
-                        help=f"without bubblewrap, run on the weaker fallback path instead of refusing "
-                             f"({INSTALL_HINT} for the strong path)")
+    parser.add_argument("--allow-fallback", action="store_true", help="without bubblewrap, run on the "
+                        f"weaker fallback path instead of refusing ({INSTALL_HINT} for the strong path)")
     args = parser.parse_args(argv)
     try:
         with open(args.file, encoding="utf-8") as f:
