@@ -22,6 +22,13 @@ The released checkpoints fuse q, k, v into one `qkv_proj` whose rows come in 4
 model-parallel blocks, each ordered (q, v, k) — the TPU-v4 layout the weights were
 trained in. `load_hf` splits it once into plain `wq`, `wk`, `wv`; `save_hf` puts it back.
 
+Shapes are written into names (`x_BTD`) with these letters:
+
+    B batch rows          T tokens in the input     W = T + 1 tokens in a training window
+    S key/value slots     D n_embd                  H n_head        hd head_dim = D / H
+    r rotary_dim / 2      F d_ff = 4 D              V vocab_size    L n_layer
+    N = B·T tokens flattened for the head    C tokens per head chunk, G chunks    K micro-batches
+
     python -c "import model; c, p = model.load_hf('codegen-350M-mono'); print(c)"
 """
 import dataclasses
@@ -38,7 +45,6 @@ import ml_dtypes
 import numpy as np
 
 # ----------------------------------------------------------------------------- config
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -78,7 +84,7 @@ CONFIGS = {
     # Laptop presets: the 51,200-wide head dominates their compute, so they stay shallow.
     "nano": Config(n_layer=4, n_embd=128, n_head=4, rotary_dim=16, n_ctx=256),
     "small": Config(n_layer=8, n_embd=512, n_head=8, rotary_dim=32, n_ctx=1024),
-    # The paper's four sizes (architecture.md §2.1; JAXformer configs and FasterTransformer pbtxt).
+    # The paper's four sizes (its Table 1; the released config.json files and JAXformer configs).
     "350M": Config(n_layer=20, n_embd=1024, n_head=16, rotary_dim=32),
     "2B": Config(n_layer=32, n_embd=2560, n_head=32, rotary_dim=64),
     "6B": Config(n_layer=33, n_embd=4096, n_head=16, rotary_dim=64),
@@ -104,7 +110,6 @@ def flops_per_token(config, seq_len):
 
 # ----------------------------------------------------------------------------- parameters
 
-
 def init_params(config, key):
     """JAXformer's pre-training init: truncated normal with std 1/sqrt(fan_in); the two
     projections back into the residual stream are scaled by 2/n_layer; biases 0, norms 1."""
@@ -119,9 +124,7 @@ def init_params(config, key):
         "wte": normal((V, D), 1 / math.sqrt(V)),
         "layers": {
             "ln_scale": jnp.ones((L, D)), "ln_bias": jnp.zeros((L, D)),
-            "wq": normal((L, D, D), 1 / math.sqrt(D)),
-            "wk": normal((L, D, D), 1 / math.sqrt(D)),
-            "wv": normal((L, D, D), 1 / math.sqrt(D)),
+            **{w: normal((L, D, D), 1 / math.sqrt(D)) for w in ("wq", "wk", "wv")},
             "wo": normal((L, D, D), out_std),
             "w_in": normal((L, D, F), 1 / math.sqrt(D)), "b_in": jnp.zeros((L, F)),
             "w_out": normal((L, F, D), out_std), "b_out": jnp.zeros((L, D)),
@@ -137,7 +140,6 @@ def cast(params, dtype):
 
 
 # ----------------------------------------------------------------------------- forward
-
 
 def _layer_norm(x, scale, bias, eps):
     x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
@@ -182,10 +184,8 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
 
 
 def _split_batch(x_BTD):
-    """Sharding hint, a no-op without a device mesh: under tpu.py's mesh (`jax.set_mesh`),
-    keep activations split by batch rows over the data-parallel axes. Without it the
-    compiler may carry the weights' fsdp split into the residual stream and replicate
-    the batch instead (tpu.py, the note under RULES)."""
+    """Under tpu.py's mesh (`jax.set_mesh`), keep activations split by batch rows over the
+    data-parallel axes, not by the weights' fsdp split (tpu.py, the note under RULES)."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if not axes or x_BTD.shape[0] % math.prod(mesh.shape[a] for a in axes):
@@ -194,11 +194,9 @@ def _split_batch(x_BTD):
 
 
 def init_cache(config, batch, max_len, dtype=jnp.float32):
-    """Empty KV cache for `batch` rows of up to `max_len` tokens.
-
-    `valid` marks slots holding real tokens (left padding stays False), `pos` counts each
-    row's real tokens so far (its next rotary position), `length` is the next free slot.
-    """
+    """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid` marks slots holding
+    real tokens (left padding stays False), `pos` counts each row's real tokens so far (its
+    next rotary position), `length` is the next free slot."""
     shape = (batch, config.n_head, max_len, config.head_dim)
     return {"k": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
             "v": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
@@ -208,10 +206,8 @@ def init_cache(config, batch, max_len, dtype=jnp.float32):
 
 def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False):
     """Logits (B, T, V) in float32; with a `cache`, returns (logits, updated cache).
-
     `valid_BT` (False = left padding) gives each real token the position it would have
-    without padding (cumsum - 1) and hides padded keys from attention.
-    """
+    without padding (cumsum - 1) and hides padded keys from attention."""
     x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache, remat)
     logits = jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
     return logits if cache is None else (logits, new_cache)
@@ -220,6 +216,9 @@ def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False
 def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
     """Embedding, the layers and the final LayerNorm: hidden states (B, T, D) for the head."""
     B, T = tokens_BT.shape
+    if T > config.n_ctx:  # rotary angles past n_ctx were never trained: refuse, as transformers does
+        raise ValueError(f"{T} tokens do not fit the model's context of n_ctx={config.n_ctx}; pass at most "
+                         f"{config.n_ctx} (--seq-len, or a shorter prompt)")
     if valid_BT is None:
         valid_BT = jnp.ones((B, T), bool)
     seen = jnp.zeros(B, jnp.int32) if cache is None else cache["pos"]
@@ -246,12 +245,10 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
     if cache is None:
         x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
     else:
-        # Decoding is memory-bound: each step should read every weight and cache entry once.
-        # So the layers are unrolled, and each has its own cache buffers (B, H, S, hd),
-        # written in place at `start` and read by attention directly. Slicing layer i out of
-        # stacked (L, ...) arrays instead makes XLA:CPU copy that slice on every step, which
-        # for `small` at batch 8 cost about 40% of the step; callers that decode many steps
-        # pass weights already split by `unstack_layers` (sample.py does).
+        # Decoding is memory-bound, so the layers are unrolled and each has its own cache
+        # buffers (B, H, S, hd), updated in place: slicing layer i out of stacked (L, ...)
+        # arrays makes XLA:CPU copy the slice on every step (docs/training.md). Callers that
+        # decode many steps pass weights already split by `unstack_layers` (sample.py does).
         k, v = [], []
         for i, p in enumerate(unstack_layers(params)["layers"]):
             x, (k_i, v_i) = block(x, p, past_kv=(cache["k"][i], cache["v"][i], start))
@@ -271,38 +268,52 @@ def unstack_layers(params):
     return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(len(layers["wq"]))]}
 
 
-def loss_fn(params, batch_BT1, config, z_loss=0.0, remat=False):
-    """Mean next-token cross entropy over every position (JAXformer trains all of them, EOS
-    included), plus JAXformer's optional z-loss z·logsumexp² that keeps the softmax normaliser near 1."""
-    x_BTD, _ = _trunk(params, batch_BT1[:, :-1], config, None, None, remat)
-    D = x_BTD.shape[-1]
-    return head_loss(x_BTD.reshape(-1, D), params["head_w"], params["head_b"], batch_BT1[:, 1:].reshape(-1), z_loss)
+def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):
+    """Mean next-token cross entropy over every position of each window (JAXformer trains
+    all of them, EOS included), plus JAXformer's optional z-loss z·logsumexp² that keeps
+    the softmax normaliser near 1. A window of W = T + 1 tokens gives T predictions."""
+    x_BTD, _ = _trunk(params, windows_BW[:, :-1], config, None, None, remat)
+    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+    return head_loss(x_ND, params["head_w"], params["head_b"], windows_BW[:, 1:].reshape(-1), z_loss)
 
 
-# The head is the most expensive part of a small model: (tokens x 51,200) logits, several
-# times the size of everything else. Written naively, they are stored, read back for the
-# softmax, again for its gradient, and again by two matmuls. `head_loss` instead walks the
-# tokens a chunk at a time and computes the loss *and* its gradient in that one pass,
-# while the chunk's logits are still in cache; the backward pass only scales the result.
-# On CPU the chunk's logits should fit the last-level cache (128 tokens x 51,200 = 26 MB;
-# 256 tokens measured 1.5x slower); accelerators want bigger matmuls.
+def cross_entropy(logits_NV, targets_N, z_loss=0.0):
+    """Per-token loss, the definition: logsumexp(l) - l[target] + z_loss·logsumexp(l)²."""
+    lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+    target_N = jnp.take_along_axis(logits_NV, targets_N[:, None], axis=-1)[:, 0]
+    return lse_N - target_N + z_loss * lse_N ** 2
+
+
+# The head's (N x V) logits outweigh the rest of a small model, so `head_loss` never holds
+# them all: it walks the tokens C at a time and, when differentiated, computes each chunk's
+# loss *and* gradient in one pass while its logits are in cache (docs/training.md). On CPU a
+# chunk should fit the last-level cache (128 x 51,200 floats = 26 MB).
 HEAD_CHUNK = {"cpu": 128}
+
+
+def _chunks(x_ND, targets_N):
+    """Tokens in G chunks of C, the last padded with rows of weight 0 (the rest 1/N)."""
+    N, D = x_ND.shape
+    C = min(HEAD_CHUNK.get(jax.default_backend(), 4096), N)
+    pad = -N % C
+    weight_GC = ((jnp.arange(N + pad) < N) / N).reshape(-1, C).astype(jnp.float32)
+    return jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D), jnp.pad(targets_N, (0, pad)).reshape(-1, C), weight_GC
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def head_loss(x_ND, w_DV, b_V, targets_N, z_loss):
-    """mean over N of  logsumexp(l) - l[target] + z_loss·logsumexp(l)²,  l = x @ w + b."""
-    return _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss)[0]
+    """mean over N of cross_entropy(x @ w + b, targets), one chunk of logits at a time."""
+    def chunk(total, xs):
+        x_CD, y_C, weight_C = xs
+        logits_CV = jnp.dot(x_CD, w_DV, preferred_element_type=jnp.float32) + b_V
+        return total + jnp.sum(weight_C * cross_entropy(logits_CV, y_C, z_loss)), None
+    return jax.lax.scan(chunk, jnp.zeros((), jnp.float32), _chunks(x_ND, targets_N))[0]
 
 
 def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
-    N, D = x_ND.shape
-    C = min(HEAD_CHUNK.get(jax.default_backend(), 4096), N)
-    pad = -N % C
-    x_KCD = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D)
-    xT_KDC = jnp.swapaxes(x_KCD, 1, 2)  # transposed once here, not as a matmul operand in the loop (2x slower on CPU)
-    y_KC = jnp.pad(targets_N, (0, pad)).reshape(-1, C)
-    weight_KC = ((jnp.arange(N + pad) < N) / N).reshape(-1, C).astype(jnp.float32)  # 1/N each; 0 for padding
+    """head_loss and its gradients with respect to x, w and b, in one pass over the chunks."""
+    x_GCD, y_GC, weight_GC = _chunks(x_ND, targets_N)
+    xT_GDC = jnp.swapaxes(x_GCD, 1, 2)  # transposed once, not as a matmul operand in the loop (2x slower on CPU)
 
     def chunk(carry, xs):
         loss_sum, dw_DV, db_V = carry
@@ -316,7 +327,7 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
         loss_sum += jnp.sum(weight_C * (lse_C - target_C + z_loss * lse_C ** 2))
         # d(loss of a token)/d(its logits) = softmax · (1 + 2·z·lse) − onehot(target). The 1/N of
         # the mean (and the padding's 0) is applied to the small operands, not to this big array;
-        # the bias gradient is a matrix-vector product (XLA's column sum of d was 10x slower).
+        # the bias gradient is a matrix-vector product (XLA's column sum of d is 10x slower).
         is_target_CV = jnp.arange(logits_CV.shape[1])[None, :] == y_C[:, None]
         d_CV = e_CV * ((1 + 2 * z_loss * lse_C) / sum_C)[:, None] - is_target_CV
         dx_CD = jnp.dot(d_CV.astype(w_DV.dtype), w_DV.T, preferred_element_type=jnp.float32) * weight_C[:, None]
@@ -325,17 +336,18 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
         return (loss_sum, dw_DV, db_V + jnp.dot(weight_C, d_CV)), dx_CD.astype(x_ND.dtype)
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
-    (loss_sum, dw_DV, db_V), dx_KCD = jax.lax.scan(chunk, zeros, (x_KCD, xT_KDC, y_KC, weight_KC))
-    grads = (dx_KCD.reshape(-1, D)[:N], dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
+    (loss_sum, dw_DV, db_V), dx_GCD = jax.lax.scan(chunk, zeros, (x_GCD, xT_GDC, y_GC, weight_GC))
+    grads = (dx_GCD.reshape(-1, x_ND.shape[1])[:x_ND.shape[0]], dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
     return loss_sum, grads
 
 
 def _head_loss_bwd(z_loss, grads, g):
+    """The backward pass only scales the gradients the forward pass already computed."""
     dx, dw, db = grads
     return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), (g * db).astype(db.dtype), None
 
 
-head_loss.defvjp(lambda *args: _head_loss_and_grads(*args), _head_loss_bwd)
+head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
 
 
 # ----------------------------------------------------------------------------- Hugging Face format
@@ -351,11 +363,8 @@ _TRANSPOSED = {"wo", "w_in", "w_out", "head_w"}
 
 
 def _split_qkv(qkv_w, D):
-    """HF qkv_proj.weight [3D, D] -> our (wq, wk, wv), each [D, D].
-
-    Output features come in MP_NUM blocks, block m holding [q | v | k] for heads
-    m·H/MP_NUM ... (m+1)·H/MP_NUM - 1; inside a block heads are in natural order.
-    """
+    """HF qkv_proj.weight [3D, D] -> our (wq, wk, wv), each [D, D]. Output features come in
+    MP_NUM blocks, block m holding [q | v | k] for heads m·H/MP_NUM ... (m+1)·H/MP_NUM - 1."""
     blocks = qkv_w.T.reshape(D, MP_NUM, 3, D // MP_NUM)      # (in, block, {q,v,k}, features)
     q, v, k = (blocks[:, :, i, :].reshape(D, D) for i in range(3))
     return q, k, v
@@ -414,26 +423,38 @@ def from_hf_state(state, config, dtype=np.float32):
 
 
 def config_to_hf(config):
-    return {
-        "model_type": "codegen", "architectures": ["CodeGenForCausalLM"],
-        "vocab_size": config.vocab_size, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-        "rotary_dim": config.rotary_dim, "n_inner": None, "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": 0.02,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False,
-        "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
-    }
+    return {"model_type": "codegen", "architectures": ["CodeGenForCausalLM"], "vocab_size": config.vocab_size,
+            "n_positions": config.n_ctx, "n_ctx": config.n_ctx, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "rotary_dim": config.rotary_dim, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": config.layer_norm_epsilon,
+            "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32"}
 
 
-def config_from_hf(hf):
-    if hf.get("model_type") != "codegen":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only 'codegen' checkpoints load here")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError("config.json asks for n_inner/activation_function that CodeGen never used; not supported")
-    head_dim = hf["n_embd"] // hf["n_head"]
-    return Config(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"],
-                  rotary_dim=hf.get("rotary_dim") or head_dim, n_ctx=hf.get("n_positions", 2048),
-                  vocab_size=hf["vocab_size"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+def config_from_hf(hf, where="config.json"):
+    """Our Config from a HF CodeGen config.json (a dict); what is absent takes transformers'
+    CodeGenConfig default (rotary_dim 64, n_positions 2048) except the four sizes."""
+    if not isinstance(hf, dict) or hf.get("model_type") != "codegen":
+        kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise ValueError(f"{where} has model_type {kind!r}; only 'codegen' checkpoints load here")
+
+    def field(name, default=None, kind=int):
+        value = hf.get(name, default)
+        if value is None:
+            raise ValueError(f"{where} has no {name!r}; a CodeGen config.json gives n_layer, n_embd, n_head, "
+                             f"rotary_dim and vocab_size")
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ValueError(f"{where}: {name} is {value!r}, expected {'a number' if kind is float else 'an integer'}")
+        return value
+    n_embd = field("n_embd")
+    if hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"{where} asks for n_inner/activation_function that CodeGen never used; not supported")
+    try:
+        return Config(n_layer=field("n_layer"), n_embd=n_embd, n_head=field("n_head"),
+                      rotary_dim=field("rotary_dim", 64), n_ctx=field("n_positions", 2048),
+                      vocab_size=field("vocab_size"), layer_norm_epsilon=field("layer_norm_epsilon", 1e-5, float))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def save_hf(params, config, path, dtype=np.float32):
@@ -449,7 +470,8 @@ def save_hf(params, config, path, dtype=np.float32):
 def load_hf(path, dtype=np.float32):
     """(config, params) from a HF CodeGen directory: `model.safetensors`, sharded
     `*.safetensors` + index, or `pytorch_model.bin` (read without torch); fp32/fp16/bf16.
-    A train.py output directory (holding `ckpt-*` subdirectories) loads its newest checkpoint."""
+    A train.py output directory (holding `ckpt-*` subdirectories) loads its newest checkpoint.
+    A missing, truncated or mismatched file is one ValueError line naming it."""
     path = os.fspath(path)
     checkpoints = sorted(d for d in os.listdir(path) if d.startswith("ckpt-")) if os.path.isdir(path) else []
     if checkpoints and not os.path.isfile(os.path.join(path, "config.json")):
@@ -458,23 +480,42 @@ def load_hf(path, dtype=np.float32):
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "
                          f"pass a Hugging Face CodeGen directory or one written by train.py")
-    with open(cfg_path) as f:
-        config = config_from_hf(json.load(f))
-    return config, from_hf_state(read_hf_tensors(path), config, dtype)
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {cfg_path}: {e}") from None
+    config = config_from_hf(hf, cfg_path)
+    state = read_hf_tensors(path)
+    if hf.get("tie_word_embeddings") and "transformer.wte.weight" in state:  # the head shares the embedding
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    try:
+        return config, from_hf_state(state, config, dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; config.json and the weights disagree") from None
 
 
 def read_hf_tensors(path):
     """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses:
     one weights file, or shards listed by an index's weight_map."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     files = set(os.listdir(path))
     for single, reader in (("model.safetensors", load_file), ("pytorch_model.bin", read_torch_bin)):
-        if single in files:
-            return reader(os.path.join(path, single))
-        if single + ".index.json" in files:
-            with open(os.path.join(path, single + ".index.json")) as f:
+        index = single + ".index.json"
+        if single not in files and index not in files:
+            continue
+        file = os.path.join(path, single if single in files else index)
+        try:
+            if single in files:
+                return reader(file)
+            with open(file) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return {k: v for shard in shards for k, v in reader(os.path.join(path, shard)).items()}
+        except (OSError, ValueError, KeyError, TypeError, EOFError, SafetensorError, zipfile.BadZipFile,
+                pickle.UnpicklingError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot read {file} ({why}); it is truncated or corrupt: copy or save it again") from None
     raise ValueError(f"no weights in {path!r}: expected model.safetensors, sharded *.safetensors with "
                      f"model.safetensors.index.json, or pytorch_model.bin")
 
@@ -485,14 +526,10 @@ _TORCH_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat1
 
 
 def read_torch_bin(file):
-    """Read a `torch.save` state dict without torch.
-
-    The file is a zip: `*/data.pkl` is a pickle whose tensors point (via persistent ids)
-    at raw little-endian storages `*/data/<key>`; each tensor is rebuilt as a strided view.
-    """
+    """Read a `torch.save` state dict without torch. The file is a zip: `*/data.pkl` is a pickle
+    whose tensors point (via persistent ids) at raw little-endian storages `*/data/<key>`."""
     with zipfile.ZipFile(file) as zf:
-        names = zf.namelist()
-        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
         if pkl is None:
             raise ValueError(f"{file!r} is not a torch zip checkpoint (no data.pkl); re-save it with torch>=1.6")
         root = pkl[: -len("data.pkl")]
@@ -503,9 +540,9 @@ def read_torch_bin(file):
                 storages[key] = np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype)
             return storages[key]
 
-        def rebuild(storage, offset, size, stride, *_):
-            item = storage.dtype.itemsize
-            return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * item for s in stride)).copy()
+        def rebuild(storage, offset, size, stride, *_):  # each tensor is a strided view of its storage
+            strides = tuple(s * storage.dtype.itemsize for s in stride)
+            return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
 
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
@@ -514,8 +551,7 @@ def read_torch_bin(file):
                 if module == "torch" and name in _TORCH_DTYPES:
                     return _TORCH_DTYPES[name]
                 if module == "collections" and name == "OrderedDict":
-                    import collections
-                    return collections.OrderedDict
+                    return dict
                 raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
 
             def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)

@@ -5,24 +5,35 @@
     python train.py --init-from DIR --data my_repo/ --lr 1e-5   # fine-tune released weights
     python train.py --size 16B --mesh 1x16x4 --dry-run          # will it fit? (no allocation)
 
-The recipe (CodeGen §2.2; JAXformer's configs, see architecture.md §2.2): AdamW with
-β = (0.9, 0.999), ε = 1e-8, weight decay 0.1; global-norm clipping at 1.0; linear warmup
-then cosine decay to lr/10, then flat; gradient accumulation; fp32 master weights and
-optimizer state with bf16 compute on accelerators; JAXformer's optional z-loss.
+The recipe (CodeGen §2.2; JAXformer's configs): AdamW with β = (0.9, 0.999), ε = 1e-8,
+weight decay 0.1; global-norm clipping at 1.0; linear warmup then cosine decay to lr/10,
+then flat; gradient accumulation; fp32 master weights and optimizer state with bf16
+compute on accelerators; JAXformer's optional z-loss.
 
-Each step: take a (K, B, T+1) batch of K micro-batches, sum their gradients in a scan,
-clip, apply AdamW. One jitted function does it all; this file is its loop, logging,
-evaluation and checkpoints. A checkpoint is a Hugging Face CodeGen directory plus the
-optimizer state, step, data position and RNG, written atomically, so a run killed at any
-moment resumes and reproduces the uninterrupted run's losses step for step.
+Each step takes K micro-batches of B windows of W = T + 1 tokens, (K, B, W), sums their
+gradients in a scan, clips, and applies AdamW: one jitted function. This file is its loop,
+logging, evaluation and checkpoints. A checkpoint is a Hugging Face CodeGen directory plus
+the optimizer state, step, data position and RNG, written atomically.
+
+Which run a command continues: `--out` (default out/SIZE; with `--init-from SRC`,
+out/NAME-ft, NAME being SRC's directory name) holding a checkpoint means *resume* it, from
+its newest checkpoint, with the schedule it was started with (flags given on the command
+line win); otherwise the run starts from `--init-from` (a fresh optimizer) or from scratch.
+The first line printed says which. `--out` may not be the `--init-from` run itself.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM (what preemptible VMs and cluster schedulers send,
+to every host) lets the current step finish, writes a checkpoint at that step, prints one
+line and exits (status 128 + signal); a second signal stops at once. Rerunning the same
+command resumes, as after a kill -9 from the last checkpoint, reproducing the
+uninterrupted run's losses step for step.
 """
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
-import sys
+import signal
+import tempfile
 import time
 from functools import partial
 
@@ -30,21 +41,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 import data
 import model
 import tpu
 
-# Per-size defaults. Paper sizes: JAXformer's codegen_*_nl configs (lr, warmup 3000, cosine over
-# 300k steps to lr/10, 350k total, ~0.5M/1M tokens per step) and the 16B numbers from the paper's
-# blog summary (lr 0.5e-4, 2M tokens/step). The laptop presets are tuned to finish in minutes.
-PRESETS = {
+# Every default of the schedule, once per --size: `--help` shows them and the run uses them.
+# Paper sizes: JAXformer's codegen_*_nl configs (lr, warmup 3000, cosine over 300k steps to
+# lr/10, 350k total, ~0.5M/1M tokens per step, z-loss 1e-4) and the 16B numbers from the paper's
+# blog summary (lr 0.5e-4, 2M tokens/step). The laptop presets are tuned to finish in minutes;
+# their cosine (anneal None) runs to --max-steps. Every size: AdamW weight decay 0.1, clip 1.0.
+PRESETS = {name: dict(weight_decay=0.1, clip=1.0) | row for name, row in {
     "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300, batch_size=8, seq_len=256, z_loss=0.0),
     "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000, batch_size=16, seq_len=512, z_loss=0.0),
     "350M": dict(lr=3.0e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=256, seq_len=2048, z_loss=1e-4),
     "2B": dict(lr=1.6e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
     "6B": dict(lr=1.2e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
     "16B": dict(lr=0.5e-4, warmup=3000, anneal=147_000, max_steps=150_000, batch_size=1024, seq_len=2048, z_loss=1e-4),
-}
+}.items()}
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -55,11 +69,14 @@ class Recipe:
     min_lr: float
     warmup: int
     anneal: int           # cosine steps after warmup; flat at min_lr afterwards
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    z_loss: float = 0.0
-    dtype: str = "float32"  # compute dtype; master weights and optimizer state stay fp32
-    remat: bool = False
+    weight_decay: float
+    clip: float
+    z_loss: float
+    dtype: str            # compute dtype; master weights and optimizer state stay fp32
+    remat: bool
+
+
+SCHEDULE = ("lr", "min_lr", "warmup", "anneal", "weight_decay", "clip", "z_loss")  # kept when a run is extended
 
 
 def lr_at(step, r):
@@ -78,19 +95,19 @@ def init_state(params):
 def make_train_step(config, r):
     dtype = jnp.dtype(r.dtype)
 
-    def objective(params, batch_BT1):
+    def objective(params, windows_BW):
         # Differentiate through the cast, so gradients arrive in fp32 for the fp32 master weights.
-        return model.loss_fn(model.cast(params, dtype), batch_BT1, config, z_loss=r.z_loss, remat=r.remat)
+        return model.loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
 
-    def train_step(state, batch_KBT1):
+    def train_step(state, windows_KBW):
         params = state["params"]
 
         def accumulate(grad_sum, micro_batch):
             loss, grads = jax.value_and_grad(objective)(params, micro_batch)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, losses = jax.lax.scan(accumulate, zeros, batch_KBT1)
-        K = batch_KBT1.shape[0]
+        grads, losses = jax.lax.scan(accumulate, zeros, windows_KBW)
+        K = windows_KBW.shape[0]
         grads = jax.tree.map(lambda g: g / K, grads)  # each micro-loss is a mean; so is their average
 
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -160,111 +177,156 @@ def list_checkpoints(out):
 
 
 def load_checkpoint(path, config):
+    """(train state, train_state.json) of a checkpoint; a corrupt one is one ValueError line."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     try:
         ckpt_config, params = model.load_hf(path)
-        if ckpt_config != config:
-            raise SystemExit(f"error: checkpoint {path} holds a different model ({ckpt_config}) than requested "
-                             f"({config}); pick another --out or the matching --size")
-        with open(os.path.join(path, "train_state.json")) as f:
-            extra = json.load(f)
-        moments = load_file(os.path.join(path, "optimizer.safetensors"))
-        state = {"params": params, "mu": _unflat(moments, params, "mu/"), "nu": _unflat(moments, params, "nu/"),
-                 "step": jnp.asarray(extra["step"], jnp.int32)}
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: checkpoint {path} is unreadable ({e}); delete it or pick another --out")
+        if ckpt_config == config:
+            with open(os.path.join(path, "train_state.json")) as f:
+                extra = json.load(f)
+            moments = load_file(os.path.join(path, "optimizer.safetensors"))
+            state = {"params": params, "mu": _unflat(moments, params, "mu/"), "nu": _unflat(moments, params, "nu/"),
+                     "step": jnp.asarray(extra["step"], jnp.int32)}
+            if any(m.shape != p.shape for t in ("mu", "nu") for m, p in zip(jax.tree.leaves(state[t]), jax.tree.leaves(params))):
+                raise ValueError("optimizer.safetensors does not match the weights")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint {path} is unreadable ({why}); delete it to resume from the one "
+                         f"before, or pick another --out") from None
+    if ckpt_config != config:
+        raise ValueError(f"checkpoint {path} holds a different model ({ckpt_config}) than requested "
+                         f"({config}); pick another --out or the matching --size")
     return state, extra
 
 
 # ----------------------------------------------------------------------------- the script
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(size, explicit_only=False):
+    """The command line, its defaults those of `--size` (or, with explicit_only, no defaults
+    at all: parsing then yields just the flags the user gave)."""
+    preset = PRESETS[size]
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"Defaults shown are those of "
+                              f"--size {size}; `--size NAME --help` shows another preset's.")
     p.add_argument("--size", default="nano", choices=list(model.CONFIGS), help="model preset")
     p.add_argument("--data", default="stdlib", help="comma-separated sources: 'stdlib', a directory, a .jsonl[.gz] "
                    "file, or a directory prepared by `python data.py --prepare`")
-    p.add_argument("--out", default=None, help="checkpoint directory (default: out/SIZE)")
+    p.add_argument("--out", default=None, help="run directory: resumed when it holds a checkpoint (default: "
+                   "out/SIZE, or out/NAME-ft with --init-from NAME)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation "
                    "(chosen by a hash of each document's name, so stable across runs)")
     p.add_argument("--init-from", default=None, help="start from a Hugging Face CodeGen directory or one of our "
-                   "checkpoints, with a fresh optimizer")
+                   "checkpoints, with a fresh optimizer (ignored when --out holds a checkpoint to resume)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from "
                    "(without the flag, a run continues from one when --out holds it)")
-    g = p.add_argument_group("schedule (defaults per --size, see PRESETS)")
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (global)")
+    g = p.add_argument_group(f"schedule (defaults of --size {size}; a resumed run keeps its own unless given)")
+    g.add_argument("--max-steps", type=int, default=preset["max_steps"], help="optimizer steps of the whole run")
+    g.add_argument("--batch-size", type=int, default=preset["batch_size"], help="sequences per optimizer step (global)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (at most the model's n_ctx)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
-    g.add_argument("--anneal", type=int, default=None, help="cosine steps after warmup (default: to max-steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    g.add_argument("--z-loss", type=float, default=None, help="z-loss weight (JAXformer: 1e-4)")
+    g.add_argument("--seq-len", type=int, default=preset["seq_len"], help="tokens per sequence (at most n_ctx)")
+    g.add_argument("--lr", type=float, default=preset["lr"], help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=float(f"{preset['lr'] / 10:.3g}"),
+                   help="final learning rate, --lr/10 unless given")
+    g.add_argument("--warmup", type=int, default=preset["warmup"], help="linear warmup steps")
+    g.add_argument("--anneal", type=int, default=preset["anneal"] or preset["max_steps"] - preset["warmup"],
+                   help="cosine steps after warmup, then flat at --min-lr" +
+                   (" (unless given: to --max-steps)" if preset["anneal"] is None else ""))
+    g.add_argument("--weight-decay", type=float, default=preset["weight_decay"], help="AdamW decoupled weight decay")
+    g.add_argument("--clip", type=float, default=preset["clip"], help="global gradient-norm clip")
+    g.add_argument("--z-loss", type=float, default=preset["z_loss"], help="weight of JAXformer's z-loss")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass (saves memory)")
     g.add_argument("--seed", type=int, default=0, help="parameter init and data order")
     o = p.add_argument_group("evaluation, checkpoints, devices")
-    o.add_argument("--eval-every", type=int, default=100)
-    o.add_argument("--eval-batches", type=int, default=8)
-    o.add_argument("--save-every", type=int, default=200)
+    o.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (0: at the end only)")
+    o.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (0: no validation)")
+    o.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (0: at the end only); "
+                   "Ctrl-C and SIGTERM also write one")
     o.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     o.add_argument("--sample-tokens", type=int, default=64, help="tokens sampled at the end (0: none)")
     o.add_argument("--mesh", default=None, help="DPxFSDPxMP device mesh (default: all devices data-parallel)")
     o.add_argument("--dry-run", action="store_true", help="print parameter, FLOP and per-device memory estimates "
                    "for --mesh without allocating the model, then exit")
-    o.add_argument("--device-memory", type=float, default=80.0, help="GiB per device, for --dry-run")
+    o.add_argument("--topology", default=None, help="for --dry-run: compile with XLA:TPU for this TPU slice, "
+                   "e.g. v4:2x2x1, v5p:4x4x4, v5e:4x4 (needs `pip install libtpu`, no TPU); default: this "
+                   "machine's devices, simulated on CPU if fewer than --mesh")
+    o.add_argument("--device-memory", type=float, default=None, help="GiB per device, for --dry-run "
+                   "(default: the --topology chip's HBM)")
     o.add_argument("--peak", default=None, help="for --dry-run: peak FLOP/s per device, or a datasheet name "
                    "('TPU v4', 'TPU v5p', 'H100', 'A100', ...); default: this machine's device")
     o.add_argument("--plot", metavar="OUT", default=None, help="plot OUT/metrics.jsonl to OUT/loss.png and exit")
-    args = p.parse_args(argv)
+    if explicit_only:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return p
 
-    preset = PRESETS[args.size]
-    for name in ("max_steps", "batch_size", "seq_len", "lr", "warmup", "z_loss"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.anneal = args.anneal or preset["anneal"] or max(args.max_steps - args.warmup, 1)
-    args.out = args.out or os.path.join("out", args.size)
-    return args
+
+def parse_args(argv=None):
+    """(args with the --size preset's defaults, the set of flags given on the command line)."""
+    size_only = common.ArgumentParser(add_help=False)
+    size_only.add_argument("--size", default="nano", choices=list(model.CONFIGS))
+    size = size_only.parse_known_args(argv)[0].size
+    args = build_parser(size).parse_args(argv)
+    return args, set(vars(build_parser(size, explicit_only=True).parse_args(argv)))
+
+
+def make_recipe(args, given, saved=None):
+    """The run's Recipe: a flag given on the command line, else what a resumed run was started
+    with (`saved`, its checkpoint's recipe), else the --size preset's default."""
+    r = {k: getattr(args, k) if k in given or not saved else saved[k] for k in SCHEDULE}
+    if "lr" in given and "min_lr" not in given:
+        r["min_lr"] = r["lr"] / 10
+    if not saved and "anneal" not in given and PRESETS[args.size]["anneal"] is None:
+        r["anneal"] = max(args.max_steps - r["warmup"], 1)
+    return Recipe(**r, dtype=args.dtype, remat=args.remat)
+
+
+def default_out(args):
+    """out/SIZE; with --init-from, out/NAME-ft, a new directory beside the source run's."""
+    if not args.init_from:
+        return os.path.join("out", args.size)
+    source = os.path.abspath(args.init_from)
+    name = os.path.basename(source)
+    if name.startswith("ckpt-"):  # a checkpoint inside a run directory: name it after the run
+        name = os.path.basename(os.path.dirname(source))
+    return os.path.join("out", f"{name}-ft")
 
 
 def check_args(args, config):
-    """Everything a user can get wrong, as one line each, before any compute."""
-    def fail(msg):
-        raise SystemExit(f"error: {msg}")
+    """Everything a user can get wrong, as one ValueError line each, before any compute or write."""
     if args.seq_len > config.n_ctx:
-        fail(f"--seq-len {args.seq_len} is longer than the model's context ({config.n_ctx})")
-    if min(args.seq_len, args.batch_size, args.grad_accum, args.max_steps) < 1:
-        fail("--seq-len, --batch-size, --grad-accum and --max-steps must be positive")
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context ({config.n_ctx})")
+    if min(args.seq_len, args.batch_size, args.grad_accum, args.max_steps, args.keep) < 1:
+        raise ValueError("--seq-len, --batch-size, --grad-accum, --max-steps and --keep must be positive")
+    if min(args.eval_every, args.eval_batches, args.save_every, args.sample_tokens) < 0:
+        raise ValueError("--eval-every, --eval-batches, --save-every and --sample-tokens must be 0 or more")
     if args.batch_size % args.grad_accum:
-        fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     micro = args.batch_size // args.grad_accum
     if micro % jax.process_count():
-        fail(f"micro-batch {micro} cannot be split over {jax.process_count()} processes")
+        raise ValueError(f"micro-batch {micro} cannot be split over {jax.process_count()} processes")
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):  # --out is made later, once every check has passed
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=existing).close()  # gone when closed
     except OSError as e:
-        fail(f"cannot write to --out {args.out}: {e.strerror}")
+        raise ValueError(f"cannot write to --out {args.out} ({existing}: {e.strerror}); pick another --out") from None
 
 
 def plot(out):
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
-    if not os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise SystemExit(f"error: {out} has no metrics.jsonl; pass the --out directory of a training run")
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"--plot {out} has no metrics.jsonl; pass the --out directory of a training run")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [row for _, row in common.read_jsonl(path, "metrics")]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     plt.plot(*zip(*train), label="train", lw=0.8)
@@ -275,17 +337,30 @@ def plot(out):
     print(f"wrote {os.path.join(out, 'loss.png')}")
 
 
+def catch_stop_signals():
+    """SIGINT and SIGTERM set a flag the loop checks after each step (a second one stops at
+    once). Returns the list the caught signal is appended to, and a function that restores
+    the previous handlers."""
+    caught = []
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return caught, lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
     if args.plot:
         return plot(args.plot)
-    try:
-        if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
-            tpu.ensure_fake_devices(args.mesh)
-        else:
-            tpu.init_distributed()  # before anything else touches a JAX backend
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
+        tpu.ensure_fake_devices(args.mesh, args.topology)
+    elif args.topology:
+        raise ValueError("--topology only plans a run (nothing runs on its devices): add --dry-run")
+    else:
+        tpu.init_distributed()  # before anything else touches a JAX backend
     if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
         args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
     log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
@@ -296,39 +371,36 @@ def main(argv=None):
         try:
             config, init_params = model.load_hf(args.init_from)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --init-from {args.init_from}: {e}")
+            raise ValueError(f"--init-from {args.init_from}: {e}") from None
     else:
         config = model.CONFIGS[args.size]
+
+    # ---- the run: resume --out when it holds a checkpoint, else start a new one there
+    args.out = args.out or default_out(args)
+    if args.init_from and os.path.commonpath([os.path.abspath(args.out), os.path.abspath(args.init_from)]) == \
+            os.path.abspath(args.out):
+        raise ValueError(f"--out {args.out} is the run --init-from {args.init_from} reads: pick another --out "
+                         f"(default: {default_out(args)}), or drop --init-from to resume that run")
+    checkpoints = [] if args.dry_run else list_checkpoints(args.out)
+    if args.resume and not checkpoints:
+        raise ValueError(f"--resume given but --out {args.out} holds no checkpoint")
+    state, extra = load_checkpoint(checkpoints[-1], config) if checkpoints else (None, {})
+    recipe = make_recipe(args, given, extra.get("recipe"))
     check_args(args, config)
-    recipe = Recipe(lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, anneal=args.anneal,
-                    weight_decay=args.weight_decay, clip=args.clip, z_loss=args.z_loss, dtype=args.dtype,
-                    remat=args.remat)
     try:
         if args.dry_run:
-            return log(tpu.dry_run(config, args.mesh, args.batch_size, args.seq_len, recipe, args.grad_accum,
-                                   args.device_memory, peak=args.peak))
+            state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
+            windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
+                                           jnp.int32)
+            return log(tpu.dry_run(make_train_step(config, recipe), state, windows, config, recipe,
+                                   model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
+                                   device_memory_gib=args.device_memory, peak=args.peak))
         mesh = tpu.make_mesh(args.mesh)
         tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise ValueError(str(e)) from None
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
-    log(f"config: {config}\nrecipe: {recipe}")
-    log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
-        f"{args.batch_size} x {args.seq_len} tokens per step")
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "recipe": dataclasses.asdict(recipe), "args": vars(args)},
-                  f, indent=1)
-
-    # ---- state: resume from OUT, or start from --init-from / a fresh init
-    checkpoints = list_checkpoints(args.out)
-    if args.resume and not checkpoints:
-        raise SystemExit(f"error: --resume given but {args.out} holds no checkpoint")
-    data_state = None
-    if checkpoints:
-        state, extra = load_checkpoint(checkpoints[-1], config)
-        data_state = extra["data_state"]
-        log(f"resuming from {checkpoints[-1]} (step {int(state['step'])})")
-    else:
+    if state is None:
         state = init_state(init_params if init_params is not None
                            else model.init_params(config, jax.random.PRNGKey(args.seed)))
     start_step = int(state["step"])
@@ -339,11 +411,32 @@ def main(argv=None):
         share = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      val_fraction=args.val_fraction)
         train_stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed,
-                                        state=data_state, **share)
+                                        state=extra.get("data_state"), **share)
         val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --data {args.data}: {e}")
+        raise ValueError(f"--data {args.data}: {e}") from None
+
+    # ---- every check has passed: say what this run is, then write to --out
+    if checkpoints:
+        log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps}; "
+            f"schedule as the run was started unless flags change it)")
+    elif args.init_from:
+        log(f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)")
+    else:
+        log(f"training {args.size} from scratch into {args.out}")
+    log(f"config: {config}\nrecipe: {recipe}")
+    log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
+        f"{args.batch_size} x {args.seq_len} tokens per step")
     log(train_stream.describe())
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if tpu.is_main():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(config), "recipe": dataclasses.asdict(recipe),
+                       "args": vars(args)}, f, indent=1)
+        # keep the metrics the checkpoint covers, so a resumed log reads as one run
+        kept = common.resume_jsonl(metrics_path, "metrics")
+        common.write_jsonl(metrics_path, [row for row in kept if row["step"] <= start_step])
 
     # ---- compiled step and evaluation, laid out on the mesh
     state_sh = tpu.state_shardings(state, mesh)
@@ -359,18 +452,10 @@ def main(argv=None):
         losses = [eval_loss(state["params"], tpu.global_batch(b[None], mesh)) for b in val_batches]
         return float(np.mean([float(x) for x in losses]))
 
-    # ---- metrics: keep what the checkpoint covers, so a resumed log reads as one run
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if tpu.is_main():
-        kept = [line for line in open(metrics_path)] if os.path.exists(metrics_path) else []
-        kept = [line for line in kept if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
     def record(row):
         if tpu.is_main():
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                common.append_jsonl(f, [row])
 
     def checkpoint():
         extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe)}
@@ -378,35 +463,49 @@ def main(argv=None):
         path = save_checkpoint(args.out, host_state, config, extra, args.keep) if tpu.is_main() else None
         log(f"saved {path}")
 
+    def every(n):  # 0: never on the way, only at the end
+        return (n and step % n == 0) or step == args.max_steps
+
     tokens_per_step = args.batch_size * args.seq_len
     flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
-    peak, peak_source = tpu.peak_flops()
-    log(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+    peak = tpu.peak_flops()  # (datasheet FLOP/s per device, its source), or None where unknown (CPU)
+    log(f"MFU is measured against {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})" if peak else
+        "no datasheet peak for this device: achieved TFLOP/s per device instead of MFU")
     t_start, timed_steps, timed_seconds = time.time(), 0, 0.0
-    step = start_step
-    while step < args.max_steps:
-        local = np.stack([next(train_stream) for _ in range(args.grad_accum)])  # (K, b, T+1)
-        t0 = time.time()
-        state, metrics = train_step(state, tpu.global_batch(local, mesh))
-        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-        dt = time.time() - t0
-        step += 1
-        if step > start_step + 1:  # the first step includes compilation
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
-        tok_s = tokens_per_step / dt
-        mfu = flops_per_step / dt / (peak * jax.device_count())
-        eta = (args.max_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
-        log(f"step {step:6d}/{args.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"grad-norm {metrics['grad_norm']:.3f} | {dt * 1000:6.0f} ms | {tok_s:8.0f} tok/s | "
-            f"MFU {100 * mfu:5.2f}% | ETA {eta / 60:5.1f} min")
-        record({"step": step, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                "tokens_per_s": tok_s, "mfu": mfu, "ms": dt * 1000})
-        if step % args.eval_every == 0 or step == args.max_steps:
-            val = evaluate()
-            log(f"step {step:6d} | val_loss {val:.4f}")
-            record({"step": step, "val_loss": val})
-        if step % args.save_every == 0 or step == args.max_steps:
-            checkpoint()
+    step = saved_step = start_step
+    stop, restore_handlers = catch_stop_signals()
+    try:
+        while step < args.max_steps and not stop:
+            local = np.stack([next(train_stream) for _ in range(args.grad_accum)])  # (K, B, W) on this process
+            t0 = time.time()
+            state, metrics = train_step(state, tpu.global_batch(local, mesh))
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            dt = time.time() - t0
+            step += 1
+            if step > start_step + 1:  # the first step includes compilation
+                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+            tok_s, flop_s = tokens_per_step / dt, flops_per_step / dt / jax.device_count()
+            speed = {"mfu": flop_s / peak[0]} if peak else {"tflops": flop_s / 1e12}
+            eta = (args.max_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
+            log(f"step {step:6d}/{args.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                f"grad-norm {metrics['grad_norm']:.3f} | {dt * 1000:6.0f} ms | {tok_s:8.0f} tok/s | "
+                + (f"MFU {100 * speed['mfu']:5.2f}%" if peak else f"{speed['tflops']:.3g} TFLOP/s")
+                + f" | ETA {eta / 60:5.1f} min")
+            record({"step": step, **metrics, "tokens_per_s": tok_s, "ms": dt * 1000, **speed})
+            if args.eval_batches and every(args.eval_every):
+                val = evaluate()
+                log(f"step {step:6d} | val_loss {val:.4f}")
+                record({"step": step, "val_loss": val})
+            if every(args.save_every):
+                checkpoint()
+                saved_step = step
+        if stop:  # a signal: save the step reached (unless just saved), then stop
+            if step > saved_step:
+                checkpoint()
+            log(f"stopped by {signal.Signals(stop[0]).name} at step {step}: run the same command to resume")
+            raise SystemExit(128 + stop[0])
+    finally:
+        restore_handlers()
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoints in {args.out}")
 
     params = tpu.to_host(state["params"]) if args.sample_tokens else None  # a collective: all processes
@@ -418,4 +517,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
