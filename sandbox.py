@@ -1,20 +1,16 @@
-"""Run untrusted Python programs (model-written code) and get back a verdict that no
-program can forge, for itself or for any other program.
+"""Run untrusted Python programs (model-written code; HumanEval, paper §3, and MTPB, §4)
+and get back a verdict that no program can forge, for itself or for any other program.
 
-HumanEval (paper §3) and MTPB (§4) score a model by *executing* the programs it writes.
 Each program runs in a forked child of a judge (`python -E -s sandbox.py --judge`, one per
 worker) inside bubblewrap; the child locks itself down (rlimits, Landlock, no capabilities,
 an allowlist seccomp filter) and writes a random secret to a verdict pipe only after the
-program's last line. docs/sandbox.md has the design and the threat model of each path.
+program's last line. Without bubblewrap it refuses unless the weaker fallback (the same
+child on the host) is asked for. docs/sandbox.md: the design and each path's threat model.
 
-    sandbox.run("assert sum([1, 2]) == 3").status          # 'passed'
     sandbox.run_many(programs, timeout=3.0, workers=8)    # Results in the order of `programs`
-    python sandbox.py prog.py --timeout 3 --memory-mb 2048
-
-Without a working bubblewrap (`apt-get install bubblewrap`) it refuses; the weaker fallback
-(the same child on the host) runs only when asked for: `allow_fallback=True`,
-`--allow-fallback` or `SANDBOX_ISOLATION=rlimits`. Linux only; standard library only.
+    python sandbox.py prog.py --timeout 3 --memory-mb 2048 [--allow-fallback]
 """
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -109,45 +105,34 @@ def _confine(directory):
 # seccomp allowlist: name:x86_64:aarch64 (asm-generic numbers; "-": no such call there).
 # The last block passes only in the forms seccomp_filter checks; any other call fails (EPERM).
 _SYSCALLS = """
-read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 creat:85:- close:3:57 close_range:436:436
-pread64:17:67 pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69 pwritev:296:70 preadv2:327:286
-pwritev2:328:287 lseek:8:62 stat:4:- fstat:5:80 lstat:6:- newfstatat:262:79 statx:332:291 statfs:137:43
-fstatfs:138:44 access:21:- faccessat:269:48 faccessat2:439:439 getdents:78:- getdents64:217:61
-truncate:76:45 ftruncate:77:46 fallocate:285:47 fsync:74:82 fdatasync:75:83 fadvise64:221:223
-readahead:187:213 sendfile:40:71 copy_file_range:326:285 splice:275:76 tee:276:77 dup:32:23 dup2:33:-
-dup3:292:24 pipe:22:- pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create:213:-
-epoll_create1:291:20 epoll_ctl:233:21 epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441 eventfd:284:-
-eventfd2:290:19 signalfd:282:- signalfd4:289:74 timerfd_create:283:85 timerfd_settime:286:86
-timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226 mremap:25:216 madvise:28:233 mincore:27:232
-msync:26:227 brk:12:214 rt_sigaction:13:134 rt_sigprocmask:14:135 rt_sigreturn:15:139 rt_sigsuspend:130:133
-rt_sigpending:127:136 rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102
+read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 close:3:57 close_range:436:436 pread64:17:67
+pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69 pwritev:296:70 preadv2:327:286 pwritev2:328:287 lseek:8:62
+stat:4:- fstat:5:80 lstat:6:- newfstatat:262:79 statx:332:291 statfs:137:43 fstatfs:138:44 access:21:-
+faccessat:269:48 faccessat2:439:439 getdents64:217:61 truncate:76:45 ftruncate:77:46 fallocate:285:47 fsync:74:82
+fdatasync:75:83 fadvise64:221:223 sendfile:40:71 copy_file_range:326:285 splice:275:76 dup:32:23 dup2:33:- dup3:292:24
+pipe:22:- pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create1:291:20 epoll_ctl:233:21
+epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441 eventfd2:290:19 signalfd4:289:74 timerfd_create:283:85
+timerfd_settime:286:86 timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226 mremap:25:216 madvise:28:233
+mincore:27:232 msync:26:227 brk:12:214 rt_sigaction:13:134 rt_sigprocmask:14:135 rt_sigreturn:15:139
+rt_sigsuspend:130:133 rt_sigpending:127:136 rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102
 setitimer:38:103 timer_create:222:107 timer_settime:223:110 timer_gettime:224:108 timer_getoverrun:225:109
-timer_delete:226:111 pause:34:- nanosleep:35:101 clock_nanosleep:230:115 clock_gettime:228:113
-clock_getres:229:114 gettimeofday:96:169 time:201:- getrlimit:97:163 setrlimit:160:164 getrusage:98:165
-times:100:153 sysinfo:99:179 uname:63:160 getpriority:140:141 sched_yield:24:124 sched_getparam:143:121
-sched_getscheduler:145:120 sched_get_priority_max:146:125 sched_get_priority_min:147:126
-sched_getaffinity:204:123 sched_rr_get_interval:148:127 getcpu:309:168 getpid:39:172 gettid:186:178
-getppid:110:173 getuid:102:174 geteuid:107:175 getgid:104:176 getegid:108:177 getgroups:115:158
-getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:155 getsid:124:156 getcwd:79:17 chdir:80:49
-fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35 rename:82:- renameat:264:38
-renameat2:316:276 link:86:- linkat:265:37 symlink:88:- symlinkat:266:36 readlink:89:- readlinkat:267:78
-umask:95:166 getxattr:191:8 lgetxattr:192:9 fgetxattr:193:10 listxattr:194:11 llistxattr:195:12
-flistxattr:196:13 exit:60:93 exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449
-set_robust_list:273:99 rseq:334:293 set_tid_address:218:96 arch_prctl:158:- restart_syscall:219:128
-getrandom:318:278 membarrier:324:283 capget:125:90 sendto:44:206 recvfrom:45:207 sendmsg:46:211
-recvmsg:47:212 shutdown:48:210 getsockopt:55:209 setsockopt:54:208 getsockname:51:204 getpeername:52:205
-clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setpriority:141:140
-sched_setaffinity:203:122 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32 utime:132:-
-utimes:235:- utimensat:280:88 futimesat:261:-
+timer_delete:226:111 pause:34:- nanosleep:35:101 clock_nanosleep:230:115 clock_gettime:228:113 clock_getres:229:114
+gettimeofday:96:169 getrlimit:97:163 setrlimit:160:164 getrusage:98:165 times:100:153 sysinfo:99:179 uname:63:160
+getpriority:140:141 sched_yield:24:124 sched_getparam:143:121 sched_getscheduler:145:120 sched_getaffinity:204:123
+getpid:39:172 gettid:186:178 getppid:110:173 getuid:102:174 geteuid:107:175 getgid:104:176 getegid:108:177
+getgroups:115:158 getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:155 getsid:124:156 getcwd:79:17
+chdir:80:49 fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35 rename:82:- renameat:264:38
+renameat2:316:276 link:86:- linkat:265:37 symlink:88:- symlinkat:266:36 readlink:89:- readlinkat:267:78 umask:95:166
+getxattr:191:8 lgetxattr:192:9 fgetxattr:193:10 listxattr:194:11 llistxattr:195:12 flistxattr:196:13 exit:60:93
+exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449 set_robust_list:273:99 rseq:334:293
+set_tid_address:218:96 arch_prctl:158:- restart_syscall:219:128 getrandom:318:278 capget:125:90 sendto:44:206
+recvfrom:45:207 sendmsg:46:211 recvmsg:47:212 shutdown:48:210 getsockopt:55:209 setsockopt:54:208 getsockname:51:204
+getpeername:52:205
+clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setpriority:141:140 sched_setaffinity:203:122
+prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32 utimensat:280:88
 """
 _ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column above
-_PRETENDED = "flock utime utimes utimensat futimesat"   # return 0 and do nothing
-
-
-def _numbers(machine):
-    """{syscall name: number} for `machine` (only the calls it has)."""
-    rows = (entry.split(":") for entry in _SYSCALLS.split())
-    return {row[0]: int(row[_ARCHES[machine][1]]) for row in rows if row[_ARCHES[machine][1]] != "-"}
+_PRETENDED = "flock utimensat"   # return 0 and do nothing: no lock taken, no time stamp set
 
 
 def seccomp_filter(machine, pid):
@@ -155,7 +140,8 @@ def seccomp_filter(machine, pid):
     lets process `pid` reach nothing outside itself: docs/sandbox.md lists what it denies."""
     if machine not in _ARCHES:
         return None
-    nr = _numbers(machine)
+    rows, column = [entry.split(":") for entry in _SYSCALLS.split()], _ARCHES[machine][1]
+    nr = {row[0]: int(row[column]) for row in rows if row[column] != "-"}
     LD, AND, JEQ, JGE, RET = 0x20, 0x54, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_ALU|AND|K, BPF_JMP|.., BPF_RET|K
     ALLOW, KILL, EPERM, PRETEND, ENOSYS, ENOTTY = (  # RET_ERRNO|errno: fail; PRETEND: 0, do nothing
         0x7FFF0000, 0x80000000, 0x00050001, 0x00050000, 0x00050026, 0x00050019)
@@ -211,8 +197,7 @@ def _lock_down(workdir, timeout, memory_mb):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
     _prctl(38, 1, 0, 0, 0)                               # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
     _confine(workdir)
-    # Drop every capability: root without them cannot mount, load modules, bypass file
-    # permissions or raise limits, and with exec denied there is no way to get them back.
+    # No capabilities: no mounts, no bypassing file permissions, no raising limits, ever again
     _check(_libc.capset(struct.pack("=Ii", 0x20080522, 0), bytes(24)))   # _LINUX_CAPABILITY_VERSION_3
     bpf = seccomp_filter(os.uname().machine, os.getpid())
     if bpf is not None:
@@ -261,10 +246,8 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb):
     except BaseException as e:             # SystemExit and KeyboardInterrupt are failures too
         verdict = b"!" + _one_line(e).encode("utf-8", "replace")
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
+        with contextlib.suppress(BaseException):
             stream.flush()
-        except BaseException:
-            pass
     write(3, verdict)
     exit_now(0)                            # no atexit hooks, no waiting for the program's threads
 
@@ -411,11 +394,10 @@ class _Judge:
             # Without bwrap the programs' dirs go in one dir of ours, removed in close() even
             # if the judge had to be killed in the middle of a program.
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
-            cmd = [sys.executable, "-E", "-s", _THIS_FILE, "--judge"]
-            self.proc = subprocess.Popen(_bwrap_args() + cmd if self.use_bwrap else cmd, cwd="/",
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         start_new_session=True, env={"LANG": "C.UTF-8", "PATH": os.defpath,
-                                                                      "TMPDIR": self.tmpdir})
+            cmd, pipe = [sys.executable, "-E", "-s", _THIS_FILE, "--judge"], subprocess.PIPE
+            self.proc = subprocess.Popen(_bwrap_args() + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
+                                         stderr=pipe, cwd="/", start_new_session=True,
+                                         env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
         start = time.monotonic()
         try:
             _send(self.proc.stdin, {"program": program, "timeout": timeout, "memory_mb": memory_mb})
@@ -461,25 +443,21 @@ _warned = False
 _isolation_lock = threading.Lock()
 
 
-def _choose_isolation():
-    """('bwrap', '') when bubblewrap works here, else ('rlimits', why not)."""
-    if os.environ.get("SANDBOX_ISOLATION") == "rlimits":
-        return "rlimits", "SANDBOX_ISOLATION=rlimits"
-    if shutil.which("bwrap") is None:
-        return "rlimits", "bwrap not found"
-    judge = _Judge(use_bwrap=True)
-    probe = judge.run("pass", 10.0, 2048)
-    judge.close()
-    return ("bwrap", "") if probe.status == "passed" else ("rlimits", f"bwrap fails here ({probe.reason})")
-
-
 def isolation(allow_fallback=None):
     """'bwrap' or 'rlimits': the path programs run on here. Given `allow_fallback`, the
     fallback raises OSError (one line: how to get bwrap) unless it is true or
     SANDBOX_ISOLATION=rlimits, and otherwise warns once per process."""
     global _isolation, _warned
     with _isolation_lock:
-        _isolation = _isolation or _choose_isolation()
+        if _isolation is None and os.environ.get("SANDBOX_ISOLATION") == "rlimits":
+            _isolation = ("rlimits", "SANDBOX_ISOLATION=rlimits")
+        elif _isolation is None and shutil.which("bwrap") is None:
+            _isolation = ("rlimits", "bwrap not found")
+        elif _isolation is None:             # probe it: user namespaces may be off, bwrap too old
+            probe = _Judge(use_bwrap=True)
+            reason = probe.run("pass", 10.0, 2048).reason
+            probe.close()
+            _isolation = ("rlimits", f"bwrap fails here ({reason})") if reason else ("bwrap", "")
         path, why = _isolation
         if path == "bwrap" or allow_fallback is None or _warned:
             return path
@@ -487,12 +465,9 @@ def isolation(allow_fallback=None):
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
                           "fallback (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
         _warned = True
-        missing = ["private filesystem, network, IPC or PID namespace"]
-        if landlock_abi() == 0:
-            missing.append("Landlock: files outside the temp dir are NOT protected")
-        if os.uname().machine not in _ARCHES:
-            missing.append(f"seccomp filter for {os.uname().machine}: processes may fork")
-        print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(missing)}); "
+        gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
+            f"seccomp on {os.uname().machine}: processes may fork"] * (os.uname().machine not in _ARCHES)
+        print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(gaps)}); "
               f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
         return path
 
@@ -507,30 +482,25 @@ def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None,
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")
     use_bwrap = isolation(allow_fallback) == "bwrap"
-    results, lock = [None] * len(programs), threading.Lock()
-    todo, done = iter(range(len(programs))), [0]
+    local, judges, lock, done = threading.local(), [], threading.Lock(), [0]
 
-    def worker():
-        judge = _Judge(use_bwrap)
-        try:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                results[i] = judge.run(programs[i], timeout, memory_mb)
-                with lock:
-                    done[0] += 1
-                    if progress is not None:
-                        progress(done[0], len(programs))
-        finally:
+    def one(program):
+        if not hasattr(local, "judge"):              # one judge per worker thread
+            local.judge = _Judge(use_bwrap)
+            judges.append(local.judge)
+        result = local.judge.run(program, timeout, memory_mb)
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(programs))
+        return result
+
+    try:
+        with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(programs)))) as pool:
+            return list(pool.map(one, programs))
+    finally:
+        for judge in judges:
             judge.close()
-
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(programs)))
-    with ThreadPoolExecutor(n_workers) as pool:
-        for future in [pool.submit(worker) for _ in range(n_workers)]:
-            future.result()
-    return results
 
 
 def run(program, timeout=3.0, memory_mb=2048, allow_fallback=False):
