@@ -18,6 +18,7 @@ Rules, costs and measurements: docs/data.md. To see the counts on a corpus:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -347,6 +348,11 @@ class Contamination:
         return len(left) + len(right)
 
 
+@functools.lru_cache(maxsize=2)
+def _contamination(mtpb: str | None) -> Contamination:
+    return Contamination(benchmark_texts(mtpb))  # built once per process: train and val share it
+
+
 class NearDuplicates:
     """MinHash + LSH over word 5-gram shingles. `seen(text)`: is text a near copy (estimated
     Jaccard >= 0.85) of a document kept before it? If not, it is remembered: 512 bytes of
@@ -429,7 +435,8 @@ def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict
     """Decide every document of `source_files` (all of them, in the given stable order, so
     that every host and every run decides the same): -> ({file key: dropped doc indices},
     {"documents_in", "kept", "dropped": {reason: n}}). Cached while the files are unchanged."""
-    key = (cleaning, tuple((f.key, str(f.path), *_stat(f.path)) for f in source_files))
+    key = (cleaning, tuple((f.key, str(f.path), f.path.stat().st_mtime_ns if f.path.exists() else -1)
+                           for f in source_files))  # a dangling link is skipped by the scan
     if key not in SCANS:
         skipped = {}
         SCANS[key] = (*_scan(source_files, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
@@ -439,18 +446,13 @@ def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict
     return dropped, json.loads(json.dumps(counts))
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat() if path.exists() else None  # a dangling link is skipped by the scan
-    return (st.st_size, st.st_mtime_ns) if st else (-1, -1)
-
-
 def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     unknown = set(cleaning.languages) - set(LANGUAGES)
     if unknown:
         raise ValueError(f"unknown language {', '.join(sorted(unknown))}; choose from {', '.join(LANGUAGES)}")
     digests: set[bytes] = set()  # 16 bytes per document, about 85 bytes in a Python set
     near = NearDuplicates() if cleaning.near_dedup else None
-    contamination = Contamination(benchmark_texts(cleaning.mtpb)) if cleaning.decontaminate else None
+    contamination = _contamination(cleaning.mtpb) if cleaning.decontaminate else None
     dropped: dict[str, set[int]] = {}
     counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0)}
     for f in source_files:
