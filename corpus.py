@@ -223,7 +223,7 @@ class _Shard:
 def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != PREPARED_FORMAT:
-        raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index")
+        raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index; run --prepare again")
     if not index["complete"]:
         raise ValueError(f"{root} is an unfinished --prepare; rerun the same command to finish it")
     shards = [(_Shard(root / s["tokens"]), np.load(root / s["docs"], mmap_mode="r"))  # rows: (docs, 3)

@@ -1,4 +1,4 @@
-"""Tests of data.get_tokenizer(): CodeGen's tokenizer (architecture notes §3).
+"""Tests of data.get_tokenizer(): CodeGen's tokenizer (GPT-2 BPE + whitespace runs).
 
 The reference is the CodeGen authors' construction (codegen1/jaxformer/hf/sample.py):
 transformers' GPT-2 fast tokenizer from the same encoder.json / vocab.bpe, then
