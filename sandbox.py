@@ -1,5 +1,5 @@
-"""Run untrusted Python programs (model-written code; HumanEval, paper §3, and MTPB, §4)
-and get back a verdict that no program can forge, for itself or for any other program.
+"""Run untrusted Python programs (model-written code: HumanEval, paper §3; MTPB, §4) and get
+back a verdict that no program can forge, for itself or for any other program.
 
 Each program runs in a forked child of a judge (`python -E -s sandbox.py --judge`, one per
 worker) inside bubblewrap; the child locks itself down (rlimits, Landlock, no capabilities,
@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import pathlib
 import resource
 import secrets
 import select
@@ -39,6 +40,11 @@ OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the 
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer
 INSTALL_HINT = "apt-get install bubblewrap"
 _THIS_FILE = os.path.abspath(__file__)
+_BWRAP = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
+          "--new-session", "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+          "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp"] + [   # and, if under /tmp, this dir and Python
+    arg for path in {os.path.dirname(_THIS_FILE), sys.prefix, sys.base_prefix} if path.startswith("/tmp/")
+    for arg in ("--ro-bind", path, path)] + ["--"]
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -54,27 +60,17 @@ class Result:
 # ----------------------------------------------------------------------------- the lock-down
 # What a child does to itself before the program runs. Each step only removes rights.
 
-def _check(ret):
-    """libc returns -1 and sets errno on failure; turn that into OSError."""
-    if ret == -1:
+def _call(function, *args):
+    """A libc call, integers widened to unsigned long as the kernel reads them; -1 -> OSError."""
+    if (ret := function(*(a if isinstance(a, bytes) else ctypes.c_ulong(a) for a in args))) == -1:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return ret
 
 
-def _prctl(option, *args):
-    """prctl(2) with every argument widened to unsigned long, as the kernel reads them."""
-    return _check(_libc.prctl(ctypes.c_int(option), *(ctypes.c_ulong(a) for a in args)))
-
-
-def _landlock(*args):
-    """landlock_create_ruleset, _add_rule, restrict_self: 444, 445, 446 on every arch."""
-    return _check(_libc.syscall(*(a if isinstance(a, bytes) else ctypes.c_long(a) for a in args)))
-
-
 def landlock_abi():
     """The kernel's Landlock ABI version, 0 when it has none (Linux < 5.13 or disabled)."""
-    try:  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
-        return _landlock(444, 0, 0, 1)
+    try:  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): 444 on every arch
+        return _call(_libc.syscall, 444, 0, 0, 1)
     except OSError:
         return 0
 
@@ -93,12 +89,12 @@ def _confine(directory):
     # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (0: not restricted
     # here, seccomp has no socket()), scoped (ABSTRACT_UNIX_SOCKET=1 | SIGNAL=2)
     attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
-    ruleset = _landlock(444, attr, len(attr), 0)
+    ruleset = _call(_libc.syscall, 444, attr, len(attr), 0)
     for path, allowed in ((directory, handled), ("/dev/null", write_file | truncate)):
         fd = os.open(path, os.O_PATH)
-        _landlock(445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0)  # PATH_BENEATH, packed attr
+        _call(_libc.syscall, 445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0)  # add_rule PATH_BENEATH
         os.close(fd)
-    _landlock(446, ruleset, 0)
+    _call(_libc.syscall, 446, ruleset, 0)                 # landlock_restrict_self
     os.close(ruleset)
 
 
@@ -195,15 +191,15 @@ def _lock_down(workdir, timeout, memory_mb):
                          (resource.RLIMIT_FSIZE, FILE_SIZE_MB << 20), (resource.RLIMIT_CORE, 0),
                          (resource.RLIMIT_NOFILE, OPEN_FILES), (resource.RLIMIT_NPROC, PROCESSES)):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
-    _prctl(38, 1, 0, 0, 0)                               # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
+    _call(_libc.prctl, 38, 1, 0, 0, 0)                   # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
     _confine(workdir)
     # No capabilities: no mounts, no bypassing file permissions, no raising limits, ever again
-    _check(_libc.capset(struct.pack("=Ii", 0x20080522, 0), bytes(24)))   # _LINUX_CAPABILITY_VERSION_3
+    _call(_libc.capset, struct.pack("=Ii", 0x20080522, 0), bytes(24))   # _LINUX_CAPABILITY_VERSION_3
     bpf = seccomp_filter(os.uname().machine, os.getpid())
     if bpf is not None:
         bpf_buffer = ctypes.create_string_buffer(bpf)
         fprog = ctypes.create_string_buffer(struct.pack("=H6xQ", len(bpf) // 8, ctypes.addressof(bpf_buffer)))
-        _prctl(22, 2, ctypes.addressof(fprog), 0, 0)      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER, sock_fprog
+        _call(_libc.prctl, 22, 2, ctypes.addressof(fprog), 0, 0)   # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 # ----------------------------------------------------------------------------- the child
@@ -218,13 +214,12 @@ def _one_line(exc):
 
 
 def _child(program, secret, pipes, workdir, timeout, memory_mb):
-    """In the forked child: lock down, run the program, write the verdict. Never returns.
-    Verdict pipe: "?reason" when the lock-down failed, else "S" (started) followed by the
-    secret when the program ran to its end or "!reason" when it raised."""
+    """In the forked child: lock down, run the program, write the verdict; never returns. Verdict
+    pipe: "?reason" (lock-down failed), or "S" then the secret (ran to its end) or "!reason"."""
     write, exit_now = os.write, os._exit   # our own references: the program may reassign os.*
     try:
         os.setpgid(0, 0)                             # own process group: killpg(0) hits only itself
-        _prctl(1, signal.SIGKILL)                    # PR_SET_PDEATHSIG: die with the judge
+        _call(_libc.prctl, 1, signal.SIGKILL)        # PR_SET_PDEATHSIG: die with the judge
         for fd, target in zip((os.open("/dev/null", os.O_RDONLY), *pipes), range(4)):
             os.dup2(fd, target, inheritable=False)   # stdin, stdout, stderr, the verdict pipe
         os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # nothing of the judge's stays open
@@ -255,8 +250,7 @@ def _child(program, secret, pipes, workdir, timeout, memory_mb):
 # ----------------------------------------------------------------------------- the judge
 
 def _judge(program, timeout, memory_mb):
-    """Run one program in a forked child and return the Result fields as a dict, plus
-    `clean`: whether its directory is gone (if not, the judge must be replaced)."""
+    """The Result fields of one program, run in a forked child, as a dict; `clean`: its dir is gone."""
     start, secret = time.monotonic(), secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="program-")
     (out_r, out_w), (err_r, err_w), (verdict_r, verdict_w) = os.pipe(), os.pipe(), os.pipe()
@@ -266,19 +260,18 @@ def _judge(program, timeout, memory_mb):
             _child(program, secret, (out_w, err_w, verdict_w), workdir, timeout, memory_mb)
         finally:
             os._exit(1)
+    out, err, verdict = bytearray(), bytearray(), bytearray()
     for fd in (out_w, err_w, verdict_w):
         os.close(fd)
-    out, err, verdict = bytearray(), bytearray(), bytearray()
     bufs = {out_r: (out, OUTPUT_CAP, "stdout"), err_r: (err, OUTPUT_CAP, "stderr"),
             verdict_r: (verdict, 4096, "the verdict pipe")}
     pidfd = os.pidfd_open(pid)             # becomes readable when the child exits (Linux >= 5.3)
     sel = selectors.DefaultSelector()
     for fd in (*bufs, pidfd):
         sel.register(fd, selectors.EVENT_READ)
-    deadline, problem = start + timeout, None
+    problem = None
     while sel.get_map() and problem is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if (remaining := start + timeout - time.monotonic()) <= 0:
             problem = ("timed out", f"exceeded the {timeout:g} s wall-clock limit")
             break
         for key, _ in sel.select(remaining):
@@ -315,15 +308,13 @@ def _verdict(verdict, secret, exitcode):
     if exitcode == -signal.SIGXCPU:
         return "timed out", "exceeded the CPU time limit"
     if exitcode < 0:
-        names = {s.value: s.name for s in signal.Signals}
-        return "failed", f"killed by {names.get(-exitcode, f'signal {-exitcode}')}"
+        return "failed", f"killed by signal {-exitcode} ({signal.strsignal(-exitcode)})"
     return "failed", f"exited with code {exitcode} before the end of the program"
 
 
 def _remove_tree(path):
-    """Delete a directory tree whatever it holds (any depth, directories without
-    permissions, fifos, sockets); True when it is gone, never raises. One directory fd at a
-    time and names relative to it, so depth and PATH_MAX do not matter."""
+    """Delete a tree whatever it holds (any depth, dirs without permissions); True when it is gone;
+    never raises. One directory fd at a time, names relative to it: PATH_MAX does not matter."""
     flags, below, fd = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, [], None   # below: names down to fd
     try:
         fd = os.open(path, flags)
@@ -351,34 +342,19 @@ def _remove_tree(path):
     return not os.path.lexists(path)
 
 
-def _send(stream, obj):
-    """One message: a line of JSON."""
-    stream.write(json.dumps(obj).encode() + b"\n")
-    stream.flush()
-
-
-def _receive(stream, deadline=None):
-    """The next message on `stream`, or None at EOF or past `deadline` (time.monotonic())."""
-    if deadline is not None:
-        poll = select.poll()
-        poll.register(stream, select.POLLIN)
-        if not poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            return None
-    line = stream.readline()
-    return json.loads(line) if line else None
-
-
 def _serve():
-    """The judge's loop: a request on stdin, the answer on stdout, until stdin closes."""
-    _prctl(4, 0)    # PR_SET_DUMPABLE 0: no process of the same uid may read or write our memory
-    _prctl(1, signal.SIGKILL)                        # PR_SET_PDEATHSIG: die with the evaluating process
-    while (request := _receive(sys.stdin.buffer)) is not None:
+    """The judge's loop: a request on stdin, the answer on stdout (a line of JSON each)."""
+    _call(_libc.prctl, 4, 0)               # PR_SET_DUMPABLE 0: no process may read or write our memory
+    _call(_libc.prctl, 1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the evaluating process
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
         try:
             reply = _judge(request["program"], request["timeout"], request["memory_mb"])
         except Exception as e:   # e.g. fork failed: this program gets 'error', a new judge the next
             reply = dict(status="error", reason=f"the judge failed: {_one_line(e)}", stdout="",
                          stderr="", seconds=0.0, clean=False)
-        _send(sys.stdout.buffer, reply)
+        sys.stdout.buffer.write(json.dumps(reply).encode() + b"\n")
+        sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- the evaluating process
@@ -391,19 +367,20 @@ class _Judge:
 
     def run(self, program, timeout, memory_mb):
         if self.proc is None:
-            # Without bwrap the programs' dirs go in one dir of ours, removed in close() even
-            # if the judge had to be killed in the middle of a program.
+            # Without bwrap the programs' dirs go in a dir of ours, removed in close() in any case
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
             cmd, pipe = [sys.executable, "-E", "-s", _THIS_FILE, "--judge"], subprocess.PIPE
-            self.proc = subprocess.Popen(_bwrap_args() + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
+            self.proc = subprocess.Popen(_BWRAP + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
                                          stderr=pipe, cwd="/", start_new_session=True,
                                          env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
-        start = time.monotonic()
-        try:
-            _send(self.proc.stdin, {"program": program, "timeout": timeout, "memory_mb": memory_mb})
-        except BrokenPipeError:
-            pass                           # it died: _receive sees EOF and we report why
-        reply = _receive(self.proc.stdout, start + timeout + JUDGE_SLACK)
+        start, poll = time.monotonic(), select.poll()
+        with contextlib.suppress(BrokenPipeError):    # if it died, it says nothing and we report why
+            self.proc.stdin.write(json.dumps(dict(program=program, timeout=timeout, memory_mb=memory_mb)).encode()
+                                  + b"\n")
+            self.proc.stdin.flush()
+        poll.register(self.proc.stdout, select.POLLIN)
+        answered = poll.poll((timeout + JUDGE_SLACK) * 1000) and (line := self.proc.stdout.readline())
+        reply = json.loads(line) if answered else None
         if reply is None or not reply.pop("clean"):   # a fresh judge (and /tmp) for the next program
             self.close()
         if reply is None:
@@ -416,37 +393,19 @@ class _Judge:
         if self.proc is None:
             return
         os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        lines = self.proc.stderr.read(OUTPUT_CAP).decode("utf-8", "replace").strip().splitlines()
-        self.last_words = lines[-1][:300] if lines else ""
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            stream.close()
-        self.proc = None
+        with self.proc:                    # then it closes the pipes and waits
+            lines = self.proc.stderr.read(OUTPUT_CAP).decode("utf-8", "replace").strip().splitlines()
+        self.last_words, self.proc = lines[-1][:300] if lines else "", None
         if not self.use_bwrap:
             _remove_tree(self.tmpdir)
 
 
-def _bwrap_args():
-    args = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp"]
-    # The private /tmp would hide an interpreter or this file living under /tmp: bind them back.
-    for path in sorted({os.path.dirname(_THIS_FILE), sys.prefix, sys.base_prefix}):
-        if path.startswith("/tmp/"):
-            args += ["--ro-bind", path, path]
-    return args + ["--"]
-
-
-_isolation = None          # (path, why the fallback), decided once per process
-_warned = False
-_isolation_lock = threading.Lock()
+_isolation, _warned, _isolation_lock = None, False, threading.Lock()   # _isolation: (path, why)
 
 
 def isolation(allow_fallback=None):
-    """'bwrap' or 'rlimits': the path programs run on here. Given `allow_fallback`, the
-    fallback raises OSError (one line: how to get bwrap) unless it is true or
-    SANDBOX_ISOLATION=rlimits, and otherwise warns once per process."""
+    """'bwrap' or 'rlimits': the path programs run on here. Given `allow_fallback`, the fallback
+    raises OSError unless it is true or SANDBOX_ISOLATION=rlimits, else warns once per process."""
     global _isolation, _warned
     with _isolation_lock:
         if _isolation is None and os.environ.get("SANDBOX_ISOLATION") == "rlimits":
@@ -459,11 +418,13 @@ def isolation(allow_fallback=None):
             probe.close()
             _isolation = ("rlimits", f"bwrap fails here ({reason})") if reason else ("bwrap", "")
         path, why = _isolation
-        if path == "bwrap" or allow_fallback is None or _warned:
+        if path == "bwrap" or allow_fallback is None:
             return path
         if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
                           "fallback (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
+        if _warned:
+            return path
         _warned = True
         gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
             f"seccomp on {os.uname().machine}: processes may fork"] * (os.uname().machine not in _ARCHES)
@@ -473,12 +434,10 @@ def isolation(allow_fallback=None):
 
 
 def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None, allow_fallback=False):
-    """Run every program (Python source) in the sandbox, `workers` at a time (default:
-    the CPU count), and return their Results in input order. status is 'passed' iff the
-    program ran to its end within the limits; `timeout` is wall-clock seconds per
-    program; memory_mb bounds its address space. `progress(done, total)` is called
-    (from worker threads, one call at a time) after each program. Without bubblewrap it
-    raises OSError unless `allow_fallback` asks for the weaker path."""
+    """Run every program (Python source), `workers` at a time (default: the CPU count); their
+    Results in input order. 'passed' iff it ran to its end within `timeout` wall-clock seconds
+    and `memory_mb` of address space. `progress(done, total)` is called after each program
+    (one call at a time). Without bubblewrap: OSError, unless `allow_fallback`."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")
     use_bwrap = isolation(allow_fallback) == "bwrap"
@@ -508,10 +467,9 @@ def run(program, timeout=3.0, memory_mb=2048, allow_fallback=False):
     return run_many([program], timeout, 1, memory_mb, allow_fallback=allow_fallback)[0]
 
 
-def shown(text, prefix):
-    """Program output made safe for a terminal: each line starts with `prefix`, and control
-    and invisible characters (escape sequences, \\r, bidi overrides) are written as Python
-    escapes, so the output can neither hide nor fake the lines around it."""
+def _shown(text, prefix):
+    """Output safe for a terminal: each line starts with `prefix`; control and invisible characters
+    (escape sequences, \\r, bidi overrides) are Python escapes: no hiding or faking other lines."""
     lines = text.removesuffix("\n").split("\n") if text else []
     return "".join(prefix + "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line) + "\n"
                    for line in lines)
@@ -527,21 +485,15 @@ def main(argv=None):
                         f"weaker fallback path instead of refusing ({INSTALL_HINT} for the strong path)")
     args = parser.parse_args(argv)
     try:
-        with open(args.file, encoding="utf-8") as f:
-            program = f.read()
+        program = pathlib.Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         common.die(f"cannot read {args.file}: {e}")
-    if args.timeout <= 0 or args.memory_mb <= 0:
-        common.die("--timeout and --memory-mb must be positive")
     result = run(program, args.timeout, args.memory_mb, allow_fallback=args.allow_fallback)
-    sys.stdout.write(shown(result.stdout, "stdout| ") + shown(result.stderr, "stderr| "))
-    print(f"{result.status}{': ' + shown(result.reason, '').strip() if result.reason else ''} "
+    sys.stdout.write(_shown(result.stdout, "stdout| ") + _shown(result.stderr, "stderr| "))
+    print(f"{result.status}{': ' + _shown(result.reason, '').strip() if result.reason else ''} "
           f"({result.seconds:.2f} s, isolation: {isolation()})", flush=True)
     return 0 if result.status == "passed" else 1
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--judge"]:
-        _serve()
-    else:
-        raise SystemExit(common.run_main(main))
+    raise SystemExit(_serve() if sys.argv[1:2] == ["--judge"] else common.run_main(main))

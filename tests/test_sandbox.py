@@ -392,6 +392,8 @@ def test_fallback_refuses_unless_asked(monkeypatch, capsys):
         sandbox.run("print('model-written code')")
     assert sandbox.run("print(1)", allow_fallback=True).stdout == "1\n"
     assert sandbox.run("print(2)", allow_fallback=True).stdout == "2\n"
+    with pytest.raises(OSError, match="apt-get install bubblewrap"):
+        sandbox.run_many(["print('still refused without asking')"])
     err = capsys.readouterr().err
     assert err.count("sandbox:") == 1 and "less isolated" in err and "apt-get install bubblewrap" in err
 
