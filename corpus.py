@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import importlib
 import importlib.resources
 import io
 import json
@@ -113,8 +114,8 @@ class SourceFile:
         try:
             with open(self.path, "rb") as raw:
                 if self.path.name.endswith(".zst"):
-                    import zstandard
-                    lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+                    zstd = _library("zstandard", self.path).ZstdDecompressor()
+                    lines = io.BufferedReader(zstd.stream_reader(raw))
                 else:
                     lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
                 for i, line in enumerate(lines):
@@ -145,7 +146,7 @@ class SourceFile:
             yield i, text, path if isinstance(path, str) else self.key
 
     def _parquet(self, first: int, wanted):
-        import pyarrow.parquet as pq
+        pq = _library("pyarrow.parquet", self.path)
         try:
             pf = pq.ParquetFile(self.path)
         except Exception as e:  # pyarrow raises its own error types for a damaged file
@@ -171,6 +172,15 @@ class SourceFile:
                                              "not text; choose another with --field")
                         yield row, text, path or self.key
                     row += 1
+
+
+def _library(module: str, path: Path):
+    """The reader of a format (zstandard, pyarrow), imported when a file needs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        package = module.split(".")[0]
+        raise ValueError(f"{path}: reading it needs {package}: pip install {package}") from None
 
 
 def _walk(root: Path, name: str, exts: tuple[str, ...], field, exclude=()) -> list[SourceFile]:
@@ -417,7 +427,7 @@ class Cleaning:
 
     @classmethod
     def from_args(cls, args) -> "Cleaning":
-        """From the flags of `add_flags`."""
+        """From the flags of data.add_cleaning_flags."""
         languages = tuple(x.strip() for x in (args.languages or "").split(",") if x.strip())
         return cls(filters=not args.no_filter, dedup=not args.no_dedup, near_dedup=args.near_dedup,
                    decontaminate=not args.no_decontaminate, mtpb=args.mtpb, languages=languages,
@@ -478,20 +488,3 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
             else:
                 counts["kept"] += 1
     return dropped, counts
-
-
-def add_flags(p):
-    """The flags of Cleaning, for every script that reads a corpus."""
-    p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
-                   "(None: 'content', else 'text')")
-    p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
-                   f"({', '.join(LANGUAGES)}), chosen by file extension (None: all)")
-    p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
-                   f"as {Cleaning.TAG.format('python')!r}")
-    p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "
-                   "(paper section 2.1 filters)")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (SHA-256)")
-    p.add_argument("--near-dedup", action="store_true", help="drop near duplicates (MinHash + LSH)")
-    p.add_argument("--no-decontaminate", action="store_true", help="keep documents that contain "
-                   "HumanEval / MTPB text")
-    p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, for decontamination against it too")

@@ -421,6 +421,23 @@ def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 204
 
 # ----------------------------------------------------------------------------- command line
 
+def add_cleaning_flags(p):
+    """The flags of corpus.Cleaning, for every script that reads a corpus."""
+    p.add_argument("--field", help="text field of .jsonl records / column of .parquet files "
+                   "(None: 'content', else 'text')")
+    p.add_argument("--languages", help="comma-separated: keep only documents of these languages "
+                   f"({', '.join(corpus.LANGUAGES)}), chosen by file extension (None: all)")
+    p.add_argument("--language-tags", action="store_true", help="prefix each document with its language, "
+                   f"as {Cleaning.TAG.format('python')!r}")
+    p.add_argument("--no-filter", action="store_true", help="keep files with long lines or mostly digits "
+                   "(paper section 2.1 filters)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates (SHA-256)")
+    p.add_argument("--near-dedup", action="store_true", help="drop near duplicates (MinHash + LSH)")
+    p.add_argument("--no-decontaminate", action="store_true", help="keep documents that contain "
+                   "HumanEval / MTPB text")
+    p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, for decontamination against it too")
+
+
 def main(argv=None):
     p = ArgumentParser(description="CodeGen's tokenizer and the packed token stream: "
                        "inspect a stream, --prepare token shards, or --bench the stream.")
@@ -439,7 +456,7 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="measure the train stream's tokens/s on --data, "
                    "with the cleaning flags and with no cleaning")
     p.add_argument("--bench-tokens", type=int, default=5_000_000, help="tokens streamed by --bench")
-    corpus.add_flags(p)
+    add_cleaning_flags(p)
     args = p.parse_args(argv)
     cleaning = Cleaning.from_args(args)
     if args.ext:
