@@ -111,17 +111,17 @@ class SourceFile:
                 yield 0, text, self.key
 
     def _jsonl(self, first: int, wanted, skip):
+        zstd = _library("zstandard", self.path) if self.path.name.endswith(".zst") else None
         try:
             with open(self.path, "rb") as raw:
-                if self.path.name.endswith(".zst"):
-                    zstd = _library("zstandard", self.path).ZstdDecompressor()
-                    lines = io.BufferedReader(zstd.stream_reader(raw))
+                if zstd:
+                    lines = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw))
                 else:
                     lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
                 for i, line in enumerate(lines):
                     if i >= first and wanted(i) and line.strip():  # a blank line carries nothing
                         yield from self._record(i, line, skip)
-        except (OSError, EOFError) as e:  # unreadable, or a corrupt / truncated archive
+        except (OSError, EOFError, *([zstd.ZstdError] if zstd else [])) as e:  # unreadable, corrupt, truncated
             skip(self.key, f"cannot be read ({e})")
 
     def _record(self, i: int, line: bytes, skip):

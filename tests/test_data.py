@@ -424,3 +424,7 @@ def test_cleaning_cli(planted, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "none.jsonl").exists()
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(ValueError, match="has no documents .*1 skipped"):
+        data.TokenStream(str(tmp_path / "bad.jsonl.zst"), B, T)
+    assert "bad.jsonl.zst: cannot be read (zstd decompress error" in capsys.readouterr().err
