@@ -1,41 +1,41 @@
-"""Sampling from CodeGen: a fast cached `generate()`, a command-line sampler, and the
-paper's conversational (multi-turn) program synthesis as an interactive chat.
+"""Sampling from CodeGen: `generate` (token ids in, new token ids out), `complete` (text
+in, completion text out), `load` (a checkpoint made ready to decode), and the sampling
+CLI, incl. the paper's conversational (multi-turn) program synthesis as a chat.
 
-How generation works (one call of `generate`):
+How one call works:
 
   1. Prompts are left-padded to a common length T, rounded up to a multiple of 64 (the
-     "bucket"), so prompts of 164 different lengths compile only a handful of times.
-     `valid_BT` marks the padding; model.forward gives every real token the position it
-     would have without padding and hides padded keys from attention.
-  2. Prefill (one jitted call): the whole prompt goes through the model once, filling a
-     preallocated KV cache of T + bucket(max_new_tokens) slots, and the first token is picked.
+     "bucket"), so prompts of many lengths compile only a handful of times. `valid_BT`
+     marks the padding; model.forward gives every real token the position it would have
+     without padding and hides padded keys from attention.
+  2. Prefill (one jitted call): each prompt goes through the model once, filling a KV
+     cache of T + bucket(max_new_tokens) slots; its `num_samples` rows then get copies of
+     that cache, so n samples of a HumanEval problem pay for one prefill, not n.
   3. Decode (one jitted call): a `jax.lax.while_loop` feeds the last token through the
-     cached model, picks the next one, and writes it into a preallocated output buffer.
-     It exits as soon as every row has produced EOS or the step budget is spent, so a
-     batch that finishes early stops costing work; rows that are done keep riding along
-     (a dense batch cannot drop them) but their output is ignored.
-  4. Stop strings are text, and text only exists on the host, so with stop strings the
-     decode loop runs in chunks of CHUNK tokens: after each chunk the host decodes the
-     rows, marks those whose text contains a stop string as done, and resumes the
-     loop where it left off (the cache, buffer and step counter stay on the device).
-     The final text is cut just before the first stop string.
+     cached model, picks the next one and writes it into a preallocated buffer, until
+     every row has produced EOS or the budget is spent. Rows that are done ride along.
+  4. Stop strings (`complete`) are text, so the decode loop then runs in chunks of CHUNK
+     tokens; after each chunk the host decodes the rows and marks those holding a stop
+     string as done. The text is cut just before the first stop string.
 
 Picking a token follows Hugging Face's order: temperature, then top-k, then top-p
-(nucleus: keep the smallest set of most likely tokens whose probability sums to >= p).
-Only the tokenizer's 50,295 real ids can be picked; the model's head is padded to
-51,200 (architecture.md §3) and those extra logits are masked.
+(nucleus: the smallest set of most likely tokens whose probability reaches p; a token is
+kept when the tokens strictly more likely than it hold < p, so ties at the boundary all
+stay). Only the tokenizer's 50,295 real ids can be picked; the head is padded to 51,200.
+No step sorts the 51,200 logits: top-k looks at the k blocks of 128 logits with the
+largest maxima, and top-p draws from the temperature distribution and rejects draws
+outside the nucleus, testing membership with exact sums (`_pick`, docs/sampling.md).
 
-Defaults of the CLI are those of the paper's sampling script (CodeGen
-`jaxformer/hf/sample.py`: temperature 0.2, top-p 0.95, 128 new tokens, seed 42). The chat
-follows the MTPB protocol (paper §3, `benchmark/mtpb_sample.py`): each user line becomes
-a `# ...` comment, the model writes code after it, the code is cut with the paper's
-`truncate` rules, and the program grows turn by turn.
+The CLI's defaults are those of the paper's sampling script (CodeGen `jaxformer/hf/sample.py`:
+temperature 0.2, top-p 0.95, 128 new tokens, seed 42). The chat follows the MTPB
+protocol (paper §3, `benchmark/mtpb_sample.py`): each user line becomes a `# ...` comment,
+the model writes code after it, the code is cut with the paper's `truncate` rules.
 
     python sample.py --init-from out/nano --prompt "def fib(n):" --num-samples 4
     python sample.py --init-from codegen-350M-mono --chat
 """
-import argparse
 import itertools
+import math
 import os
 import re
 import sys
@@ -46,11 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 import data
 import model
 
 BUCKET = 64         # prompt and output lengths are rounded up to a multiple of this
 CHUNK = 32          # decode steps between host-side stop-string checks
+W = 128             # vocabulary block width of the two-level searches in `_pick`
+CANDIDATES = 2      # nucleus draws tested per rejection round
 MTPB_PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # benchmark/mtpb_sample.py
 
 
@@ -61,52 +64,157 @@ def _bucket(n):
 # ----------------------------------------------------------------------------- picking a token
 
 
-def filter_logits(logits_BV, top_k=0, top_p=1.0):
-    """Set to -inf every logit outside the top-k (0 = off), then outside the top-p nucleus
-    of what is left (1 = off). Both may be traced values: one compiled program serves all.
-
-    The nucleus is the smallest set of most likely tokens whose total probability is
-    >= top_p: a token stays if the probability of the tokens ranked above it is < top_p,
-    so the most likely token always stays. Ties at the boundary all stay.
-    """
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)                      # most likely first
-    rank_V = jnp.arange(logits_BV.shape[-1])
-    sorted_BV = jnp.where((top_k == 0) | (rank_V < top_k), sorted_BV, -jnp.inf)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)                   # renormalised over the top-k
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    keep_BV = ((mass_before_BV < top_p) | (top_p >= 1)) & (sorted_BV > -jnp.inf)  # p = 1: no rounding losses
-    smallest_kept_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits_BV < smallest_kept_B1, -jnp.inf, logits_BV)
-
-
-def _mode(temperature, top_k, top_p):
-    """The static part of the sampling settings; the values themselves are traced, so a
-    new temperature, k or p does not recompile."""
-    if temperature == 0:
-        return "greedy"
-    return "filtered" if top_k or top_p < 1 else "sample"
-
-
 def _argmax(logits_BV):
     """jnp.argmax (the first index of the maximum) as two plain reductions: XLA:CPU does
-    not vectorise argmax's paired (value, index) reduction, which took a quarter of
-    `nano`'s batch-8 decode step."""
+    not vectorise argmax's paired (value, index) reduction."""
     top_B1 = logits_BV.max(axis=-1, keepdims=True)
     index_V = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where(logits_BV == top_B1, index_V, logits_BV.shape[-1]), axis=-1)
 
 
+def _blocks(a_BV, fill):
+    """(B, V) -> (B, N, W), V padded with `fill` to N·W."""
+    return jnp.pad(a_BV, ((0, 0), (0, -a_BV.shape[-1] % W)), constant_values=fill).reshape(a_BV.shape[0], -1, W)
+
+
+def _top_k_floor(x_BV, k):
+    """The k-th largest value of each row, (B, 1). It lies in the k blocks of W values with
+    the largest maxima: those maxima are k values >= the k-th largest block maximum m, and
+    every value outside those blocks is <= m. So lax.top_k runs on k·W values, not V."""
+    if 2 * k * W > x_BV.shape[-1]:
+        return jax.lax.top_k(x_BV, k)[0][:, -1:]
+    x_BNW = _blocks(x_BV, -jnp.inf)
+    _, best_Bk = jax.lax.top_k(x_BNW.max(-1), k)
+    x_BkW = jnp.take_along_axis(x_BNW, best_Bk[..., None], axis=1)
+    return jax.lax.top_k(x_BkW.reshape(x_BV.shape[0], -1), k)[0][:, -1:]
+
+
+def _invert(w_BCn, u_BC):
+    """Per (row, draw): the first index whose running sum of w exceeds u·sum(w), so index
+    i comes out with probability w_i / sum(w); a zero weight never does (rounding that
+    puts u·sum at the very end falls back to the last positive weight)."""
+    n = w_BCn.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    run = jnp.cumsum(w_BCn, axis=-1)
+    first = jnp.min(jnp.where((run > u_BC[..., None] * run[..., -1:]) & (w_BCn > 0), index, n), axis=-1)
+    return jnp.minimum(first, jnp.max(jnp.where(w_BCn > 0, index, 0), axis=-1))
+
+
+def _draw(w_BV, u_BC2):
+    """C indices per row drawn with probability proportional to w_BV >= 0, two uniforms
+    each: a block of W by its mass, then a token in it by its weight."""
+    w_BNW = _blocks(w_BV, 0.0)
+    block_BC = _invert(w_BNW.sum(-1)[:, None, :], u_BC2[..., 0])
+    w_BCW = jnp.take_along_axis(w_BNW, block_BC[..., None], axis=1)
+    return block_BC * W + _invert(w_BCW, u_BC2[..., 1])
+
+
+# Exact probability sums in float32. Every e = exp(x - max) is in [0, 1]; it is split as
+# e = h1 + h2 + h3 + r with h1 rounded to a multiple of 2^-8, h2 of 2^-17, h3 of 2^-26
+# (each split is exact). Over at most 2^16 tokens, every partial sum of h1 is a multiple
+# of 2^-8 below 2^16, of h2 a multiple of 2^-17 below 2^7, of h3 a multiple of 2^-26
+# below 2^-2: 24 bits each, so those sums are exact in float32 in any order. Only the
+# sum of r (|r| <= 2^-27 per token) rounds, by far less than float32 exp's own rounding.
+GRIDS = (2.0 ** 8, 2.0 ** 17, 2.0 ** 26)
+
+
+def _parts(e_BV):
+    assert e_BV.shape[-1] <= 2 ** 16, "the exact sums hold for at most 65,536 tokens"
+    parts = []
+    for grid in GRIDS:
+        h_BV = jnp.round(e_BV * grid) / grid
+        parts.append(h_BV)
+        e_BV = e_BV - h_BV
+    return parts + [e_BV]
+
+
+def split_p(p):
+    """p (a Python float, i.e. float64) as three float32s p1 + p2 + p3, p1 and p2 with 12
+    significant bits, so p1·z and p2·z are exact for a float32 z cut into 12-bit halves."""
+    out = []
+    for _ in range(2):
+        m, e = math.frexp(p)
+        out.append(math.ldexp(round(m * 4096) / 4096, e))
+        p -= out[-1]
+    return np.array(out + [p], np.float32)
+
+
+def _two_sum(a, b):
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)      # a + b == s + error, exactly
+
+
+def _below_p(mass_C4, total_4, p3):
+    """mass < p · total, both given as their four exact-split sums: the sign of
+    mass - p·total summed in float32 pairs (sum + error) from exact products."""
+    def halves(z):
+        hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(z, jnp.int32) & -4096, jnp.float32)
+        return hi, z - hi                                       # 12 significant bits each
+    terms = [mass_C4[..., i] for i in range(4)]
+    for i in range(4):
+        z = total_4[..., i]
+        terms += [-p * h for p in p3[:2] for h in halves(z)] + [-p3[2] * z]
+    s, c = terms[0], jnp.zeros_like(terms[0])
+    for t in terms[1:]:
+        s, err = _two_sum(s, t)
+        c = c + err
+    return s + c < 0
+
+
 def _pick(logits_BV, key, knobs, mode):
-    """Next token per row; knobs = (temperature, top_k, top_p)."""
+    """The next token per row; knobs = (temperature, split_p(top_p)), mode = _mode(...).
+
+    Top-p without sorting, exactly: a token x_c is in the nucleus iff the mass of the
+    tokens with larger logits is < p (that defines the nucleus, ties included), a sum
+    over V computed exactly (`_parts`). Sampling: draw candidates from the temperature
+    distribution restricted to logits above `floor`; take the first one in the nucleus.
+    A rejected candidate lies below the nucleus, so the floor rises to it and the
+    nucleus is still inside what is drawn from. This is rejection sampling: what comes
+    out has probability e_c / (mass of the nucleus) for every nucleus token, and nothing
+    else comes out. With p = 0.95 a draw is accepted with probability >= 0.95; two
+    candidates per round make a second round rare.
+    """
     n_real = min(logits_BV.shape[-1], data.VOCAB_SIZE)              # the model pads its head to 51,200
     logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_real, logits_BV, -jnp.inf)
-    if mode == "greedy":
+    if mode[0] == "greedy":
         return _argmax(logits_BV)
-    temperature, top_k, top_p = knobs
-    logits_BV = logits_BV / temperature
-    if mode == "filtered":
-        logits_BV = filter_logits(logits_BV, top_k, top_p)
-    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    _, top_k, nucleus = mode
+    temperature, p3 = knobs
+    x_BV = logits_BV / temperature
+    if top_k < x_BV.shape[-1]:
+        x_BV = jnp.where(x_BV >= _top_k_floor(x_BV, top_k), x_BV, -jnp.inf)  # ties with the k-th stay
+    e_BV = jnp.exp(x_BV - x_BV.max(axis=-1, keepdims=True))
+    B = x_BV.shape[0]
+    if not nucleus:
+        return _draw(e_BV, jax.random.uniform(key, (B, 1, 2)))[:, 0]
+    parts = _parts(e_BV)
+    total_B4 = jnp.stack([h.sum(-1) for h in parts], axis=-1)
+
+    def round_(s):
+        u_BC2 = jax.random.uniform(jax.random.fold_in(key, s["round"]), (B, CANDIDATES, 2))
+        cand_BC = _draw(jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BC2)
+        x_BC = jnp.take_along_axis(x_BV, cand_BC, axis=1)
+        above_BCV = x_BV[:, None, :] > x_BC[..., None]
+        mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
+        ok_BC = _below_p(mass_BC4, total_B4[:, None, :], p3)
+        first_B = jnp.min(jnp.where(ok_BC, jnp.arange(CANDIDATES), CANDIDATES), axis=-1)
+        got_B = jnp.take_along_axis(cand_BC, jnp.minimum(first_B, CANDIDATES - 1)[:, None], axis=1)[:, 0]
+        new = ~s["done"] & (first_B < CANDIDATES)
+        return {"tok": jnp.where(new, got_B, s["tok"]), "done": s["done"] | new, "round": s["round"] + 1,
+                "floor": jnp.where(s["done"] | new, s["floor"], x_BC.max(-1))}
+
+    start = {"tok": jnp.zeros(B, jnp.int32), "done": jnp.zeros(B, bool), "round": jnp.zeros((), jnp.int32),
+             "floor": jnp.full(B, -jnp.inf)}
+    return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_, start)["tok"]
+
+
+def _mode(temperature, top_k, top_p):
+    """The static part of the sampling settings (a new k compiles anew; a new temperature
+    or p does not)."""
+    if temperature == 0:
+        return ("greedy",)
+    return ("sample", top_k or 1 << 30, top_p < 1)
 
 
 # ----------------------------------------------------------------------------- compiled prefill and decode
@@ -115,16 +223,18 @@ def _pick(logits_BV, key, knobs, mode):
 # The random key for new token i is fold_in(key, i), so results do not depend on CHUNK.
 
 
-@partial(jax.jit, static_argnames=("config", "new_bucket", "mode"))
-def _prefill(params, prompt_BT, valid_BT, key, knobs, *, config, new_bucket, mode):
-    B, T = prompt_BT.shape
-    cache = model.init_cache(config, B, T + new_bucket, params["wte"].dtype)
+@partial(jax.jit, static_argnames=("config", "new_bucket", "num_samples", "mode"))
+def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num_samples, mode):
+    P, T = prompt_PT.shape
+    cache = model.init_cache(config, P, T + new_bucket, params["wte"].dtype)
     # All but the last token only fill the cache: their logits are unused, so XLA drops
     # the (T-1) x vocab head matmul, the largest part of a small model's prefill.
-    _, cache = model.forward(params, prompt_BT[:, :-1], config, valid_BT=valid_BT[:, :-1], cache=cache)
-    logits_B1V, cache = model.forward(params, prompt_BT[:, -1:], config, cache=cache)  # last token: always real
-    tok_B = _pick(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
-    out_BN = jnp.full((B, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
+    _, cache = model.forward(params, prompt_PT[:, :-1], config, valid_BT=valid_PT[:, :-1], cache=cache)
+    logits_P1V, cache = model.forward(params, prompt_PT[:, -1:], config, cache=cache)  # last token: always real
+    rows = partial(jnp.repeat, repeats=num_samples, axis=0)        # prompt p -> rows p·n ... p·n + n-1
+    cache = {name: a if name == "length" else jax.tree.map(rows, a) for name, a in cache.items()}
+    tok_B = _pick(rows(logits_P1V[:, 0]), jax.random.fold_in(key, 0), knobs, mode)
+    out_BN = jnp.full((P * num_samples, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
     return {"cache": cache, "out": out_BN, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)}
 
 
@@ -150,6 +260,8 @@ def _decode(params, state, limit, key, knobs, *, config, mode):
 
 def _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples):
     """One-line ValueErrors for every input a caller can get wrong."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list, got {type(prompts).__name__}: wrap one prompt as [prompt]")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -160,16 +272,16 @@ def _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_sampl
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    room = config.n_ctx - max_new_tokens
+    room = config.n_ctx + 1 - max_new_tokens     # the last new token is never fed back, so it needs no slot
     for i, p in enumerate(prompts):
         if not isinstance(p, (list, tuple, np.ndarray)):
             raise ValueError(f"prompts must be a list of token-id lists; prompt {i} is {type(p).__name__}")
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token")
         if len(p) > room:
-            raise ValueError(f"prompt {i} has {len(p)} tokens but the context holds {config.n_ctx} and "
-                             f"max_new_tokens is {max_new_tokens}: keep prompts <= {max(room, 0)} tokens "
-                             f"or lower max_new_tokens")
+            raise ValueError(f"prompt {i} has {len(p)} tokens and max_new_tokens is {max_new_tokens}, but the "
+                             f"context holds {config.n_ctx} (+1 for the last new token): keep prompts <= "
+                             f"{max(room, 0)} tokens or lower max_new_tokens")
         if min(p) < 0 or max(p) >= config.vocab_size:
             raise ValueError(f"prompt {i} has a token id outside [0, {config.vocab_size})")
 
@@ -180,28 +292,31 @@ def _first_stop(text, stop):
     return min(hits) if hits else None
 
 
+def _before_eos(ids):
+    ids = list(map(int, ids))
+    return ids[:ids.index(data.EOS)] if data.EOS in ids else ids
+
+
 def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-            num_samples=1, stop=(), dtype=None):
-    """New token ids per row (prompt-major), ending before EOS. Rows whose text came to
-    contain a stop string were stopped early but are NOT cut: they may run up to CHUNK
-    tokens past the stop. `generate` and `complete` do the cutting."""
+            num_samples=1, stop=()):
+    """The engine of `generate` and `complete`: new token ids per row (prompt-major),
+    ending before EOS. With `stop` strings, rows stop within CHUNK tokens after their
+    text first holds one (the text is not cut here)."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
     if not prompts:
         return []
-    if dtype is not None:
-        params = model.cast(params, dtype)  # once per call, not per token
-    params = model.unstack_layers(params)  # a copy per call, unless the caller split them once
-    rows = [p for p in prompts for _ in range(num_samples)]
-    T = _bucket(max(len(p) for p in rows))
-    prompt_BT = np.zeros((len(rows), T), np.int32)
-    valid_BT = np.zeros((len(rows), T), bool)
-    for i, p in enumerate(rows):                                   # left padding
-        prompt_BT[i, T - len(p):] = p
-        valid_BT[i, T - len(p):] = True
+    params = model.unstack_layers(params)                          # a no-op for load()'s params
+    T = _bucket(max(len(p) for p in prompts))
+    prompt_PT = np.zeros((len(prompts), T), np.int32)
+    valid_PT = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):                                # left padding
+        prompt_PT[i, T - len(p):] = p
+        valid_PT[i, T - len(p):] = True
 
     how = dict(config=config, mode=_mode(temperature, top_k, top_p))
-    args = (jax.random.PRNGKey(seed), (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
-    state = _prefill(params, prompt_BT, valid_BT, *args, new_bucket=_bucket(max_new_tokens), **how)
+    args = (jax.random.PRNGKey(seed), (jnp.float32(temperature or 1), jnp.asarray(split_p(top_p))))
+    state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
+                     num_samples=num_samples, **how)
     tok = data.get_tokenizer() if stop else None
     chunk = CHUNK if stop else max_new_tokens                      # no stop strings: one call does it all
     while True:
@@ -215,57 +330,25 @@ def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1
         state = _decode(params, state, jnp.int32(min(n + chunk, max_new_tokens)), *args, **how)
 
 
-def _before_eos(ids):
-    ids = list(map(int, ids))
-    return ids[:ids.index(data.EOS)] if data.EOS in ids else ids
-
-
-def _ids_before(ids, text, tok):
-    """The longest prefix of `ids` whose decoded text is a prefix of `text` (binary search:
-    a longer prefix of tokens decodes to a longer prefix of text)."""
-    lo, hi = 0, len(ids)                                           # ids[:lo] fits; ids[:hi+1] does not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if text.startswith(tok.decode(ids[:mid], skip_special_tokens=False)):
-            lo = mid
-        else:
-            hi = mid - 1
-    return ids[:lo]
-
-
 def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-             num_samples=1, stop=(), dtype=None):
-    """Sample continuations of token-id prompts.
-
-    Returns len(prompts) * num_samples lists of NEW token ids (all samples of prompt 0,
-    then of prompt 1, ...), each ending before EOS and, with `stop` strings, cut to the
-    tokens whose text ends before the first stop string (a stop string may begin inside a
-    token; that token is dropped — use `complete` for exact text). temperature=0 is
-    greedy; the same seed gives the same samples. `dtype` (e.g. jnp.bfloat16) casts the
-    weights for this call. Decoding reads per-layer weights (model.unstack_layers); callers
-    making many calls should cast and split once: model.unstack_layers(model.cast(params, dtype)).
-    """
-    rows = _sample(params, config, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   seed=seed, num_samples=num_samples, stop=stop, dtype=dtype)
-    if not stop:
-        return rows
-    tok = data.get_tokenizer()
-    cut = []
-    for ids in rows:
-        text = tok.decode(ids, skip_special_tokens=False)
-        end = _first_stop(text, stop)
-        cut.append(ids if end is None else _ids_before(ids, text[:end], tok))
-    return cut
+             num_samples=1):
+    """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
+    token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
+    temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
+    samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse)."""
+    return _sample(params, config, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   seed=seed, num_samples=num_samples)
 
 
 def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, top_k=0, seed=0,
-             num_samples=1, dtype=None):
+             num_samples=1):
     """Text in, completion text out (ordered as `generate`), cut exactly before the first
-    stop string and before `<|endoftext|>`."""
+    stop string and before `<|endoftext|>`; decoding of a row ends soon after its stop."""
+    if isinstance(texts, str):
+        raise ValueError("complete() takes a list of texts, got one str: pass [text]")
     tok = data.get_tokenizer()
-    prompts = [tok.encode(t).ids for t in texts]
-    rows = _sample(params, config, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   seed=seed, num_samples=num_samples, stop=stop, dtype=dtype)
+    rows = _sample(params, config, [tok.encode(t).ids for t in texts], max_new_tokens, temperature=temperature,
+                   top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, stop=stop)
     return [_text_before_stop(ids, stop, tok) for ids in rows]
 
 
@@ -273,6 +356,17 @@ def _text_before_stop(ids, stop, tok):
     text = tok.decode(ids, skip_special_tokens=False)
     end = _first_stop(text, (*stop, "<|endoftext|>"))
     return text if end is None else text[:end]
+
+
+def load(path, dtype="float32"):
+    """(config, params) ready to decode: the checkpoint at `path` (model.load_hf), cast to
+    `dtype` and split per layer (model.unstack_layers) once, not in every call."""
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    config, params = model.load_hf(path)
+    return config, model.unstack_layers(model.cast(params, jnp.dtype(dtype)))
 
 
 def truncate(completion):
@@ -363,20 +457,14 @@ def chat(write_turn, lines, say=print):
 # ----------------------------------------------------------------------------- command line
 
 
-def _die(message):
-    """A mistake of the user's: one line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample code from a CodeGen checkpoint, or write a program "
-                                "turn by turn with --chat.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description="Sample code from a CodeGen checkpoint, or write a program "
+                              "turn by turn with --chat.")
     p.add_argument("--init-from", default=os.path.join("out", "nano"),
                    help="checkpoint directory (Hugging Face CodeGen or written by train.py)")
     p.add_argument("--prompt", default="def helloworld():", help="prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
-    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one prefill for all)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per completion (per turn in --chat)")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
@@ -388,14 +476,9 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="multi-turn program synthesis from lines on stdin")
     args = p.parse_args(argv)
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-
-    if not os.path.isdir(args.init_from):
-        _die(f"no checkpoint at {args.init_from!r}; run `python train.py` first or pass --init-from DIR")
-    try:
-        config, params = model.load_hf(args.init_from)
-    except (ValueError, OSError) as e:
-        _die(e)
-    params = model.unstack_layers(model.cast(params, jnp.dtype(args.dtype)))  # once, not per call
+    _check(model.CONFIGS["nano"], [], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+           args.num_samples)                                       # flag values, before loading anything
+    config, params = load(args.init_from, args.dtype)
     how = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     tok = data.get_tokenizer()
 
@@ -431,14 +514,11 @@ def main(argv=None):
             with open(args.prompt_file) as f:
                 args.prompt = f.read()
         except OSError as e:
-            _die(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}")
+            raise ValueError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
     prompt = tok.encode(args.prompt).ids
     t0 = time.perf_counter()
-    try:
-        rows = _sample(params, config, [prompt], args.max_new_tokens, stop=args.stop, seed=args.seed,
-                       num_samples=args.num_samples, **how)
-    except ValueError as e:
-        _die(e)
+    rows = _sample(params, config, [prompt], args.max_new_tokens, stop=args.stop, seed=args.seed,
+                   num_samples=args.num_samples, **how)
     seconds = time.perf_counter() - t0
     for i, ids in enumerate(rows):
         print(f"{'-' * 30} sample {i + 1}/{len(rows)}")
@@ -449,4 +529,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
