@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import common
 import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,7 +385,7 @@ def test_bad_arguments():
         sandbox.run_many(["pass"], timeout=0)
 
 
-def test_fallback_refuses_unless_asked(monkeypatch, capsys):
+def test_fallback_refuses_unless_asked(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("SANDBOX_ISOLATION", raising=False)
     monkeypatch.setattr(sandbox, "_isolation", ("rlimits", "bwrap not found"))
     monkeypatch.setattr(sandbox, "_warned", False)
@@ -396,6 +397,12 @@ def test_fallback_refuses_unless_asked(monkeypatch, capsys):
         sandbox.run_many(["print('still refused without asking')"])
     err = capsys.readouterr().err
     assert err.count("sandbox:") == 1 and "less isolated" in err and "apt-get install bubblewrap" in err
+    program = tmp_path / "prog.py"
+    program.write_text("print('model-written code')")
+    with pytest.raises(SystemExit) as e:                 # the CLI: one line, exit status 2
+        common.run_main(sandbox.main, [str(program)])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: the sandbox needs bubblewrap")
+    assert common.run_main(sandbox.main, [str(program), "--allow-fallback"]) == 0
 
 
 def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
