@@ -11,7 +11,10 @@ that names the file, flag or value and says what to do; a script's `main` is run
 Ctrl-C into one line and exit status 130.
 """
 import argparse
+import collections
+import contextlib
 import gzip
+import itertools
 import json
 import os
 import sys
@@ -101,6 +104,45 @@ def append_jsonl(f, rows):
     """Append rows to an open file and flush: what is written survives a kill."""
     f.writelines(json.dumps(row) + "\n" for row in rows)
     f.flush()
+
+
+def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: None, unit="samples",
+                   what="samples file"):
+    """Append to the jsonl file `path` the rows it lacks, so a killed run picks up where it stopped.
+
+    `wanted` lists the keys of the rows the file should hold (a key repeated once per row it needs);
+    `key(row)` is the key of a row. The missing keys go to `produce(keys, first) -> rows` (a row per
+    key) in batches of at most `batch_size` with the same `group(key)`; `first` is the number of rows
+    in the file before the batch (it grows with every batch: a base for fresh sampling seeds). Each
+    batch is flushed as it comes; the file is created only when the first batch is written.
+    """
+    rows = resume_jsonl(path, what)
+    have = collections.Counter()
+    for number, row in enumerate(rows, 1):
+        try:
+            have[key(row)] += 1
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: row {number} lacks {e}; pass another output file") from None
+    todo = []
+    for k in wanted:
+        if have[k]:
+            have[k] -= 1
+        else:
+            todo.append(k)
+    if rows:
+        print(f"{path}: {len(rows)} rows there already, {len(todo)} to make")
+    progress, done = Progress("generated", unit, len(todo)), 0
+    with contextlib.ExitStack() as stack:
+        f = None
+        for _, keys in itertools.groupby(todo, group):
+            keys = list(keys)
+            for start in range(0, len(keys), batch_size):
+                batch = keys[start:start + batch_size]
+                new = produce(batch, len(rows) + done)
+                f = f or stack.enter_context(open(path, "a", encoding="utf-8"))
+                append_jsonl(f, new)
+                done += len(batch)
+                progress(done)
 
 
 def results_path(samples_path):

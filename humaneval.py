@@ -1,36 +1,23 @@
 """HumanEval, as the CodeGen paper evaluates on it (§3, Table 1): sample completions for
 the 164 problems, run each against its unit tests in the sandbox, report unbiased pass@k.
 
-    python humaneval.py --init-from codegen-350M-mono        # generate (200 x 3 temperatures) and score
-    python humaneval.py --init-from out/ckpt --n 5 --temperature 0.2 --limit 10   # a smoke run
+    python humaneval.py --init-from codegen-350M-mono        # generate 200 x 3 temperatures, then score
+    python humaneval.py --init-from out/nano --limit 4 --n 2 --temperature 0.2 --k 1   # a smoke run
     python humaneval.py --samples samples.jsonl               # score samples in openai's format
 
-The protocol (reference/eval.md §1-§3):
-- the prompt is given as it is; sampling stops at the first of "\\nclass", "\\ndef", "\\n#",
-  "\\nif", "\\nprint" (Codex, Chen et al. 2021 §3.2), looked for in the completion only:
-  four prompts (HumanEval/10, 32, 38, 50) contain a helper `def` of their own;
-- n samples per problem at each of the temperatures 0.2, 0.6, 0.8, with top-p 0.95;
-- the program run is openai's: prompt + completion + "\\n" + test + "\\n" + "check(entry_point)",
-  3 s wall clock each, in sandbox.py (a separate, locked-down interpreter per program);
-- pass@k = mean over problems of 1 - C(n-c, k) / C(n, k), for each temperature, plus the
-  row the paper reports: for each k the best of the temperatures.
-
-Files use openai human-eval's format: a samples file has one JSON object per line with
-"task_id" and "completion" (plus "temperature" here); the results file written beside
-it (FILE_results.jsonl) repeats each sample with "result" ('passed', 'timed out',
-'failed: <reason>') and "passed". Generation appends to its samples file as it goes, so
-an interrupted run picks up where it stopped when started again with the same command.
+The prompt is given as it is; sampling stops at the first of STOP (Codex, Chen et al. 2021
+§3.2), looked for in the completion only; n samples per problem at each temperature, top-p
+0.95; the program run is openai's (`program`), 3 s each; pass@k is the unbiased estimator,
+per temperature and best over temperatures. Files use openai human-eval's format, and
+generation resumes where an interrupted run stopped. The details: docs/evaluation.md.
 """
 import argparse
 import importlib.resources
-import json
 import os
-import sys
-import time
 from collections import Counter, defaultdict
 
 import sandbox
-from common import read_jsonl, write_jsonl
+from common import ArgumentParser, Progress, generate_jsonl, read_jsonl, results_path, run_main, write_jsonl
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 
@@ -49,7 +36,7 @@ def load_problems(path=None):
         with importlib.resources.as_file(data) as file:
             return load_problems(file)
     problems = {}
-    for number, p in read_jsonl(path):
+    for number, p in read_jsonl(path, "problems file"):
         missing = [key for key in ("task_id", "prompt", "test", "entry_point") if key not in p]
         if missing:
             raise ValueError(f"{path}:{number}: problem without {', '.join(missing)}")
@@ -59,13 +46,12 @@ def load_problems(path=None):
     return problems
 
 
-def load_samples(path, problems, require_temperature=False):
+def load_samples(path, problems):
     """The samples of a jsonl(.gz) file, checked: each has a known task_id, a string
-    completion and, when present (or required), a numeric temperature."""
+    completion and, when present, a numeric temperature."""
     samples = []
-    for number, s in read_jsonl(path):
-        fields = ("task_id", "completion", "temperature") if require_temperature else ("task_id", "completion")
-        missing = [key for key in fields if key not in s]
+    for number, s in read_jsonl(path, "samples file"):
+        missing = [key for key in ("task_id", "completion") if key not in s]
         if missing:
             raise ValueError(f"{path}:{number}: sample without {', '.join(missing)}")
         if s["task_id"] not in problems:
@@ -76,16 +62,9 @@ def load_samples(path, problems, require_temperature=False):
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise ValueError(f"{path}:{number}: temperature is not a number")
         samples.append(s)
+    if not samples:
+        raise ValueError(f"{path}: no samples")
     return samples
-
-
-def results_path(samples_path):
-    """samples.jsonl -> samples_results.jsonl, beside it."""
-    name = str(samples_path)
-    for suffix in (".jsonl.gz", ".jsonl"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)] + "_results.jsonl"
-    return name + "_results.jsonl"
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -148,26 +127,23 @@ def best_row(table, ks):
 
 
 def format_table(table, ks):
-    header = f"{'temperature':>11} {'problems':>8} {'n':>5} " + " ".join(f"{f'pass@{k}':>9}" for k in ks)
-    lines = [header]
+    def cells(values):
+        return " ".join(f"{100 * values[k]:9.2f}" if k in values else f"{'-':>9}" for k in ks)
+    lines = [f"{'temperature':>11} {'problems':>8} {'n':>5} " + " ".join(f"{f'pass@{k}':>9}" for k in ks)]
     for t, row in table.items():
-        cells = " ".join(f"{100 * row['pass@k'][k]:9.2f}" if k in row["pass@k"] else f"{'-':>9}" for k in ks)
-        lines.append(f"{'-' if t is None else f'{t:g}':>11} {row['problems']:>8} {row['n']:>5} {cells}")
+        lines.append(f"{'-' if t is None else f'{t:g}':>11} {row['problems']:>8} {row['n']:>5} {cells(row['pass@k'])}")
     if len(table) > 1:
-        best = best_row(table, ks)
-        cells = " ".join(f"{100 * best[k]:9.2f}" if k in best else f"{'-':>9}" for k in ks)
-        lines.append(f"{'best':>11} {'':>8} {'':>5} {cells}")
+        lines.append(f"{'best':>11} {'':>8} {'':>5} {cells(best_row(table, ks))}")
     return "\n".join(lines)
 
 
 def score_file(samples_path, problems, ks, timeout, workers):
     """Score a samples file, write FILE_results.jsonl, print and return the pass@k table."""
     samples = load_samples(samples_path, problems)
-    if not samples:
-        raise ValueError(f"{samples_path}: no samples")
     print(f"scoring {len(samples)} samples of {len({s['task_id'] for s in samples})} problems "
           f"with {workers} workers, {timeout:g} s each (sandbox: {sandbox.isolation()})")
-    results = score(samples, problems, timeout, workers, _progress("scored", "programs"))
+    progress = Progress("scored", "programs", len(samples))
+    results = score(samples, problems, timeout, workers, lambda done, total: progress(done))
     out = results_path(samples_path)
     write_jsonl(out, results)
     common = Counter(r["result"] for r in results if not r["passed"]).most_common(3)
@@ -180,97 +156,61 @@ def score_file(samples_path, problems, ks, timeout, workers):
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0, limit=None):
+def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0):
     """Append n completions per (problem, temperature) to `out_path` as jsonl lines
     {task_id, completion, temperature}, `batch_size` prompts per call of
-    `complete(prompts, temperature, seed) -> completions`, flushed after each call; with
-    `limit`, for the first `limit` problems only. Samples already in the file count: a
-    rerun makes only the missing ones."""
-    have = Counter()
-    if os.path.exists(out_path):
-        _drop_partial_line(out_path)   # a kill in the middle of a write leaves half a line
-        for s in load_samples(out_path, problems, require_temperature=True):
-            have[s["task_id"], s["temperature"]] += 1
-    already = sum(have.values())
-    task_ids = list(problems)[:limit]
-    todo = {t: [tid for tid in task_ids for _ in range(n - have[tid, t])] for t in temperatures}
-    total = sum(len(queue) for queue in todo.values())
-    if already:
-        print(f"resuming: {already} samples already in {out_path}, {total} to go")
-    progress, done = _progress("generated", "samples"), 0
-    with open(out_path, "a", encoding="utf-8") as f:
-        for t, queue in todo.items():
-            for start in range(0, len(queue), batch_size):
-                batch = queue[start:start + batch_size]
-                # a seed never used before, also across resumed runs: fresh samples every call
-                completions = complete([problems[tid]["prompt"] for tid in batch], t, seed + already + done)
-                for tid, completion in zip(batch, completions, strict=True):
-                    f.write(json.dumps({"task_id": tid, "completion": completion, "temperature": t}) + "\n")
-                f.flush()
-                done += len(batch)
-                progress(done, total)
+    `complete(prompts, temperature, seed) -> completions`. Samples already in the file
+    count: a rerun makes only the missing ones, each call with a seed never used before."""
+    def produce(keys, first):
+        t = keys[0][1]
+        completions = complete([problems[task_id]["prompt"] for task_id, _ in keys], t, seed + first)
+        return [{"task_id": task_id, "completion": c, "temperature": t}
+                for (task_id, _), c in zip(keys, completions, strict=True)]
+    wanted = [(task_id, t) for t in temperatures for task_id in problems for _ in range(n)]
+    generate_jsonl(out_path, wanted, lambda s: (s["task_id"], s["temperature"]), produce, batch_size,
+                   group=lambda key: key[1])
 
 
-def _drop_partial_line(path):
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def model_completer(init_from, top_p, max_new_tokens, dtype):
-    """complete(prompts, temperature, seed) with a checkpoint, through sample.complete."""
-    import model    # imported here: scoring alone needs neither JAX nor a model
+def model_completer(init_from, problems, top_p, max_new_tokens, dtype):
+    """complete(prompts, temperature, seed) with a checkpoint, through sample.complete. New
+    tokens are capped by the context the longest prompt of `problems` leaves (one note when
+    that cuts --max-new-tokens); a prompt that fills the context is a ValueError."""
+    import data     # imported here: scoring alone needs neither JAX nor a model
     import sample
-    config, params = model.load_hf(init_from)
-    if dtype == "bfloat16":
-        import jax.numpy as jnp
-        params = model.cast(params, jnp.bfloat16)
-    params = model.unstack_layers(params)  # once, not per call (see sample.generate)
+    config, params = sample.load(init_from, dtype)
+    tokenizer = data.get_tokenizer()
+    longest, task_id = max((len(tokenizer.encode(p["prompt"]).ids), t) for t, p in problems.items())
+    room = config.n_ctx - longest
+    if room < 1:
+        raise ValueError(f"{task_id}'s prompt has {longest} tokens and the context of {init_from} holds "
+                         f"{config.n_ctx}: pick problems with --limit, or use a model with a longer context")
+    if room < max_new_tokens:
+        print(f"note: new tokens capped at {room} (--max-new-tokens {max_new_tokens}): {task_id}'s prompt "
+              f"has {longest} tokens and the context holds {config.n_ctx}")
 
     def complete(prompts, temperature, seed):
-        return sample.complete(params, config, prompts, max_new_tokens, stop=STOP,
+        return sample.complete(params, config, prompts, min(max_new_tokens, room), stop=STOP,
                                temperature=temperature, top_p=top_p, seed=seed)
     return complete
 
 
-def _progress(verb, unit):
-    """A progress(done, total) callback printing about 20 lines with rate and ETA."""
-    start = time.monotonic()
-    shown = [0]
-
-    def progress(done, total):
-        if done < total and done - shown[0] < max(1, total // 20):
-            return
-        shown[0] = done
-        elapsed = time.monotonic() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        print(f"{verb} {done}/{total} {unit}, {rate:.1f}/s, elapsed {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
-    return progress
-
-
 # ----------------------------------------------------------------------------- command line
 
-def _die(message):
-    """A mistake of the user's: one line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _numbers(kind):
+    """An argparse type: a comma-separated list of `kind` values, all >= 0 (ints >= 1)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        if any(v < 0 or (kind is int and v < 1) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} has a value out of range")
+        return values
+    return parse
 
 
-def _numbers(text, kind, what):
-    try:
-        values = [kind(v) for v in text.split(",")]
-    except ValueError:
-        _die(f"{what} must be a comma-separated list of numbers, got {text!r}")
-    if not values or any(v < 0 or (kind is int and v < 1) for v in values):
-        _die(f"{what} has a value out of range: {text!r}")
-    return values
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _main(argv):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", help="score this samples file (jsonl or jsonl.gz, openai's format)")
     source.add_argument("--init-from", help="generate with this checkpoint (a Hugging Face CodeGen dir "
@@ -280,41 +220,40 @@ def main(argv=None):
     parser.add_argument("--out", help="generation: samples file to append to; None: "
                                       "INIT_FROM/humaneval_samples.jsonl")
     parser.add_argument("--n", type=int, default=200, help="generation: samples per problem and temperature")
-    parser.add_argument("--temperature", default="0.2,0.6,0.8", help="generation: temperatures, comma-separated")
+    parser.add_argument("--temperature", type=_numbers(float), default="0.2,0.6,0.8",
+                        help="generation: temperatures, comma-separated")
     parser.add_argument("--top-p", type=float, default=0.95, help="generation: nucleus sampling")
     parser.add_argument("--max-new-tokens", type=int, default=512,
-                        help="generation: cap per completion (the longest canonical solution is 297 "
-                             "tokens; the stop strings end most completions much earlier)")
+                        help="generation: cap per completion (the longest canonical solution is 297 tokens), "
+                             "lowered to what the model's context leaves after the longest prompt")
     parser.add_argument("--batch-size", type=int, default=32, help="generation: prompts per generate call")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="generation: parameter and compute dtype")
     parser.add_argument("--seed", type=int, default=0, help="generation: base sampling seed")
     parser.add_argument("--limit", type=int, help="generation: only the first N problems; None: all")
-    parser.add_argument("--k", default="1,10,100", help="pass@k for these k, where every problem has >= k samples")
+    parser.add_argument("--k", type=_numbers(int), default="1,10,100",
+                        help="pass@k for these k, where every problem has >= k samples")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="programs run in parallel (the default is this machine's CPU count)")
     parser.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds per program")
     args = parser.parse_args(argv)
-    ks = _numbers(args.k, int, "--k")
-    temperatures = _numbers(args.temperature, float, "--temperature")
     for flag in ("n", "batch_size", "max_new_tokens", "workers", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            _die(f"--{flag.replace('_', '-')} must be at least 1")
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.timeout <= 0 or not 0 < args.top_p <= 1:
-        _die("--timeout must be positive and --top-p in (0, 1]")
-    try:
-        problems = load_problems(args.problems)
-        samples_path = args.samples
-        if args.init_from is not None:
-            samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
-            complete = model_completer(args.init_from, args.top_p, args.max_new_tokens, args.dtype)
-            generate(problems, complete, samples_path, args.n, temperatures, args.batch_size,
-                     args.seed, args.limit)
-        return score_file(samples_path, problems, ks, args.timeout, args.workers)
-    except (OSError, ValueError) as e:
-        _die(str(e))
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: run the same command again to resume") from None
+        parser.error("--timeout must be positive and --top-p in (0, 1]")
+    problems = load_problems(args.problems)
+    samples_path = args.samples
+    if args.init_from is not None:
+        samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
+        todo = dict(list(problems.items())[:args.limit])
+        complete = model_completer(args.init_from, todo, args.top_p, args.max_new_tokens, args.dtype)
+        generate(todo, complete, samples_path, args.n, args.temperature, args.batch_size, args.seed)
+    return score_file(samples_path, problems, args.k, args.timeout, args.workers)
+
+
+def main(argv=None):
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

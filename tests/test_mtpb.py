@@ -1,14 +1,19 @@
-"""Tests for mtpb.py: loading, the reference truncation and history assembly, early stops,
-sandboxed scoring under both semantics, reports, prompt perplexity, and the real MTPB file."""
+"""Tests for mtpb.py and mtpb_check.py: loading, the reference truncation and history assembly,
+early stops, the chat, sandboxed scoring under both semantics, reports, prompt perplexity, the
+command line with a tiny random checkpoint, and the real MTPB file."""
+import dataclasses
+import io
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mtpb
+import mtpb_check
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -70,7 +75,7 @@ def test_loader_reports_bad_json_line_and_unknown_ids(tmp_path, problems_file):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         mtpb.load_problems(bad)
     with pytest.raises(ValueError, match=r"unknown problem id\(s\) 7, 9"):
-        mtpb.load_problems(problems_file, mtpb.parse_ids("1, 7,9"))
+        mtpb.load_problems(problems_file, ["1", "7", "9"])
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -88,6 +93,10 @@ def test_truncate_reference_self_test_and_rules():
     assert mtpb.truncate("x = 1\n\n\ny = 2") == "x = 1"
     assert mtpb.truncate("# a comment first") == ""
     assert mtpb.truncate("    print(1)\nprint(2)\nprint(3)") == "    print(1)\nprint(2)\n"   # indented: not ^print
+    assert mtpb.truncate("x = 1\nprint(x)\ny = 2\nprint(y)\n") == "x = 1\nprint(x)\ny = 2\n"
+    assert mtpb.truncate("def f():\n    pass\n\ndef g():\n    pass") == "def f():\n    pass\n\n"
+    assert mtpb.truncate("a = 1\n    # indented comments stay\nb = 2") == "a = 1\n    # indented comments stay\nb = 2"
+    assert mtpb.truncate('a = 1\n"""doc"""') == "a = 1\n"
 
 
 def _cut_like_complete(text, stop):
@@ -197,24 +206,67 @@ def test_generation_streams_and_resumes(tmp_path, problems_file):
         mtpb.generate(problems, scripted_complete(calls), out, n=1, single_turn=True)
 
 
+# ----------------------------------------------------------------------------- chat
+
+
+def test_chat_turns_undo_save_and_unknown_commands(tmp_path):
+    seen = []
+
+    def write_turn(program):  # a stand-in model: code, then a new column-0 comment to cut away
+        seen.append(program)
+        return f"x{len(seen)} = {len(seen)}\n# the model rambles on\njunk = 0"
+
+    said = []
+    lines = ["make x1", "", "make x2", ":undo", "make x3", ":bogus", f":save {tmp_path / 'prog.py'}", ":save",
+             ":show", ":quit", "never read"]
+    final = mtpb.chat(write_turn, iter(lines), say=said.append)
+    assert seen[0] == mtpb.PREFIX + "# make x1\n"
+    assert seen[1] == mtpb.PREFIX + "# make x1\nx1 = 1\n\n\n# make x2\n"   # truncate keeps the "\n"
+    expected = mtpb.PREFIX + "# make x1\nx1 = 1\n\n\n# make x3\nx3 = 3\n\n\n"
+    assert final == expected and (tmp_path / "prog.py").read_text() == expected
+    assert said[0] == "# make x1\nx1 = 1\n\n"
+    assert "dropped: # make x2" in said[2]
+    assert "unknown command :bogus" in said[4]
+    assert said[5].startswith("(saved 12 lines") and "usage: :save FILE" in said[6]
+    assert said[-1] == expected.rstrip("\n")
+    assert len(seen) == 3
+
+
+def test_chat_is_the_benchmark_protocol(problems_file):
+    """A chat fed a problem's turns writes the program generate_problem writes with the same model."""
+    case = mtpb.load_problems(problems_file)[0].cases[0]
+    said = []
+    program = mtpb.chat(lambda history: scripted_complete([])([history], 64, stop=mtpb.STOPS, num_samples=1,
+                                                              seed=0)[0], iter(case.prompts), say=said.append)
+    calls = []
+    record = mtpb.generate_problem(mtpb.load_problems(problems_file)[0], scripted_complete(calls), n=1)[0]
+    assert program == record["completions"] and len(said) == 3
+
+
+def test_chat_run_executes_the_program_in_the_sandbox():
+    said = []
+    mtpb.chat(lambda program: 'print("hi from turn")\n', iter(["say hi", ":run"]), say=said.append)
+    assert "--- stdout\nhi from turn" in said and said[-1].startswith("(passed")
+
+
 # ----------------------------------------------------------------------------- scoring rules (in process)
 
 
 def test_print_last_statement_is_the_reference_rewrite():
     f = "def f(a):\n    return a ** 2\n"
-    assert mtpb.print_last_statement(f + "f(2)") == f + "print(f(2))"            # mtpb_exec.py's own tests
-    assert mtpb.print_last_statement(f + "print(f(2))") == f + "print(f(2))"
-    assert mtpb.print_last_statement("df.groupby('gender')['alco'].value_counts()") == \
+    assert mtpb_check.print_last_statement(f + "f(2)") == f + "print(f(2))"            # mtpb_exec.py's own tests
+    assert mtpb_check.print_last_statement(f + "print(f(2))") == f + "print(f(2))"
+    assert mtpb_check.print_last_statement("df.groupby('gender')['alco'].value_counts()") == \
         "print(df.groupby('gender')['alco'].value_counts())"
-    assert mtpb.print_last_statement("x = 2\ny = x + 1") == "x = 2\ny = print(x + 1)"
+    assert mtpb_check.print_last_statement("x = 2\ny = x + 1") == "x = 2\ny = print(x + 1)"
     loop = "for i in range(3):\n    i"
-    assert mtpb.print_last_statement(loop) == loop                                  # no .value: kept
-    assert mtpb.print_last_statement("x = (") == "x = ("                            # does not parse
-    assert mtpb.print_last_statement("printf(x)") == "printf(x)"                    # name starts with print
+    assert mtpb_check.print_last_statement(loop) == loop                                  # no .value: kept
+    assert mtpb_check.print_last_statement("x = (") == "x = ("                            # does not parse
+    assert mtpb_check.print_last_statement("printf(x)") == "printf(x)"                    # name starts with print
 
 
 def test_equivalence_default_and_reference():
-    eq, ref = mtpb.equivalent, mtpb.reference_equivalent
+    eq, ref = mtpb_check.equivalent, mtpb_check.reference_equivalent
     assert eq(np.int64(3), 3) and eq(np.float32(0.5), 0.5) and eq(np.bool_(True), True)
     assert eq(np.array([[1, 2], [3, 4]]), [[1, 2], [3, 4]]) and eq([(1, 2), (3, 4)], [[1, 2], [3, 4]])
     assert eq(0.1 + 0.2, 0.3) and eq([0.1 + 0.2], [0.3]) and not eq(0.31, 0.3)
@@ -266,8 +318,9 @@ def test_scoring_both_semantics_through_the_cli(tmp_path, problems_file, capsys)
     assert "AssertionError: printed 4, expected 3" in by_name["wrong"]
     assert "fixed semantics" in out and re.search(r"dict\s+1\s+100.00", out) and re.search(r"overall\s+3\s+", out)
 
+    assert "running 18 programs" in out and "ran 18/18 programs" in out and "programs/s" in out
     out = _run_cli(capsys, "--samples", samples, "--timeout", 3, "--workers", 2)   # verdicts reused
-    assert "running" not in out
+    assert "running" not in out and "ran " not in out
 
     out = _run_cli(capsys, "--samples", samples, "--timeout", 3, "--workers", 2, "--reference-semantics")
     results = [json.loads(line) for line in (tmp_path / "s_results.jsonl").read_text().splitlines()]
@@ -277,7 +330,7 @@ def test_scoring_both_semantics_through_the_cli(tmp_path, problems_file, capsys)
 
 
 def test_missing_library_or_dataset_is_skipped_not_failed(monkeypatch):
-    monkeypatch.setitem(mtpb.LIBRARIES, "frobnicate", "frobnicate_not_installed")
+    monkeypatch.setitem(mtpb_check.LIBRARIES, "frobnicate", "frobnicate_not_installed")
     program = "import frobnicate_not_installed\nprint(1)"
     rows = [{"id": "6", "input": {}, "gold_output": 1, "completions": program,
              "prompts_completions": [mtpb.PREFIX, "# Import the frobnicate library.\n", program]},
@@ -285,8 +338,8 @@ def test_missing_library_or_dataset_is_skipped_not_failed(monkeypatch):
     results = mtpb.score(rows)   # nothing reaches the sandbox
     assert [r["result"] for r in results] == ["skipped: missing frobnicate_not_installed",
                                               "skipped: missing file ./datasets/train.csv"]
-    summary = mtpb.summarize(results)
-    assert summary["6"]["scored"] == 0 and "missing frobnicate" in mtpb.format_report(summary, "t")
+    summary = mtpb_check.summarize(results)
+    assert summary["6"]["scored"] == 0 and "missing frobnicate" in mtpb_check.format_report(summary, "t")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -301,7 +354,7 @@ def test_report_rates_per_problem_category_overall_and_compare(tmp_path, capsys)
     multi = _results("1", "math", 5, 5) + _results("2", "math", 1, 5) + _results("3", "string", 0, 5)
     single = [dict(r, mode="single") for r in
               _results("1", "math", 2, 5) + _results("2", "math", 0, 5) + _results("3", "string", 1, 5)]
-    text = mtpb.format_report(mtpb.summarize(multi), "t")
+    text = mtpb_check.format_report(mtpb_check.summarize(multi), "t")
     assert re.search(r"\b2 math\s+1/5\s+20.00", text)
     assert re.search(r"math\s+2\s+60.00", text) and re.search(r"overall\s+3\s+40.00", text)
     a, b = write_jsonl(tmp_path / "a_results.jsonl", multi), write_jsonl(tmp_path / "b_results.jsonl", single)
@@ -355,13 +408,15 @@ def test_prompt_perplexity_equals_direct_log_softmax():
         return np.exp(nll / count)
 
     got = mtpb.perplexities(records, params, config, tok, batch_size=2)
+    split = mtpb.perplexities(records, model.unstack_layers(params), config, tok, batch_size=3)  # as sample.load gives
+    assert split["1"] == pytest.approx(got["1"], rel=1e-5) and split["2"] == pytest.approx(got["2"], rel=1e-5)
     multi_1 = direct([r["prompts_completions"][:-1] for r in records[:2]])
     single_1 = direct([[mtpb.PREFIX, "# Assign 1.\n# Print x.\n"]] * 2)
     assert got["1"]["multi"] == pytest.approx(multi_1, rel=1e-5)
     assert got["1"]["single"] == pytest.approx(single_1, rel=1e-5)
     assert got["1"]["multi"] != pytest.approx(got["1"]["single"], rel=1e-3)  # the code in between matters
     assert got["2"]["multi"] == pytest.approx(got["2"]["single"], rel=1e-5)  # one turn: the same text
-    summary = mtpb.summarize(_results("1", "math", 1, 2) + _results("2", "math", 2, 2))
+    summary = mtpb_check.summarize(_results("1", "math", 1, 2) + _results("2", "math", 2, 2))
     text = mtpb.format_perplexity(got, summary, "multi")
     assert "Pearson r" in text and re.search(r"mean multi-turn prompt perplexity over 2 problems", text)
 
@@ -391,6 +446,8 @@ def test_the_real_mtpb_file_loads_and_every_prompt_fills():
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, problems_file, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "input": {}, "gold_output": 1, "completions": "print(1)"}\n{"id": 2\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
     for argv, message in ((["--samples", tmp_path / "none.jsonl"], "error: cannot read samples file"),
                           (["--samples", bad], "bad.jsonl:2: not valid JSON"),
                           (["--problems", problems_file, "--ids", "1,99", "--init-from", tmp_path],
@@ -401,3 +458,82 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, problems_file, capsy
             mtpb.main([str(a) for a in argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    for argv, message in ((["--samples", empty], "empty.jsonl: no samples"),
+                          (["--chat"], "--chat needs the model"),
+                          (["--samples", bad, "--perplexity"], "--perplexity needs the model"),
+                          (["--compare", bad, bad], "has not been scored yet")):
+        with pytest.raises(SystemExit) as e:
+            mtpb.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- with a model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """checkpoint(n_ctx): a tiny random model with CodeGen's vocabulary and a context of n_ctx
+    tokens (the weights do not depend on it), saved in a fresh directory."""
+    import model
+    from conftest import WIDE, random_params
+    params = random_params(WIDE)
+
+    def save(n_ctx):
+        path = tmp_path_factory.mktemp("ckpt")
+        model.save_hf(params, dataclasses.replace(WIDE, n_ctx=n_ctx), path)
+        return path
+    return save
+
+
+def test_generate_and_score_in_a_short_context_writes_beside_the_checkpoint(checkpoint, problems_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    ckpt = checkpoint(64)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    first = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0)
+    out = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0)
+    records = [json.loads(line) for line in (ckpt / "mtpb_multi.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["case"]) for r in records] == [("1", c) for c in range(5)]
+    assert all(len(r["prompts_completions"]) == 7 for r in records)
+    assert len((ckpt / "mtpb_multi_results.jsonl").read_text().splitlines()) == 5
+    assert list(cwd.iterdir()) == []                                   # nothing in the current directory
+    assert "generated 5/5 programs" in first and "5 rows there already, 0 to make" in out and "MTPB multi-turn" in out
+
+
+def test_generation_progress_and_context_note(checkpoint, problems_file, tmp_path, capsys):
+    ckpt = checkpoint(64)
+    out = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0,
+                   "--out", tmp_path / "s.jsonl")
+    assert "note: the model's 64-token context cuts turns short of their 64-token budget" in out
+    assert "generated 5/5 programs" in out and "programs/s" in out
+    assert (tmp_path / "s_results.jsonl").exists() and not list(ckpt.glob("mtpb_*"))
+
+
+def test_refused_runs_leave_no_file(checkpoint, problems_file, tmp_path, capsys):
+    ckpt = checkpoint(128)
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)             # a corrupt checkpoint
+    before = sorted(tmp_path.parent.rglob("*"))
+    for argv, message in ((["--init-from", ckpt, "--problems", problems_file], str(ckpt)),
+                          (["--init-from", tmp_path / "nothing", "--problems", problems_file], "no checkpoint at"),
+                          (["--init-from", ckpt, "--problems", problems_file, "--top-p", 0], "--top-p 0")):
+        with pytest.raises(SystemExit) as e:
+            mtpb.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(tmp_path.parent.rglob("*")) == before
+
+
+def test_cli_chat_from_piped_stdin(checkpoint, capsys, monkeypatch, tmp_path):
+    ckpt = checkpoint(128)
+    long_line = "x " * 65                                              # ~66 tokens: one turn fits, two do not
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"count to three\n:save {tmp_path / 'p.py'}\n:undo\n"
+                                                  f"{long_line}\n{long_line}\n:show\n"))
+    out = _run_cli(capsys, "--init-from", ckpt, "--chat", "--temperature", 0)
+    program = (tmp_path / "p.py").read_text()
+    assert out.startswith("note: the model's 128-token context cuts turns short of their 256-token budget\n"
+                          "# count to three\n") and "> " not in out     # no prompt decoration when piped
+    assert program.startswith(mtpb.PREFIX + "# count to three\n") and program.endswith("\n\n")
+    assert "(turn not added: the program fills the 128-token context" in out
+    assert out.count(f"# {long_line.strip()}") == 2                    # turn 1 as written, then in :show

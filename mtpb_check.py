@@ -1,0 +1,290 @@
+"""How MTPB programs are judged and counted (CodeGen paper §3; the reference scorer is
+salesforce/CodeGen `codegen1/benchmark/mtpb_exec.py`): the checker that runs inside the sandbox,
+and the pass rates per problem, per category and overall.
+
+The sandbox runs this file's text with one line appended, `main('<case as JSON>')` (see
+`program_for`). `main` runs the generated program with a print hook and raises AssertionError
+unless the first argument of its last print call equals the gold output, so the sandbox's
+verdict 'passed' means the program passed. The rules, default and reference
+(--reference-semantics), are in docs/evaluation.md. mtpb.py imports the rest.
+
+Standard library only: numpy and pandas values are recognised when the program imported them.
+"""
+import ast
+import builtins
+import contextlib
+import functools
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import reprlib
+import signal
+import sys
+from pathlib import Path
+
+FLOAT_TOLERANCE = 1e-6  # mtpb_exec.py check_equivalence: abs(o1 - o2) < 1e-6
+REFERENCE_GRACE = 3.0  # s the sandbox allows beyond the in-process alarm of reference semantics
+LIBRARIES = {"pandas": "pandas", "sklearn": "sklearn"}  # prompt word -> module (problems 6, 14, 38, 46)
+_DATASET = re.compile(r"\./datasets/[\w.-]+")  # CSVs of problems 38 and 46, shipped nowhere
+
+
+# ----------------------------------------------------------------------------- in the sandbox
+
+def _loaded(name):
+    """The module `name` when the program imported it, else None: a value can only be a numpy
+    array or a pandas Series if its module is loaded, and importing either costs time."""
+    return sys.modules.get(name)
+
+
+def print_last_statement(code):
+    """The reference's AST rewrite (mtpb_exec.py `rewrite_ast_with_print`): unless the last
+    top-level statement is a call of a name starting with `print`, wrap that statement's `.value`
+    in print(...). It acts on any statement with a `.value`: `y = x + 1` becomes `y = print(x + 1)`.
+    Code whose last statement has no `.value` (for, if, import) or does not parse is kept as is."""
+    try:
+        tree = ast.parse(code)
+        last = tree.body[-1]
+        try:
+            if last.value.func.id.startswith("print"):
+                return code
+        except AttributeError:
+            pass
+        last.value = ast.Call(func=ast.Name(id="print", ctx=ast.Load()), args=[last.value], keywords=[])
+        return ast.unparse(ast.fix_missing_locations(tree))
+    except Exception:  # the reference prints the error and runs the code unchanged
+        return code
+
+
+def to_plain(x):
+    """numpy scalars and arrays, pandas Series and tuples as Python scalars and lists, recursively."""
+    np, pd = _loaded("numpy"), _loaded("pandas")
+    if pd is not None and isinstance(x, pd.Series):
+        x = x.to_numpy()
+    if np is not None and isinstance(x, (np.ndarray, np.generic)):
+        x = x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [to_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {(k.item() if np is not None and isinstance(k, np.generic) else k): to_plain(v) for k, v in x.items()}
+    return x
+
+
+def same(value, gold):
+    """Structural equality with gold (a JSON value): same kinds all the way down, numbers within
+    FLOAT_TOLERANCE, bools only equal to bools."""
+    if gold is None or isinstance(gold, (bool, str)):
+        return type(value) is type(gold) and value == gold
+    if isinstance(gold, (int, float)):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and abs(value - gold) < FLOAT_TOLERANCE)
+    if isinstance(gold, list):
+        return (isinstance(value, list) and len(value) == len(gold)
+                and all(same(v, g) for v, g in zip(value, gold)))
+    if isinstance(gold, dict):
+        return (isinstance(value, dict) and value.keys() == gold.keys()
+                and all(same(value[k], gold[k]) for k in gold))
+    return False
+
+
+def equivalent(value, gold):
+    """The default rule: numpy/pandas/tuples converted as the reference does, then `same`. Between
+    top-level scalars the printed text decides, as in the reference's casts (True vs "True",
+    5 vs "5", None vs "None", 2.5 vs "2.5"); nothing is ever cast into a container ("ab" is not
+    ['a', 'b']), and dict and None compare like any other value."""
+    value = to_plain(value)
+    if same(value, gold):
+        return True
+    scalars = (type(None), bool, int, float, str)
+    if not (isinstance(gold, scalars) and isinstance(value, scalars)):
+        return False
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool) and isinstance(value, str):
+        try:
+            return abs(float(value) - gold) < FLOAT_TOLERANCE
+        except ValueError:
+            return False
+    return str(value) == str(gold)
+
+
+def reference_equivalent(o1, o2):
+    """mtpb_exec.py `check_equivalence(o1=printed, o2=gold)`, rule for rule, its exact type tests
+    included: a few numpy types become Python ones, a list of tuples a list of lists; on a type
+    mismatch a bool gold compares as text and anything else is cast `type(gold)(printed)`
+    ("ab" -> ['a', 'b']); dict and None are unsupported types and raise ValueError."""
+    np, pd = _loaded("numpy"), _loaded("pandas")
+    if pd is not None and isinstance(o1, pd.Series):
+        o1, o2 = o1.to_numpy(), np.array(o2)
+    elif type(o1) == list:
+        if len(o1) > 0 and type(o1[0]) == tuple:
+            o1 = [list(t) for t in o1]
+    elif np is not None and type(o1) in (np.uint8, np.int16, np.int32, np.int64):
+        o1 = int(o1)
+    elif np is not None and type(o1) in (np.float16, np.float32, np.float64):
+        o1 = float(o1)
+    elif np is not None and type(o1) == np.bool_:
+        o1 = bool(o1)
+    elif np is not None and type(o1) == np.ndarray:
+        o1 = o1.tolist()
+    if type(o1) != type(o2):
+        if type(o2) == bool:
+            o1, o2 = str(o1), str(o2)
+        else:
+            o1 = type(o2)(o1)
+    if type(o1) in (str, int, set, list, bool, tuple):
+        return o1 == o2
+    if type(o1) == float:
+        return abs(o1 - o2) < FLOAT_TOLERANCE
+    if np is not None and type(o1) == np.ndarray:
+        return np.allclose(o1, o2)
+    raise ValueError(f"Unsupported type {type(o1)}")
+
+
+class _Discard(io.TextIOBase):
+    """Standard output of the checked program: the reference captured it, nothing reads it."""
+
+    def write(self, s):
+        return len(s)
+
+
+def check_program(program, gold, reference_semantics, time_limit):
+    """Run `program` with a print hook and raise AssertionError unless its last printed value
+    matches `gold`.
+
+    Default: any exception (the program's included) fails. Reference semantics (mtpb_exec.py
+    `do_exec`): the program's exceptions are swallowed, and an in-process alarm after `time_limit`
+    seconds raises one, so a crash or a hang after the right print still passes."""
+    printed = []  # the positional arguments of every print call (the reference's print_stack)
+    real_print = builtins.print
+
+    def print(*args, **kwargs):  # the program's `print`, put in its globals like the reference's hook
+        printed.append(args)
+        return real_print(*args, **kwargs)
+
+    code = print_last_statement(program)
+    env = {"__name__": "__main__", "print": print}
+    with contextlib.redirect_stdout(_Discard()):
+        if reference_semantics:
+            def alarm(signum, frame):
+                raise TimeoutError("Timed out!")  # an Exception, as the reference's TimeoutException
+            signal.signal(signal.SIGALRM, alarm)
+            signal.setitimer(signal.ITIMER_REAL, time_limit)
+            try:
+                exec(code, env)
+            except Exception:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        else:
+            exec(code, env)
+    if not printed:
+        raise AssertionError("the program printed nothing")
+    if not printed[-1]:
+        raise AssertionError("the last print call had no argument")
+    value = printed[-1][0]
+    match = reference_equivalent(value, gold) if reference_semantics else equivalent(value, gold)
+    if not match:
+        raise AssertionError(f"printed {reprlib.repr(value)}, expected {reprlib.repr(gold)}")
+
+
+def main(case_json):
+    """Check one case inside the sandbox: one BLAS thread (many programs run side by side), and
+    `random` and numpy seeded with 0 so the random problems (20, 23) score the same every time."""
+    case = json.loads(case_json)
+    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    random.seed(0)
+    try:
+        import numpy
+        numpy.random.seed(0)
+    except ImportError:
+        pass
+    check_program(case["program"], case["gold"], case["reference_semantics"], case["time_limit"])
+
+
+# ----------------------------------------------------------------------------- in the evaluating process
+
+def program_for(program, gold, reference_semantics=False, time_limit=10.0):
+    """What the sandbox runs to check one sample: this file, then `main` on the case."""
+    case = json.dumps({"program": program, "gold": gold, "reference_semantics": bool(reference_semantics),
+                       "time_limit": float(time_limit)})
+    return f"{_own_source()}\n\nmain({case!r})\n"
+
+
+@functools.cache
+def _own_source():
+    return Path(__file__).read_text(encoding="utf-8")
+
+
+@functools.cache
+def _installed(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_requirement(record):
+    """'missing pandas' (etc.) when the record's prompts need what this machine cannot give the
+    program, else None. The prompts are the odd pieces of `prompts_completions`; records without
+    them are judged by their whole program text."""
+    pieces = record.get("prompts_completions")
+    text = "".join(pieces[1::2]) if isinstance(pieces, list) else record["completions"]
+    for word, module in LIBRARIES.items():
+        if re.search(rf"\b{word}\b", text) and not _installed(module):
+            return f"missing {module}"
+    found = _DATASET.search(text)
+    return f"missing file {found.group()}" if found else None
+
+
+def summarize(results, categories=None):
+    """{problem id: {'category', 'passed', 'scored', 'skipped'}} from results records; the
+    category comes from the record, else from `categories` (id -> category)."""
+    per = {}
+    for r in results:
+        pid = str(r["id"])
+        p = per.setdefault(pid, {"category": r.get("category") or (categories or {}).get(pid, "?"),
+                                 "passed": 0, "scored": 0, "skipped": None})
+        if str(r.get("result", "")).startswith("skipped"):
+            p["skipped"] = r["result"]
+        else:
+            p["scored"], p["passed"] = p["scored"] + 1, p["passed"] + bool(r["passed"])
+    return dict(sorted(per.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]))
+
+
+def _rates(summary):
+    """{row label: (passed, scored, problems)} per category and 'overall' (passes / scored programs,
+    the reference's aggregate)."""
+    rows = {}
+    for p in (p for p in summary.values() if p["scored"]):
+        for label in (p["category"], "overall"):
+            a, b, c = rows.get(label, (0, 0, 0))
+            rows[label] = (a + p["passed"], b + p["scored"], c + 1)
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0] == "overall", kv[0])))
+
+
+def _pct(passed, scored):
+    return f"{100 * passed / scored:6.2f}" if scored else "   n/a"
+
+
+def format_report(summary, title):
+    lines = [title, f"{'problem':>8} {'category':<13} {'passed':>9} {'rate %':>7}"]
+    for pid, p in summary.items():
+        rate = f"{p['passed']:>4}/{p['scored']:<4} {_pct(p['passed'], p['scored'])}" if p["scored"] else p["skipped"]
+        lines.append(f"{pid:>8} {p['category']:<13} {rate}")
+    lines.append(f"\n{'category':<13} {'problems':>8} {'rate %':>7}")
+    for label, (passed, scored, count) in _rates(summary).items():
+        lines.append(f"{label:<13} {count:>8} {_pct(passed, scored)}")
+    skipped = [f"{pid} ({p['skipped']})" for pid, p in summary.items() if not p["scored"]]
+    return "\n".join(lines + (["not scored: " + "; ".join(skipped)] if skipped else []))
+
+
+def format_compare(a, b, label_a, label_b):
+    """Two runs side by side per category and overall, over the problems both scored."""
+    both = [pid for pid in a if pid in b and a[pid]["scored"] and b[pid]["scored"]]
+    ra, rb = _rates({p: a[p] for p in both}), _rates({p: b[p] for p in both})
+    diffs = [a[p]["passed"] / a[p]["scored"] - b[p]["passed"] / b[p]["scored"] for p in both]
+    lines = [f"MTPB pass rate % over {len(both)} problems scored in both",
+             f"{'category':<13} {'problems':>8} {label_a:>12} {label_b:>12}"]
+    lines += [f"{label:<13} {ra[label][2]:>8} {_pct(*ra[label][:2]):>12} {_pct(*rb[label][:2]):>12}" for label in ra]
+    lines.append(f"problems where {label_a} is higher: {sum(d > 0 for d in diffs)}, "
+                 f"{label_b} is higher: {sum(d < 0 for d in diffs)}")
+    lines.append("paper, CodeGen-Mono multi vs single turn: 350M 16.98 vs 5.75; 16.1B 47.34 vs 38.74")
+    return "\n".join(lines)
