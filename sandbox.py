@@ -19,7 +19,6 @@ import pathlib
 import resource
 import secrets
 import select
-import selectors
 import shutil
 import signal
 import struct
@@ -76,11 +75,9 @@ def landlock_abi():
 
 
 def _confine(directory):
-    """Landlock: from now on this process may create, change or delete files only below
-    `directory` (and write /dev/null); with ABI >= 6 it may also signal, and connect to
-    abstract unix sockets of, only processes of its own domain. Reading is not restricted."""
-    abi = landlock_abi()
-    if abi == 0:
+    """Landlock: create, change or delete files only below `directory` (and write /dev/null);
+    ABI >= 6: signal, or reach abstract unix sockets of, only its own domain. Reads stay free."""
+    if (abi := landlock_abi()) == 0:
         return
     # LANDLOCK_ACCESS_FS_* bits: WRITE_FILE=1<<1, REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1),
     # REFER=1<<13 (ABI 2, links and renames across directories), TRUNCATE=1<<14 (ABI 3).
@@ -194,8 +191,7 @@ def _lock_down(workdir, timeout, memory_mb):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
     _call(_libc.prctl, 38, 1, 0, 0, 0)                   # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
     _confine(workdir)
-    # No capabilities: no mounts, no bypassing file permissions, no raising limits, ever again
-    _call(_libc.capset, struct.pack("=Ii", 0x20080522, 0), bytes(24))   # _LINUX_CAPABILITY_VERSION_3
+    _call(_libc.capset, struct.pack("=Ii", 0x20080522, 0), bytes(24))   # no capabilities (header v3), ever
     bpf = seccomp_filter(os.uname().machine, os.getpid())
     if bpf is not None:
         bpf_buffer = ctypes.create_string_buffer(bpf)
@@ -267,20 +263,18 @@ def _judge(program, timeout, memory_mb):
     bufs = {out_r: (out, OUTPUT_CAP, "stdout"), err_r: (err, OUTPUT_CAP, "stderr"),
             verdict_r: (verdict, 4096, "the verdict pipe")}
     pidfd = os.pidfd_open(pid)             # becomes readable when the child exits (Linux >= 5.3)
-    sel = selectors.DefaultSelector()
-    for fd in (*bufs, pidfd):
-        sel.register(fd, selectors.EVENT_READ)
-    problem = None
-    while sel.get_map() and problem is None:
+    problem, watched = None, [*bufs, pidfd]
+    while watched and problem is None:
         if (remaining := start + timeout - time.monotonic()) <= 0:
             problem = ("timed out", f"exceeded the {timeout:g} s wall-clock limit")
-            break
-        for key, _ in sel.select(remaining):
-            chunk = b"" if key.fd == pidfd else os.read(key.fd, 65536)
+        elif _threads(pid) > PROCESSES:    # RLIMIT_NPROC does not bind root: count them every 10 ms
+            problem = ("failed", f"started more than {PROCESSES} threads")
+        for fd in select.select(watched, [], [], min(remaining, 0.01))[0] if problem is None else []:
+            chunk = b"" if fd == pidfd else os.read(fd, 65536)
             if not chunk:                  # exited (its pipes now drain to EOF), or EOF
-                sel.unregister(key.fd)
+                watched.remove(fd)
                 continue
-            buf, cap, name = bufs[key.fd]
+            buf, cap, name = bufs[fd]
             buf += chunk
             if len(buf) > cap:
                 problem = ("error", f"exceeded the output cap ({cap} bytes on {name})")
@@ -290,11 +284,18 @@ def _judge(program, timeout, memory_mb):
     _, wait_status = os.waitpid(pid, 0)
     for fd in (*bufs, pidfd):
         os.close(fd)
-    sel.close()
     status, reason = problem or _verdict(bytes(verdict), secret, os.waitstatus_to_exitcode(wait_status))
     return dict(status=status, reason=reason, stdout=out[:OUTPUT_CAP].decode("utf-8", "replace"),
                 stderr=err[:OUTPUT_CAP].decode("utf-8", "replace"), seconds=time.monotonic() - start,
                 clean=_remove_tree(workdir))
+
+
+def _threads(pid):
+    """How many threads process `pid` has (0 once it has gone)."""
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[17])    # field 20, num_threads
+    return 0
 
 
 def _verdict(verdict, secret, exitcode):
@@ -384,10 +385,8 @@ class _Judge:
         reply = json.loads(line) if answered else None
         if reply is None or not reply.pop("clean"):   # a fresh judge (and /tmp) for the next program
             self.close()
-        if reply is None:
-            return Result("error", f"the judge failed: {self.last_words or 'no answer'}", "", "",
-                          time.monotonic() - start)
-        return Result(**reply)
+        return Result(**reply) if reply is not None else Result(
+            "error", f"the judge failed: {self.last_words or 'no answer'}", "", "", time.monotonic() - start)
 
     def close(self):
         """Stop the judge (SIGKILL to its group: between programs it has nothing to finish)."""
