@@ -33,7 +33,7 @@ import common
 
 FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
-PROCESSES = 64             # RLIMIT_NPROC, threads included (binds every uid but root's)
+PROCESSES = 64             # threads at most (RLIMIT_NPROC, which spares root; the judge counts them too)
 TMPFS_MB = 64              # the private /tmp under bwrap: all a program can write there
 OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the program
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer

@@ -129,6 +129,7 @@ def test_forged_verdicts_do_not_pass(path):
         "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
         "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'Spassed')\n    except OSError: pass\nos._exit(0)",
         "import os, signal; os.kill(-1, signal.SIGKILL)",
+        "import os; open(f'/proc/{os.getppid()}/fd/0', 'rb').read(1)",   # steal the judge's next request
     ]
     results = _honest_still_pass(forgeries, path)
     for program, r in zip(forgeries, results):
