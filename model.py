@@ -13,14 +13,9 @@ Attention rotates the first `rotary_dim` dims of every query/key head with GPT-J
 interleaved rotary embedding and does its softmax in float32; the MLP is
 Linear(4D) -> gelu(tanh) -> Linear(D), both with biases.
 
-Parameters are a plain nested dict of arrays (no framework); per-layer weights are
-stacked on a leading layer axis so one `scan` runs them all and a 34-layer model
-compiles as fast as a 2-layer one (decoding unrolls the layers instead: see `_trunk`).
-Weights are stored as JAX kernels `[in, out]`.
-
-The released checkpoints fuse q, k, v into one `qkv_proj` whose rows come in 4
-model-parallel blocks, each ordered (q, v, k) — the TPU-v4 layout the weights were
-trained in. `load_hf` splits it once into plain `wq`, `wk`, `wv`; `save_hf` puts it back.
+Parameters are a plain nested dict of arrays (no framework), weights as JAX kernels
+`[in, out]`; per-layer weights are stacked on a leading layer axis so one `scan` runs them
+all and a 34-layer model compiles as fast as a 2-layer one (decoding unrolls them: `_trunk`).
 
 Shapes are written into names (`x_BTD`) with these letters:
 
@@ -37,12 +32,14 @@ import math
 import os
 import pickle
 import zipfile
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 # ----------------------------------------------------------------------------- config
 
@@ -100,11 +97,8 @@ def param_count(config, embedding=True):
 
 
 def flops_per_token(config, seq_len):
-    """Training FLOPs per token (forward + backward): 6 per weight plus attention scores.
-
-    The attention term 12·L·D·T counts QKᵀ and AV over the whole window (the PaLM/nanoGPT
-    convention, which does not discount the causal mask).
-    """
+    """Training FLOPs per token (forward + backward): 6 per weight plus attention scores, whose
+    term 12·L·D·T counts QKᵀ and AV over the whole window (PaLM's convention: no causal discount)."""
     return 6 * param_count(config, embedding=False) + 12 * config.n_layer * config.n_embd * seq_len
 
 
@@ -120,18 +114,13 @@ def init_params(config, key):
         return jax.random.truncated_normal(next(keys), -2.0, 2.0, shape) * (std / 0.87962566)
 
     out_std = (2.0 / L) / math.sqrt(D)  # JAXformer init_scale / sqrt(model dim), for wo and w_out alike
-    return {
-        "wte": normal((V, D), 1 / math.sqrt(V)),
-        "layers": {
-            "ln_scale": jnp.ones((L, D)), "ln_bias": jnp.zeros((L, D)),
-            **{w: normal((L, D, D), 1 / math.sqrt(D)) for w in ("wq", "wk", "wv")},
-            "wo": normal((L, D, D), out_std),
-            "w_in": normal((L, D, F), 1 / math.sqrt(D)), "b_in": jnp.zeros((L, F)),
-            "w_out": normal((L, F, D), out_std), "b_out": jnp.zeros((L, D)),
-        },
-        "lnf_scale": jnp.ones(D), "lnf_bias": jnp.zeros(D),
-        "head_w": normal((D, V), 1 / math.sqrt(D)), "head_b": jnp.zeros(V),
-    }
+    return {"wte": normal((V, D), 1 / math.sqrt(V)),
+            "layers": {"ln_scale": jnp.ones((L, D)), "ln_bias": jnp.zeros((L, D)),
+                       **{w: normal((L, D, D), 1 / math.sqrt(D)) for w in ("wq", "wk", "wv")},
+                       "wo": normal((L, D, D), out_std), "w_in": normal((L, D, F), 1 / math.sqrt(D)),
+                       "b_in": jnp.zeros((L, F)), "w_out": normal((L, F, D), out_std), "b_out": jnp.zeros((L, D))},
+            "lnf_scale": jnp.ones(D), "lnf_bias": jnp.zeros(D),
+            "head_w": normal((D, V), 1 / math.sqrt(D)), "head_b": jnp.zeros(V)}
 
 
 def cast(params, dtype):
@@ -143,10 +132,8 @@ def cast(params, dtype):
 
 def _layer_norm(x, scale, bias, eps):
     x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    y = (x32 - x32.mean(-1, keepdims=True)) * jax.lax.rsqrt(x32.var(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def _rotary(x_BTHd, sin_BTr, cos_BTr):
@@ -194,84 +181,63 @@ def _split_batch(x_BTD):
 
 
 def init_cache(config, batch, max_len, dtype=jnp.float32):
-    """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid` marks slots holding
-    real tokens (left padding stays False), `pos` counts each row's real tokens so far (its
-    next rotary position), `length` is the next free slot."""
-    shape = (batch, config.n_head, max_len, config.head_dim)
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
-            "valid": jnp.zeros((batch, max_len), bool), "pos": jnp.zeros(batch, jnp.int32),
-            "length": jnp.zeros((), jnp.int32)}
+    """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid`: slots holding real tokens
+    (not left padding); `pos`: each row's next rotary position; `length`: the next free slot."""
+    empty = [jnp.zeros((batch, config.n_head, max_len, config.head_dim), dtype) for _ in range(2 * config.n_layer)]
+    return {"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
+            "pos": jnp.zeros(batch, jnp.int32), "length": jnp.zeros((), jnp.int32)}
 
 
-def forward(params, tokens_BT, config, *, valid_BT=None, cache=None, remat=False):
-    """Logits (B, T, V) in float32; with a `cache`, returns (logits, updated cache).
-    `valid_BT` (False = left padding) gives each real token the position it would have
-    without padding (cumsum - 1) and hides padded keys from attention."""
-    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache, remat)
+def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):
+    """Logits (B, T, V) in float32; with a `cache`, (logits, updated cache). `valid_BT` (False = left
+    padding) gives real tokens their unpadded positions (cumsum - 1) and hides padded keys."""
+    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache)
     logits = jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
     return logits if cache is None else (logits, new_cache)
 
 
-def _trunk(params, tokens_BT, config, valid_BT, cache, remat):
+def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     """Embedding, the layers and the final LayerNorm: hidden states (B, T, D) for the head."""
     B, T = tokens_BT.shape
-    if T > config.n_ctx:  # rotary angles past n_ctx were never trained: refuse, as transformers does
-        raise ValueError(f"{T} tokens do not fit the model's context of n_ctx={config.n_ctx}; pass at most "
-                         f"{config.n_ctx} (--seq-len, or a shorter prompt)")
-    if valid_BT is None:
-        valid_BT = jnp.ones((B, T), bool)
+    if T > config.n_ctx:  # positions past n_ctx were never trained: refuse rather than extrapolate
+        raise ValueError(f"{T} tokens do not fit the model's context (n_ctx {config.n_ctx}); pass fewer")
+    valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
     seen = jnp.zeros(B, jnp.int32) if cache is None else cache["pos"]
     pos_BT = jnp.maximum(seen[:, None] + jnp.cumsum(valid_BT, axis=1) - 1, 0)
-
-    if cache is None:
-        start, key_valid_BS = 0, valid_BT
-    else:
-        start = cache["length"]
-        key_valid_BS = jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start))
-    S = key_valid_BS.shape[1]
-    causal_TS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+    start = 0 if cache is None else cache["length"]
+    key_valid_BS = valid_BT if cache is None else jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start))
+    causal_TS = jnp.arange(key_valid_BS.shape[1])[None, :] <= start + jnp.arange(T)[:, None]
     mask_BTS = causal_TS[None] & key_valid_BS[:, None, :]
-
     inv_freq = 1.0 / 10000 ** (np.arange(0, config.rotary_dim, 2) / config.rotary_dim)
     angles_BTr = pos_BT[..., None].astype(jnp.float32) * inv_freq.astype(np.float32)
-    sin, cos = jnp.sin(angles_BTr), jnp.cos(angles_BTr)
-
-    block = partial(_block, sin=sin, cos=cos, mask_BTS=mask_BTS, config=config)
-    if remat:  # recompute each layer's activations in the backward pass instead of storing them
-        block = jax.checkpoint(block)
-
+    block = partial(_block, sin=jnp.sin(angles_BTr), cos=jnp.cos(angles_BTr), mask_BTS=mask_BTS, config=config)
+    block = jax.checkpoint(block) if remat else block  # remat: recompute activations in the backward pass
     x = _split_batch(params["wte"][tokens_BT])                     # (B, T, D)
     if cache is None:
         x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
     else:
-        # Decoding is memory-bound, so the layers are unrolled and each has its own cache
-        # buffers (B, H, S, hd), updated in place: slicing layer i out of stacked (L, ...)
-        # arrays makes XLA:CPU copy the slice on every step (docs/training.md). Callers that
-        # decode many steps pass weights already split by `unstack_layers` (sample.py does).
-        k, v = [], []
+        # Decoding is memory-bound: layers unrolled, each with its own cache buffers updated in place
+        # (docs/training.md). Callers pass weights already split by `unstack_layers` (sample.py does).
+        kv = []
         for i, p in enumerate(unstack_layers(params)["layers"]):
-            x, (k_i, v_i) = block(x, p, past_kv=(cache["k"][i], cache["v"][i], start))
-            k.append(k_i)
-            v.append(v_i)
-        cache = {"k": k, "v": v, "valid": key_valid_BS, "pos": seen + valid_BT.sum(1, dtype=jnp.int32),
-                 "length": start + T}
+            x, kv_i = block(x, p, past_kv=(cache["k"][i], cache["v"][i], start))
+            kv.append(kv_i)
+        cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv], "valid": key_valid_BS,
+                 "pos": seen + valid_BT.sum(1, dtype=jnp.int32), "length": start + T}
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 
 
 def unstack_layers(params):
-    """`params` with the stacked (L, ...) layer weights split into a list of L per-layer
-    dicts; unchanged if already split. See the cached branch of `_trunk` for why."""
-    layers = params["layers"]
-    if isinstance(layers, list):
+    """`params` with the stacked (L, ...) layer weights split into L per-layer dicts (see `_trunk`)."""
+    if isinstance(params["layers"], list):
         return params
+    layers = params["layers"]
     return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(len(layers["wq"]))]}
 
 
 def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):
-    """Mean next-token cross entropy over every position of each window (JAXformer trains
-    all of them, EOS included), plus JAXformer's optional z-loss z·logsumexp² that keeps
-    the softmax normaliser near 1. A window of W = T + 1 tokens gives T predictions."""
+    """Mean next-token cross entropy over the T predictions of each W-token window (JAXformer
+    trains all, EOS included) plus its optional z-loss z·logsumexp², keeping the normaliser near 1."""
     x_BTD, _ = _trunk(params, windows_BW[:, :-1], config, None, None, remat)
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
     return head_loss(x_ND, params["head_w"], params["head_b"], windows_BW[:, 1:].reshape(-1), z_loss)
@@ -284,10 +250,9 @@ def cross_entropy(logits_NV, targets_N, z_loss=0.0):
     return lse_N - target_N + z_loss * lse_N ** 2
 
 
-# The head's (N x V) logits outweigh the rest of a small model, so `head_loss` never holds
-# them all: it walks the tokens C at a time and, when differentiated, computes each chunk's
-# loss *and* gradient in one pass while its logits are in cache (docs/training.md). On CPU a
-# chunk should fit the last-level cache (128 x 51,200 floats = 26 MB).
+# The head's (N x V) logits outweigh the rest of a small model, so `head_loss` walks the tokens
+# C at a time and, differentiated, computes each chunk's loss *and* gradient in one pass while
+# its logits are in cache (docs/training.md). On CPU: 128 x 51,200 floats = 26 MB, cache-sized.
 HEAD_CHUNK = {"cpu": 128}
 
 
@@ -297,17 +262,17 @@ def _chunks(x_ND, targets_N):
     C = min(HEAD_CHUNK.get(jax.default_backend(), 4096), N)
     pad = -N % C
     weight_GC = ((jnp.arange(N + pad) < N) / N).reshape(-1, C).astype(jnp.float32)
-    return jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D), jnp.pad(targets_N, (0, pad)).reshape(-1, C), weight_GC
+    x_GCD, y_GC = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D), jnp.pad(targets_N, (0, pad)).reshape(-1, C)
+    return x_GCD, y_GC, weight_GC
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def head_loss(x_ND, w_DV, b_V, targets_N, z_loss):
     """mean over N of cross_entropy(x @ w + b, targets), one chunk of logits at a time."""
-    def chunk(total, xs):
-        x_CD, y_C, weight_C = xs
+    def chunk(x_CD, y_C, weight_C):
         logits_CV = jnp.dot(x_CD, w_DV, preferred_element_type=jnp.float32) + b_V
-        return total + jnp.sum(weight_C * cross_entropy(logits_CV, y_C, z_loss)), None
-    return jax.lax.scan(chunk, jnp.zeros((), jnp.float32), _chunks(x_ND, targets_N))[0]
+        return jnp.sum(weight_C * cross_entropy(logits_CV, y_C, z_loss))
+    return jax.lax.map(lambda xs: chunk(*xs), _chunks(x_ND, targets_N)).sum()
 
 
 def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
@@ -325,9 +290,8 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
         lse_C = top_C + jnp.log(sum_C)
         target_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
         loss_sum += jnp.sum(weight_C * (lse_C - target_C + z_loss * lse_C ** 2))
-        # d(loss of a token)/d(its logits) = softmax · (1 + 2·z·lse) − onehot(target). The 1/N of
-        # the mean (and the padding's 0) is applied to the small operands, not to this big array;
-        # the bias gradient is a matrix-vector product (XLA's column sum of d is 10x slower).
+        # d(loss of a token)/d(its logits) = softmax · (1 + 2·z·lse) − onehot(target); the weights
+        # (1/N, 0 for padding) scale the small operands, not this big array (docs/training.md).
         is_target_CV = jnp.arange(logits_CV.shape[1])[None, :] == y_C[:, None]
         d_CV = e_CV * ((1 + 2 * z_loss * lse_C) / sum_C)[:, None] - is_target_CV
         dx_CD = jnp.dot(d_CV.astype(w_DV.dtype), w_DV.T, preferred_element_type=jnp.float32) * weight_C[:, None]
@@ -337,8 +301,8 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
     (loss_sum, dw_DV, db_V), dx_GCD = jax.lax.scan(chunk, zeros, (x_GCD, xT_GDC, y_GC, weight_GC))
-    grads = (dx_GCD.reshape(-1, x_ND.shape[1])[:x_ND.shape[0]], dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
-    return loss_sum, grads
+    dx_ND = dx_GCD.reshape(-1, x_ND.shape[1])[:x_ND.shape[0]]
+    return loss_sum, (dx_ND, dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
 
 
 def _head_loss_bwd(z_loss, grads, g):
@@ -351,12 +315,13 @@ head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
 
 
 # ----------------------------------------------------------------------------- Hugging Face format
-# HF CodeGen stores torch Linear weights as [out, in]; ours are JAX kernels [in, out].
+# HF CodeGen stores torch Linear weights as [out, in]; ours are JAX kernels [in, out]. q, k, v are
+# fused into one `qkv_proj` in the TPU-v4 layout the weights were trained in (_split_qkv):
+# `load_hf` splits it once into plain `wq`, `wk`, `wv`; `save_hf` puts it back.
 
 _PER_LAYER = {  # our stacked name -> HF name inside transformer.h.{i}
     "ln_scale": "ln_1.weight", "ln_bias": "ln_1.bias", "wo": "attn.out_proj.weight",
-    "w_in": "mlp.fc_in.weight", "b_in": "mlp.fc_in.bias", "w_out": "mlp.fc_out.weight", "b_out": "mlp.fc_out.bias",
-}
+    "w_in": "mlp.fc_in.weight", "b_in": "mlp.fc_in.bias", "w_out": "mlp.fc_out.weight", "b_out": "mlp.fc_out.bias"}
 _TOP = {"wte": "transformer.wte.weight", "lnf_scale": "transformer.ln_f.weight",
         "lnf_bias": "transformer.ln_f.bias", "head_w": "lm_head.weight", "head_b": "lm_head.bias"}
 _TRANSPOSED = {"wo", "w_in", "w_out", "head_w"}
@@ -381,8 +346,7 @@ def to_hf_state(params, config):
     p = jax.tree.map(np.asarray, params)
     state = {hf: (p[ours].T if ours in _TRANSPOSED else p[ours]) for ours, hf in _TOP.items()}
     for i in range(config.n_layer):
-        layer = {name: a[i] for name, a in p["layers"].items()}
-        pre = f"transformer.h.{i}."
+        layer, pre = {name: a[i] for name, a in p["layers"].items()}, f"transformer.h.{i}."
         for ours, hf in _PER_LAYER.items():
             state[pre + hf] = layer[ours].T if ours in _TRANSPOSED else layer[ours]
         state[pre + "attn.qkv_proj.weight"] = _fuse_qkv(layer["wq"], layer["wk"], layer["wv"])
@@ -392,33 +356,24 @@ def to_hf_state(params, config):
 def from_hf_state(state, config, dtype=np.float32):
     """{HF tensor name: array} -> our params, checking every name and shape."""
     D, F, V = config.n_embd, config.d_ff, config.vocab_size
+    per_layer = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.out_proj.weight": (D, D),
+                 "attn.qkv_proj.weight": (3 * D, D), "mlp.fc_in.weight": (F, D), "mlp.fc_in.bias": (F,),
+                 "mlp.fc_out.weight": (D, F), "mlp.fc_out.bias": (D,)}
     want = {"transformer.wte.weight": (V, D), "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,),
             "lm_head.weight": (V, D), "lm_head.bias": (V,)}
-    per_layer_shapes = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.out_proj.weight": (D, D),
-                        "attn.qkv_proj.weight": (3 * D, D), "mlp.fc_in.weight": (F, D), "mlp.fc_in.bias": (F,),
-                        "mlp.fc_out.weight": (D, F), "mlp.fc_out.bias": (D,)}
-    for i in range(config.n_layer):
-        want.update({f"transformer.h.{i}.{n}": s for n, s in per_layer_shapes.items()})
+    want |= {f"transformer.h.{i}.{name}": shape for i in range(config.n_layer) for name, shape in per_layer.items()}
     for name, shape in want.items():
         if name not in state:
             raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {shape})")
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape} "
-                             f"for this config")
-
-    def get(name, transpose=False):
-        a = np.asarray(state[name]).astype(dtype)
-        return a.T if transpose else a
-
-    params = {ours: get(hf, ours in _TRANSPOSED) for ours, hf in _TOP.items()}
-    layers = {name: [] for name in ("wq", "wk", "wv", *_PER_LAYER)}
-    for i in range(config.n_layer):
-        pre = f"transformer.h.{i}."
-        for ours, hf in _PER_LAYER.items():
-            layers[ours].append(get(pre + hf, ours in _TRANSPOSED))
-        for name, a in zip(("wq", "wk", "wv"), _split_qkv(get(pre + "attn.qkv_proj.weight"), D)):
-            layers[name].append(a)
-    params["layers"] = {name: np.stack(a) for name, a in layers.items()}
+            raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
+    get = lambda name, t=False: np.asarray(state[name], dtype).T if t else np.asarray(state[name], dtype)
+    each = range(config.n_layer)
+    qkv = [_split_qkv(get(f"transformer.h.{i}.attn.qkv_proj.weight"), D) for i in each]  # per layer (wq, wk, wv)
+    layers = {w: np.stack([t[j] for t in qkv]) for j, w in enumerate(("wq", "wk", "wv"))}
+    layers |= {ours: np.stack([get(f"transformer.h.{i}.{hf}", ours in _TRANSPOSED) for i in each])
+               for ours, hf in _PER_LAYER.items()}
+    params = {ours: get(hf, ours in _TRANSPOSED) for ours, hf in _TOP.items()} | {"layers": layers}
     return jax.tree.map(jnp.asarray, params)
 
 
@@ -435,22 +390,18 @@ def config_from_hf(hf, where="config.json"):
     """Our Config from a HF CodeGen config.json (a dict); what is absent takes transformers'
     CodeGenConfig default (rotary_dim 64, n_positions 2048) except the four sizes."""
     if not isinstance(hf, dict) or hf.get("model_type") != "codegen":
-        kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise ValueError(f"{where} has model_type {kind!r}; only 'codegen' checkpoints load here")
+        raise ValueError(f"{where} is not a CodeGen config (model_type must be 'codegen')")
 
     def field(name, default=None, kind=int):
         value = hf.get(name, default)
-        if value is None:
-            raise ValueError(f"{where} has no {name!r}; a CodeGen config.json gives n_layer, n_embd, n_head, "
-                             f"rotary_dim and vocab_size")
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise ValueError(f"{where}: {name} is {value!r}, expected {'a number' if kind is float else 'an integer'}")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, kind)):
+            raise ValueError(f"{where}: {name} is {value!r}, expected a number; a CodeGen config.json "
+                             f"gives n_layer, n_embd, n_head, rotary_dim and vocab_size")
         return value
-    n_embd = field("n_embd")
-    if hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("activation_function", "gelu_new") != "gelu_new":
+    if hf.get("n_inner") not in (None, 4 * field("n_embd")) or hf.get("activation_function") not in (None, "gelu_new"):
         raise ValueError(f"{where} asks for n_inner/activation_function that CodeGen never used; not supported")
     try:
-        return Config(n_layer=field("n_layer"), n_embd=n_embd, n_head=field("n_head"),
+        return Config(n_layer=field("n_layer"), n_embd=field("n_embd"), n_head=field("n_head"),
                       rotary_dim=field("rotary_dim", 64), n_ctx=field("n_positions", 2048),
                       vocab_size=field("vocab_size"), layer_norm_epsilon=field("layer_norm_epsilon", 1e-5, float))
     except ValueError as e:
@@ -459,12 +410,11 @@ def config_from_hf(hf, where="config.json"):
 
 def save_hf(params, config, path, dtype=np.float32):
     """Write `config.json` + `model.safetensors`, loadable by transformers' CodeGenForCausalLM."""
-    from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(config) | {"torch_dtype": np.dtype(dtype).name}, f, indent=2)
-    state = {name: a.astype(dtype) for name, a in to_hf_state(params, config).items()}
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_file({name: a.astype(dtype) for name, a in to_hf_state(params, config).items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_hf(path, dtype=np.float32):
@@ -481,12 +431,11 @@ def load_hf(path, dtype=np.float32):
         raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "
                          f"pass a Hugging Face CodeGen directory or one written by train.py")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, "rb") as f:
             hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"cannot read {cfg_path}: {e}") from None
-    config = config_from_hf(hf, cfg_path)
-    state = read_hf_tensors(path)
+    config, state = config_from_hf(hf, cfg_path), read_hf_tensors(path)
     if hf.get("tie_word_embeddings") and "transformer.wte.weight" in state:  # the head shares the embedding
         state.setdefault("lm_head.weight", state["transformer.wte.weight"])
     try:
@@ -498,24 +447,20 @@ def load_hf(path, dtype=np.float32):
 def read_hf_tensors(path):
     """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses:
     one weights file, or shards listed by an index's weight_map."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     files = set(os.listdir(path))
     for single, reader in (("model.safetensors", load_file), ("pytorch_model.bin", read_torch_bin)):
-        index = single + ".index.json"
-        if single not in files and index not in files:
-            continue
-        file = os.path.join(path, single if single in files else index)
+        file = os.path.join(path, single if single in files else single + ".index.json")
         try:
             if single in files:
                 return reader(file)
-            with open(file) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return {k: v for shard in shards for k, v in reader(os.path.join(path, shard)).items()}
+            if single + ".index.json" in files:
+                with open(file) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return {k: v for shard in shards for k, v in reader(os.path.join(path, shard)).items()}
         except (OSError, ValueError, KeyError, TypeError, EOFError, SafetensorError, zipfile.BadZipFile,
                 pickle.UnpicklingError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot read {file} ({why}); it is truncated or corrupt: copy or save it again") from None
+            raise ValueError(f"cannot read {file} ({why}): truncated or corrupt; copy or save it again") from None
     raise ValueError(f"no weights in {path!r}: expected model.safetensors, sharded *.safetensors with "
                      f"model.safetensors.index.json, or pytorch_model.bin")
 
@@ -533,26 +478,19 @@ def read_torch_bin(file):
         if pkl is None:
             raise ValueError(f"{file!r} is not a torch zip checkpoint (no data.pkl); re-save it with torch>=1.6")
         root = pkl[: -len("data.pkl")]
-        storages = {}
-
-        def load_storage(dtype, key):
-            if key not in storages:
-                storages[key] = np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype)
-            return storages[key]
+        load_storage = cache(lambda dtype, key: np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype))
 
         def rebuild(storage, offset, size, stride, *_):  # each tensor is a strided view of its storage
             strides = tuple(s * storage.dtype.itemsize for s in stride)
             return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
 
         class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                if module == "torch._utils" and name == "_rebuild_tensor_v2":
-                    return rebuild
-                if module == "torch" and name in _TORCH_DTYPES:
-                    return _TORCH_DTYPES[name]
-                if module == "collections" and name == "OrderedDict":
-                    return dict
-                raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
+            def find_class(self, module, name):  # only what a state dict holds: nothing runs
+                allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("collections", "OrderedDict"): dict}
+                found = allowed.get((module, name), _TORCH_DTYPES.get(name) if module == "torch" else None)
+                if found is None:
+                    raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
+                return found
 
             def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
                 return load_storage(pid[1], pid[2])

@@ -1,28 +1,16 @@
 """model.py against Hugging Face's CodeGenForCausalLM (the ground truth), plus the
 properties a decoder must have: causality, cached decoding == full forward, exact
-checkpoint round-trips, and the released qkv layout."""
+checkpoint round-trips, the released qkv layout, the fused head loss against its
+definition, and one-line errors for corrupt or mismatched checkpoints."""
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, random_params
 
 import model
-
-TINY = model.Config(n_layer=3, n_embd=64, n_head=8, rotary_dim=4, n_ctx=64, vocab_size=128)
-
-
-def random_params(config, seed=0):
-    """init_params, then perturb norms and biases so a wrong mapping cannot hide behind 1s and 0s."""
-    params = model.init_params(config, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    noisy = {"ln_scale", "ln_bias", "b_in", "b_out", "lnf_scale", "lnf_bias", "head_b"}
-
-    def perturb(path, a):
-        name = path[-1].key
-        return a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) if name in noisy else a
-    return jax.tree_util.tree_map_with_path(perturb, params)
 
 
 # ----------------------------------------------------------------------------- configs and counts
@@ -56,7 +44,7 @@ def test_impossible_configs_fail_with_a_reason(kwargs, why):
 def test_param_count_matches_the_tree():
     params = model.init_params(TINY, jax.random.PRNGKey(0))
     assert sum(a.size for a in jax.tree.leaves(params)) == model.param_count(TINY)
-    assert model.flops_per_token(TINY, 32) == 6 * (model.param_count(TINY) - 128 * 64) + 12 * 3 * 64 * 32
+    assert model.flops_per_token(TINY, 32) == 6 * (model.param_count(TINY) - 256 * 32) + 12 * 2 * 32 * 32
 
 
 # ----------------------------------------------------------------------------- layout
@@ -135,7 +123,7 @@ def test_remat_and_bf16_agree_with_fp32():
     manual = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], -1).mean()
     np.testing.assert_allclose(loss, manual, rtol=1e-6)
     z = model.loss_fn(params, batch, TINY, z_loss=1e-4)
-    np.testing.assert_allclose(z - loss, 1e-4 * jnp.mean(jax.nn.logsumexp(logits, -1) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(z - loss, 1e-4 * jnp.mean(jax.nn.logsumexp(logits, -1) ** 2), atol=2e-6)  # fp32 ulps
 
 
 # ----------------------------------------------------------------------------- checkpoints (no torch needed)
@@ -161,9 +149,46 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"n_layer": 4}))
     with pytest.raises(ValueError, match=r"missing tensor 'transformer\.h\.3\.ln_1\.weight'"):
         model.load_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(cfg | {"n_embd": 32}))
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"n_embd": 64}))
     with pytest.raises(ValueError, match="has shape"):
         model.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d, cfg: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:3000]),
+     r"model\.safetensors \(.*\): truncated or corrupt"),
+    (lambda d, cfg: (d / "model.safetensors").write_bytes(b"\x00" * 5), "truncated or corrupt"),
+    (lambda d, cfg: (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_head"})),
+     r"config\.json: n_head is None"),
+    (lambda d, cfg: (d / "config.json").write_text(json.dumps(cfg | {"n_layer": "2"})), "n_layer is '2'"),
+    (lambda d, cfg: (d / "config.json").write_text(json.dumps(cfg | {"n_embd": 32.5})), "n_embd is 32.5"),
+    (lambda d, cfg: (d / "config.json").write_text('{"model_type": "codegen", '), r"cannot read .*config\.json"),
+    (lambda d, cfg: (d / "config.json").write_text("[1]"), "not a CodeGen config"),
+    (lambda d, cfg: (d / "config.json").write_text(json.dumps(cfg | {"rotary_dim": 6, "n_head": 8})), "n_head=8"),
+])
+def test_corrupt_checkpoint_files_are_one_line_naming_the_file(tmp_path, corrupt, message):
+    model.save_hf(random_params(TINY), TINY, tmp_path)
+    corrupt(tmp_path, json.loads((tmp_path / "config.json").read_text()))
+    with pytest.raises(ValueError, match=message) as e:
+        model.load_hf(tmp_path)
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_a_torn_pytorch_model_bin_is_one_line(tmp_path):
+    model.save_hf(random_params(TINY), TINY, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")  # not a zip at all
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin .*truncated or corrupt") as e:
+        model.load_hf(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_forward_refuses_more_tokens_than_the_context():
+    params = random_params(TINY)
+    model.forward(params, jnp.zeros((1, TINY.n_ctx), jnp.int32), TINY)  # exactly n_ctx is fine
+    with pytest.raises(ValueError, match=f"129 tokens do not fit the model's context \\(n_ctx {TINY.n_ctx}\\)"):
+        model.forward(params, jnp.zeros((1, TINY.n_ctx + 1), jnp.int32), TINY)
+    with pytest.raises(ValueError, match="n_ctx"):
+        model.loss_fn(params, jnp.zeros((1, TINY.n_ctx + 2), jnp.int32), TINY)
 
 
 # ----------------------------------------------------------------------------- parity with transformers
@@ -218,20 +243,55 @@ def test_save_hf_loads_in_transformers_without_warnings(tmp_path):
     assert np.abs(ours - hf_logits(m.eval(), tokens)).max() <= 1e-4
 
 
-def test_fused_head_loss_has_the_naive_loss_and_gradients(monkeypatch):
-    """head_loss computes loss and gradient chunk by chunk; it must equal the textbook version,
-    including a last chunk padded with dead rows (9 tokens in chunks of 4) and the z-loss."""
+def test_config_without_rotary_dim_loads_as_transformers_does(tmp_path):
+    """transformers' CodeGenConfig defaults rotary_dim to 64 (not head_dim); with head_dim 64
+    it loads and matches; with a smaller head_dim, transformers cannot run it and we say why."""
+    wide_heads = model.Config(n_layer=1, n_embd=256, n_head=4, rotary_dim=64, n_ctx=64, vocab_size=256)
+    m = hf_model(wide_heads)
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "rotary_dim"}))
+    m = transformers.CodeGenForCausalLM.from_pretrained(tmp_path).eval()
+    assert m.config.rotary_dim == 64
+    config, params = model.load_hf(tmp_path)
+    assert config == wide_heads
+    tokens = np.random.default_rng(2).integers(0, 256, (1, 16))
+    assert np.abs(np.asarray(model.forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
+    model.save_hf(random_params(TINY), TINY, tmp_path)  # head_dim 8
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "rotary_dim"}))
+    with pytest.raises(ValueError, match=r"rotary_dim=64.*rotary_dim must be even and in \(0, head_dim=8\]"):
+        model.load_hf(tmp_path)
+
+
+def test_tied_embeddings_saved_as_safetensors_load(tmp_path):
+    hf_config = transformers.CodeGenConfig(**model.config_to_hf(TINY) | {"tie_word_embeddings": True})
+    torch.manual_seed(0)
+    m = transformers.CodeGenForCausalLM(hf_config).eval()
+    m.save_pretrained(tmp_path)
+    from safetensors.numpy import load_file
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # the tied copy is not stored
+    config, params = model.load_hf(tmp_path)
+    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 12))
+    assert np.abs(np.asarray(model.forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
+
+
+def test_fused_head_loss_equals_the_plain_cross_entropy_and_its_gradients(monkeypatch):
+    """head_loss computes loss and gradient chunk by chunk; it must equal cross_entropy on the
+    full logits, including a last chunk padded with dead rows (9 tokens in chunks of 4) and the
+    z-loss, both differentiated and not (evaluation takes the plain chunked path)."""
     monkeypatch.setitem(model.HEAD_CHUNK, jax.default_backend(), 4)
     params = random_params(TINY)
     batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0, TINY.vocab_size)
 
-    def naive(p):
-        logits = model.forward(p, batch[:, :-1], TINY)
-        lse = jax.nn.logsumexp(logits, -1)
-        target = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
-        return jnp.mean(lse - target) + 1e-2 * jnp.mean(lse ** 2)
-    want, want_g = jax.value_and_grad(naive)(params)
+    def plain(p):
+        return model.cross_entropy(model.forward(p, batch[:, :-1], TINY)[0], batch[0, 1:], 1e-2).mean()
+    want, want_g = jax.value_and_grad(plain)(params)
     got, got_g = jax.value_and_grad(model.loss_fn)(params, batch, TINY, z_loss=1e-2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(model.loss_fn(params, batch, TINY, z_loss=1e-2), want, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+    logits = model.forward(params, batch[:, :-1], TINY)[0]  # and cross_entropy is the textbook formula
+    textbook = -jax.nn.log_softmax(logits)[jnp.arange(9), batch[0, 1:]] + 1e-2 * jax.nn.logsumexp(logits, -1) ** 2
+    np.testing.assert_allclose(model.cross_entropy(logits, batch[0, 1:], 1e-2), textbook, rtol=1e-5)
