@@ -332,14 +332,16 @@ print(len(os.getcwd()))"""
 
 def test_remove_tree_never_raises(tmp_path):
     top = tmp_path / "top"
-    fd = os.open(tmp_path, os.O_RDONLY)
-    os.mkdir("top", dir_fd=fd)
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY)
     for _ in range(80):                              # 80 x 101 characters: beyond PATH_MAX
-        os.mkdir("e" * 100, 0, dir_fd=os.open("top" if _ == 0 else "e" * 100, os.O_RDONLY, dir_fd=fd))
-        fd = os.open("top" if _ == 0 else "e" * 100, os.O_RDONLY, dir_fd=fd)
-        os.chmod("e" * 100, 0o700, dir_fd=fd)
+        os.mkdir("e" * 100, dir_fd=fd)
+        fd, parent = os.open("e" * 100, os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
     os.mkfifo("fifo", dir_fd=fd)
     os.symlink("/etc/passwd", "link", dir_fd=fd)
+    os.mkdir("locked", 0, dir_fd=fd)
+    os.close(fd)
     assert sandbox._remove_tree(top) is True and not top.exists()
     assert sandbox._remove_tree(top) is True and os.path.exists("/etc/passwd")
 
