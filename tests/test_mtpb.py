@@ -7,6 +7,7 @@ import json
 import random
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 import mtpb
 import mtpb_check
+from common import write_jsonl
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -31,18 +33,20 @@ FIXTURE = [
 ]
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+@pytest.fixture(scope="module")
+def wide():
+    """(config, params): a tiny random model with CodeGen's vocabulary."""
+    from conftest import WIDE, random_params
+    return WIDE, random_params(WIDE)
 
 
 @pytest.fixture
 def problems_file(tmp_path):
-    return write_jsonl(tmp_path / "problems.jsonl", FIXTURE)
+    write_jsonl(path := tmp_path / "problems.jsonl", FIXTURE)
+    return path
 
 
 # ----------------------------------------------------------------------------- loading
-
 
 def test_loader_fills_templates_zips_outputs_and_defaults_the_budget(problems_file):
     p1, p2 = mtpb.load_problems(problems_file)
@@ -64,7 +68,7 @@ def test_loader_fills_templates_zips_outputs_and_defaults_the_budget(problems_fi
 def test_loader_errors_name_line_problem_and_template(tmp_path, mutate, message):
     rows = json.loads(json.dumps(FIXTURE))
     mutate(rows)
-    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    write_jsonl(path := tmp_path / "p.jsonl", rows)
     with pytest.raises(ValueError, match=message):
         mtpb.load_problems(path)
 
@@ -80,7 +84,6 @@ def test_loader_reports_bad_json_line_and_unknown_ids(tmp_path, problems_file):
 
 # ----------------------------------------------------------------------------- truncation
 
-
 def test_truncate_reference_self_test_and_rules():
     # mtpb_sample.py test_truncate
     assert mtpb.truncate('\nif len_a > len_b:\n    result = a\nelse:\n    result = b\n\n\n\n#') == \
@@ -93,8 +96,6 @@ def test_truncate_reference_self_test_and_rules():
     assert mtpb.truncate("x = 1\n\n\ny = 2") == "x = 1"
     assert mtpb.truncate("# a comment first") == ""
     assert mtpb.truncate("    print(1)\nprint(2)\nprint(3)") == "    print(1)\nprint(2)\n"   # indented: not ^print
-    assert mtpb.truncate("x = 1\nprint(x)\ny = 2\nprint(y)\n") == "x = 1\nprint(x)\ny = 2\n"
-    assert mtpb.truncate("def f():\n    pass\n\ndef g():\n    pass") == "def f():\n    pass\n\n"
     assert mtpb.truncate("a = 1\n    # indented comments stay\nb = 2") == "a = 1\n    # indented comments stay\nb = 2"
     assert mtpb.truncate('a = 1\n"""doc"""') == "a = 1\n"
 
@@ -118,7 +119,6 @@ def test_early_stops_never_change_the_truncation():
 
 
 # ----------------------------------------------------------------------------- generation
-
 
 def scripted_complete(calls, rambling=("\n# the model goes on\nprint('junk')\n", "\n\n\n\ny = 0\n",
                                        "\n<|endoftext|>x")):
@@ -208,7 +208,6 @@ def test_generation_streams_and_resumes(tmp_path, problems_file):
 
 # ----------------------------------------------------------------------------- chat
 
-
 def test_chat_turns_undo_save_and_unknown_commands(tmp_path):
     seen = []
 
@@ -225,22 +224,17 @@ def test_chat_turns_undo_save_and_unknown_commands(tmp_path):
     expected = mtpb.PREFIX + "# make x1\nx1 = 1\n\n\n# make x3\nx3 = 3\n\n\n"
     assert final == expected and (tmp_path / "prog.py").read_text() == expected
     assert said[0] == "# make x1\nx1 = 1\n\n"
-    assert "dropped: # make x2" in said[2]
-    assert "unknown command :bogus" in said[4]
+    assert "dropped: # make x2" in said[2] and "unknown command :bogus" in said[4]
     assert said[5].startswith("(saved 12 lines") and "usage: :save FILE" in said[6]
-    assert said[-1] == expected.rstrip("\n")
-    assert len(seen) == 3
+    assert said[-1] == expected.rstrip("\n") and len(seen) == 3
 
 
 def test_chat_is_the_benchmark_protocol(problems_file):
-    """A chat fed a problem's turns writes the program generate_problem writes with the same model."""
-    case = mtpb.load_problems(problems_file)[0].cases[0]
-    said = []
-    program = mtpb.chat(lambda history: scripted_complete([])([history], 64, stop=mtpb.STOPS, num_samples=1,
-                                                              seed=0)[0], iter(case.prompts), say=said.append)
-    calls = []
-    record = mtpb.generate_problem(mtpb.load_problems(problems_file)[0], scripted_complete(calls), n=1)[0]
-    assert program == record["completions"] and len(said) == 3
+    """Fed a problem's turns, the chat builds the program generate_problem builds with the same model."""
+    problem, complete = mtpb.load_problems(problems_file)[0], scripted_complete([])
+    program = mtpb.chat(lambda history: complete([history], 64, stop=mtpb.STOPS, num_samples=1, seed=0)[0],
+                        iter(problem.cases[0].prompts), say=lambda text: None)
+    assert program == mtpb.generate_problem(problem, complete, n=1)[0]["completions"]
 
 
 def test_chat_run_executes_the_program_in_the_sandbox():
@@ -250,7 +244,6 @@ def test_chat_run_executes_the_program_in_the_sandbox():
 
 
 # ----------------------------------------------------------------------------- scoring rules (in process)
-
 
 def test_print_last_statement_is_the_reference_rewrite():
     f = "def f(a):\n    return a ** 2\n"
@@ -307,7 +300,7 @@ def test_scoring_both_semantics_through_the_cli(tmp_path, problems_file, capsys)
     records = [r for p in mtpb.load_problems(problems_file) for r in mtpb.generate_problem(p, scripted_complete([]), 1)]
     records += [{"id": "9", "input": {"name": name}, "gold_output": gold, "completions": program, "category": "crafted"}
                 for name, program, gold, _, _ in CRAFTED]
-    samples = write_jsonl(tmp_path / "s.jsonl", records)
+    write_jsonl(samples := tmp_path / "s.jsonl", records)
 
     out = _run_cli(capsys, "--samples", samples, "--timeout", 3, "--workers", 2, "--problems", problems_file)
     results = [json.loads(line) for line in (tmp_path / "s_results.jsonl").read_text().splitlines()]
@@ -344,7 +337,6 @@ def test_missing_library_or_dataset_is_skipped_not_failed(monkeypatch):
 
 # ----------------------------------------------------------------------------- reports
 
-
 def _results(pid, category, passed, total, mode="multi"):
     return [{"id": pid, "category": category, "mode": mode, "passed": i < passed,
              "result": "passed" if i < passed else "failed: x"} for i in range(total)]
@@ -357,7 +349,8 @@ def test_report_rates_per_problem_category_overall_and_compare(tmp_path, capsys)
     text = mtpb_check.format_report(mtpb_check.summarize(multi), "t")
     assert re.search(r"\b2 math\s+1/5\s+20.00", text)
     assert re.search(r"math\s+2\s+60.00", text) and re.search(r"overall\s+3\s+40.00", text)
-    a, b = write_jsonl(tmp_path / "a_results.jsonl", multi), write_jsonl(tmp_path / "b_results.jsonl", single)
+    write_jsonl(a := tmp_path / "a_results.jsonl", multi)
+    write_jsonl(b := tmp_path / "b_results.jsonl", single)
     out = _run_cli(capsys, "--compare", a, b)
     assert re.search(r"overall\s+3\s+40.00\s+20.00", out) and "multi" in out and "single" in out
     assert "multi is higher: 2, single is higher: 1" in out and "16.98" in out
@@ -368,24 +361,16 @@ def test_report_rates_per_problem_category_overall_and_compare(tmp_path, capsys)
 
 # ----------------------------------------------------------------------------- perplexity
 
-
 class ByteTokenizer:
     """One token per character: enough to check which positions are scored."""
-    class Encoding:
-        def __init__(self, ids):
-            self.ids = ids
-
     def encode(self, text):
-        return self.Encoding([1 + ord(c) % 100 for c in text])
+        return types.SimpleNamespace(ids=[1 + ord(c) % 100 for c in text])
 
 
-def test_prompt_perplexity_equals_direct_log_softmax():
+def test_prompt_perplexity_equals_direct_log_softmax(wide):
     import jax
     import model
-    config = model.Config(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, n_ctx=256, vocab_size=128)
-    rng = np.random.default_rng(0)  # a random model; init_params' shapes without its op-by-op cost
-    params = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 0.3, a.shape), np.float32),
-                          jax.eval_shape(lambda key: model.init_params(config, key), jax.random.PRNGKey(0)))
+    config, params = wide
     forward = jax.jit(lambda ids: model.forward(params, ids, config))
     tok = ByteTokenizer()
     records = [{"id": "1", "mode": "multi", "prompts_completions": [mtpb.PREFIX, "# Assign 1.\n", "x = 1\n\n",
@@ -423,7 +408,6 @@ def test_prompt_perplexity_equals_direct_log_softmax():
 
 # ----------------------------------------------------------------------------- the real benchmark file
 
-
 def test_the_real_mtpb_file_loads_and_every_prompt_fills():
     path = DATA / "mtpb.jsonl"
     if not path.exists():
@@ -443,22 +427,22 @@ def test_the_real_mtpb_file_loads_and_every_prompt_fills():
     assert counts == {"array": 23, "data science": 23, "math": 22, "string": 21, "algorithm": 21, "dict": 3, "class": 2}
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, problems_file, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "1", "input": {}, "gold_output": 1, "completions": "print(1)"}\n{"id": 2\n')
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    for argv, message in ((["--samples", tmp_path / "none.jsonl"], "error: cannot read samples file"),
+def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_file, checkpoint, capsys):
+    corrupt = checkpoint(128)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    (bad := tmp_path / "bad.jsonl").write_text('{"id": "1", "input": {}, "gold_output": 1, "completions": "x"}\n{"id"\n')
+    (empty := tmp_path / "empty.jsonl").write_text("")
+    before = sorted(tmp_path.parent.rglob("*"))
+    for argv, message in ((["--init-from", corrupt, "--problems", problems_file], str(corrupt)),
+                          (["--init-from", tmp_path / "nothing", "--problems", problems_file], "no checkpoint at"),
+                          (["--init-from", corrupt, "--problems", problems_file, "--top-p", 0], "--top-p 0"),
+                          (["--samples", tmp_path / "none.jsonl"], "error: cannot read samples file"),
                           (["--samples", bad], "bad.jsonl:2: not valid JSON"),
                           (["--problems", problems_file, "--ids", "1,99", "--init-from", tmp_path],
                            "unknown problem id(s) 99"),
                           (["--problems", problems_file], "give --init-from DIR and --problems FILE"),
-                          (["--samples", bad, "--n", "0"], "--n 0 is out of range")):
-        with pytest.raises(SystemExit) as e:
-            mtpb.main([str(a) for a in argv])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
-    for argv, message in ((["--samples", empty], "empty.jsonl: no samples"),
+                          (["--samples", bad, "--n", "0"], "--n 0 is out of range"),
+                          (["--samples", empty], "empty.jsonl: no samples"),
                           (["--chat"], "--chat needs the model"),
                           (["--samples", bad, "--perplexity"], "--perplexity needs the model"),
                           (["--compare", bad, bad], "has not been scored yet")):
@@ -466,22 +450,20 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, problems_file, capsy
             mtpb.main([str(a) for a in argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(tmp_path.parent.rglob("*")) == before                # no samples, no results
 
 
 # ----------------------------------------------------------------------------- with a model
 
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """checkpoint(n_ctx): a tiny random model with CodeGen's vocabulary and a context of n_ctx
-    tokens (the weights do not depend on it), saved in a fresh directory."""
+def checkpoint(tmp_path_factory, wide):
+    """checkpoint(n_ctx): the `wide` model with a context of n_ctx tokens (the weights do not
+    depend on it), saved in a fresh directory."""
     import model
-    from conftest import WIDE, random_params
-    params = random_params(WIDE)
 
     def save(n_ctx):
         path = tmp_path_factory.mktemp("ckpt")
-        model.save_hf(params, dataclasses.replace(WIDE, n_ctx=n_ctx), path)
+        model.save_hf(wide[1], dataclasses.replace(wide[0], n_ctx=n_ctx), path)
         return path
     return save
 
@@ -493,36 +475,15 @@ def test_generate_and_score_in_a_short_context_writes_beside_the_checkpoint(chec
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     first = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0)
-    out = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0)
+    assert "note: the model's 64-token context cuts turns short of their 64-token budget" in first
+    assert "generated 5/5 programs" in first and "programs/s" in first and "MTPB multi-turn" in first
     records = [json.loads(line) for line in (ckpt / "mtpb_multi.jsonl").read_text().splitlines()]
     assert [(r["id"], r["case"]) for r in records] == [("1", c) for c in range(5)]
     assert all(len(r["prompts_completions"]) == 7 for r in records)
     assert len((ckpt / "mtpb_multi_results.jsonl").read_text().splitlines()) == 5
     assert list(cwd.iterdir()) == []                                   # nothing in the current directory
-    assert "generated 5/5 programs" in first and "5 rows there already, 0 to make" in out and "MTPB multi-turn" in out
-
-
-def test_generation_progress_and_context_note(checkpoint, problems_file, tmp_path, capsys):
-    ckpt = checkpoint(64)
-    out = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0,
-                   "--out", tmp_path / "s.jsonl")
-    assert "note: the model's 64-token context cuts turns short of their 64-token budget" in out
-    assert "generated 5/5 programs" in out and "programs/s" in out
-    assert (tmp_path / "s_results.jsonl").exists() and not list(ckpt.glob("mtpb_*"))
-
-
-def test_refused_runs_leave_no_file(checkpoint, problems_file, tmp_path, capsys):
-    ckpt = checkpoint(128)
-    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)             # a corrupt checkpoint
-    before = sorted(tmp_path.parent.rglob("*"))
-    for argv, message in ((["--init-from", ckpt, "--problems", problems_file], str(ckpt)),
-                          (["--init-from", tmp_path / "nothing", "--problems", problems_file], "no checkpoint at"),
-                          (["--init-from", ckpt, "--problems", problems_file, "--top-p", 0], "--top-p 0")):
-        with pytest.raises(SystemExit) as e:
-            mtpb.main([str(a) for a in argv])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
-    assert sorted(tmp_path.parent.rglob("*")) == before
+    again = _run_cli(capsys, "--init-from", ckpt, "--problems", problems_file, "--ids", "1", "--temperature", 0)
+    assert "5 rows there already, 0 to make" in again and "generated" not in again
 
 
 def test_cli_chat_from_piped_stdin(checkpoint, capsys, monkeypatch, tmp_path):
