@@ -15,17 +15,11 @@ gradients in a scan, clips, and applies AdamW: one jitted function. This file is
 logging, evaluation and checkpoints. A checkpoint is a Hugging Face CodeGen directory plus
 the optimizer state, step, data position and RNG, written atomically.
 
-Which run a command continues: `--out` (default out/SIZE; with `--init-from SRC`,
-out/NAME-ft, NAME being SRC's directory name) holding a checkpoint means *resume* it, from
-its newest checkpoint, with the schedule it was started with (flags given on the command
-line win); otherwise the run starts from `--init-from` (a fresh optimizer) or from scratch.
-The first line printed says which. `--out` may not be the `--init-from` run itself.
-
-Stopping: Ctrl-C (SIGINT) or SIGTERM (what preemptible VMs and cluster schedulers send,
-to every host) lets the current step finish, writes a checkpoint at that step, prints one
-line and exits (status 128 + signal); a second signal stops at once. Rerunning the same
-command resumes, as after a kill -9 from the last checkpoint, reproducing the
-uninterrupted run's losses step for step.
+An `--out` holding a checkpoint is resumed, with the schedule it was started with unless
+flags change it; otherwise the run starts from `--init-from` (into out/NAME-ft by default,
+never into the source run) or from scratch. The first line printed says which. Ctrl-C or
+SIGTERM finishes the step, checkpoints it and exits; the same command resumes, reproducing
+the uninterrupted run's losses step for step (docs/training.md).
 """
 import argparse
 import dataclasses
@@ -40,17 +34,18 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 import common
 import data
 import model
 import tpu
 
-# Every default of the schedule, once per --size: `--help` shows them and the run uses them.
-# Paper sizes: JAXformer's codegen_*_nl configs (lr, warmup 3000, cosine over 300k steps to
-# lr/10, 350k total, ~0.5M/1M tokens per step, z-loss 1e-4) and the 16B numbers from the paper's
-# blog summary (lr 0.5e-4, 2M tokens/step). The laptop presets are tuned to finish in minutes;
-# their cosine (anneal None) runs to --max-steps. Every size: AdamW weight decay 0.1, clip 1.0.
+# Every default of the schedule, once per --size (`--help` shows them). Paper sizes: JAXformer's
+# codegen_*_nl configs (lr, warmup 3000, cosine over 300k steps to lr/10, 350k total, ~0.5M/1M
+# tokens per step, z-loss 1e-4; the 16B numbers from the paper's blog summary: lr 0.5e-4, 2M
+# tokens/step). Laptop presets finish in minutes; their cosine (anneal None) runs to --max-steps.
 PRESETS = {name: dict(weight_decay=0.1, clip=1.0) | row for name, row in {
     "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300, batch_size=8, seq_len=256, z_loss=0.0),
     "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000, batch_size=16, seq_len=512, z_loss=0.0),
@@ -153,7 +148,6 @@ def _unflat(flat, like, prefix):
 
 def save_checkpoint(out, state, config, extra, keep):
     """Write to a temporary directory, then rename: a kill never leaves half a checkpoint."""
-    from safetensors.numpy import save_file
     step = int(state["step"])
     final = os.path.join(out, f"ckpt-{step:07d}")
     tmp = os.path.join(out, f".tmp-ckpt-{step:07d}-{os.getpid()}")
@@ -171,15 +165,12 @@ def save_checkpoint(out, state, config, extra, keep):
 
 
 def list_checkpoints(out):
-    if not os.path.isdir(out):
-        return []
-    return [os.path.join(out, d) for d in sorted(os.listdir(out)) if d.startswith("ckpt-")]
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    return [os.path.join(out, d) for d in names if d.startswith("ckpt-")]
 
 
 def load_checkpoint(path, config):
     """(train state, train_state.json) of a checkpoint; a corrupt one is one ValueError line."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     try:
         ckpt_config, params = model.load_hf(path)
         if ckpt_config == config:
@@ -188,7 +179,8 @@ def load_checkpoint(path, config):
             moments = load_file(os.path.join(path, "optimizer.safetensors"))
             state = {"params": params, "mu": _unflat(moments, params, "mu/"), "nu": _unflat(moments, params, "nu/"),
                      "step": jnp.asarray(extra["step"], jnp.int32)}
-            if any(m.shape != p.shape for t in ("mu", "nu") for m, p in zip(jax.tree.leaves(state[t]), jax.tree.leaves(params))):
+            leaves = jax.tree.leaves(params)
+            if any(m.shape != p.shape for t in ("mu", "nu") for m, p in zip(jax.tree.leaves(state[t]), leaves)):
                 raise ValueError("optimizer.safetensors does not match the weights")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -288,10 +280,9 @@ def default_out(args):
     if not args.init_from:
         return os.path.join("out", args.size)
     source = os.path.abspath(args.init_from)
-    name = os.path.basename(source)
-    if name.startswith("ckpt-"):  # a checkpoint inside a run directory: name it after the run
-        name = os.path.basename(os.path.dirname(source))
-    return os.path.join("out", f"{name}-ft")
+    if os.path.basename(source).startswith("ckpt-"):  # a checkpoint inside a run: name it after the run
+        source = os.path.dirname(source)
+    return os.path.join("out", os.path.basename(source) + "-ft")
 
 
 def check_args(args, config):
@@ -304,9 +295,9 @@ def check_args(args, config):
         raise ValueError("--eval-every, --eval-batches, --save-every and --sample-tokens must be 0 or more")
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    micro = args.batch_size // args.grad_accum
-    if micro % jax.process_count():
-        raise ValueError(f"micro-batch {micro} cannot be split over {jax.process_count()} processes")
+    if (args.batch_size // args.grad_accum) % jax.process_count():
+        raise ValueError(f"micro-batch {args.batch_size // args.grad_accum} cannot be split over "
+                         f"{jax.process_count()} processes")
     existing = os.path.abspath(args.out)
     while not os.path.exists(existing):  # --out is made later, once every check has passed
         existing = os.path.dirname(existing)
@@ -338,9 +329,8 @@ def plot(out):
 
 
 def catch_stop_signals():
-    """SIGINT and SIGTERM set a flag the loop checks after each step (a second one stops at
-    once). Returns the list the caught signal is appended to, and a function that restores
-    the previous handlers."""
+    """SIGINT and SIGTERM append to a list the loop checks after each step (a second one stops
+    at once). Returns the list and a function restoring the previous handlers."""
     caught = []
 
     def handler(signum, frame):
@@ -366,14 +356,12 @@ def main(argv=None):
     log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
 
     # ---- the model: a preset, or the architecture of the checkpoint we start from
-    init_params = None
+    config, init_params = model.CONFIGS[args.size], None
     if args.init_from:
         try:
             config, init_params = model.load_hf(args.init_from)
         except (OSError, ValueError) as e:
             raise ValueError(f"--init-from {args.init_from}: {e}") from None
-    else:
-        config = model.CONFIGS[args.size]
 
     # ---- the run: resume --out when it holds a checkpoint, else start a new one there
     args.out = args.out or default_out(args)
@@ -387,18 +375,15 @@ def main(argv=None):
     state, extra = load_checkpoint(checkpoints[-1], config) if checkpoints else (None, {})
     recipe = make_recipe(args, given, extra.get("recipe"))
     check_args(args, config)
-    try:
-        if args.dry_run:
-            state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
-            windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
-                                           jnp.int32)
-            return log(tpu.dry_run(make_train_step(config, recipe), state, windows, config, recipe,
-                                   model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
-                                   device_memory_gib=args.device_memory, peak=args.peak))
-        mesh = tpu.make_mesh(args.mesh)
-        tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    if args.dry_run:
+        state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
+        windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
+                                       jnp.int32)
+        return log(tpu.dry_run(make_train_step(config, recipe), state, windows, config, recipe,
+                               model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
+                               device_memory_gib=args.device_memory, peak=args.peak))
+    mesh = tpu.make_mesh(args.mesh)
+    tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
     if state is None:
         state = init_state(init_params if init_params is not None
@@ -417,13 +402,9 @@ def main(argv=None):
         raise ValueError(f"--data {args.data}: {e}") from None
 
     # ---- every check has passed: say what this run is, then write to --out
-    if checkpoints:
-        log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps}; "
-            f"schedule as the run was started unless flags change it)")
-    elif args.init_from:
-        log(f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)")
-    else:
-        log(f"training {args.size} from scratch into {args.out}")
+    log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps})" if checkpoints else
+        f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)" if args.init_from else
+        f"training {args.size} from scratch into {args.out}")
     log(f"config: {config}\nrecipe: {recipe}")
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")
@@ -444,8 +425,7 @@ def main(argv=None):
     state = jax.device_put(state, state_sh)
     train_step = jax.jit(make_train_step(config, recipe), in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=0)
-    compute = jnp.dtype(recipe.dtype)
-    eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, compute), b[0], config),
+    eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
                         in_shardings=(state_sh["params"], batch_sh))
 
     def evaluate():
