@@ -348,6 +348,7 @@ def _serve():
     """The judge's loop: a request on stdin, the answer on stdout (a line of JSON each)."""
     _call(_libc.prctl, 4, 0)               # PR_SET_DUMPABLE 0: no process may read or write our memory
     _call(_libc.prctl, 1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the evaluating process
+    del sys.path[0]                        # this file's directory: its modules are not the programs'
     for line in sys.stdin.buffer:
         request = json.loads(line)
         try:
