@@ -430,7 +430,7 @@ def test_the_real_mtpb_file_loads_and_every_prompt_fills():
 def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_file, checkpoint, capsys):
     corrupt = checkpoint(128)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
-    (bad := tmp_path / "bad.jsonl").write_text('{"id": "1", "input": {}, "gold_output": 1, "completions": "x"}\n{"id"\n')
+    (bad := tmp_path / "bad.jsonl").write_text('{"id": 1, "input": {}, "gold_output": 1, "completions": "x"}\n{\n')
     (empty := tmp_path / "empty.jsonl").write_text("")
     before = sorted(tmp_path.parent.rglob("*"))
     for argv, message in ((["--init-from", corrupt, "--problems", problems_file], str(corrupt)),
