@@ -1,7 +1,7 @@
 """Devices, meshes and shardings: how one CodeGen model is spread over many chips.
 
 CodeGen was trained on TPU-v4 pods with JAXformer, which laid the model out Megatron-style
-with pjit/xmap (architecture.md §4). Here the same layout is declared with JAX's own SPMD:
+with pjit/xmap (the original JAXformer repository). Here the same layout is declared with JAX's own SPMD:
 a `jax.sharding.Mesh` of devices with three named axes, a `PartitionSpec` per parameter
 saying which axis splits which dimension, and `jax.jit(in_shardings=, out_shardings=)`.
 The compiler (GSPMD/Shardy) then inserts every collective; the only sharding code outside
@@ -18,21 +18,30 @@ The mesh has three axes, `--mesh DPxFSDPxMP`:
 
 The batch is split over data x fsdp; see RULES below for the parameters. The same file
 also holds the multi-host plumbing (distributed init, global batch assembly), the
-accelerators' peak FLOP/s for MFU, and `dry_run`, which compiles a training step for a
-mesh on abstract shapes and reports whether it fits, without allocating the model:
+accelerators' datasheets (peak FLOP/s for MFU, TPU HBM), and the planning of a run before
+renting the hardware: `compile_plan` compiles any jitted step ahead of time on abstract
+shapes for a mesh and returns what one device needs (the compiler's memory_analysis);
+`dry_run` wraps it into train.py's report for the training step. The devices compiled for
+are either simulated CPU devices (XLA:CPU's buffer plan, an estimate) or, with libtpu
+installed (`pip install libtpu`, no TPU needed), the devices of a TPU slice compiled for
+by XLA:TPU itself, which is what the chip would allocate:
 
-    python train.py --size 16B --mesh 1x16x4 --dry-run --device-memory 32
+    python train.py --size 16B --mesh 1x16x4 --dry-run                     # simulated CPU devices
+    python train.py --size 350M --mesh 1x4x1 --dry-run --topology v5p:2x2x1  # XLA:TPU
+
+On a machine without a TPU, libtpu tries to find one whenever JAX starts its backends
+(a few warning lines, a second, and a lock on libtpu's lock file that makes a second
+such process fail); JAX_PLATFORMS=cpu (or cuda) skips that. The topology path does not
+need it: it keeps JAX on CPU itself and loads libtpu only as a compiler.
 """
+import importlib.util
 import math
 import os
 import re
-import statistics
 import sys
 import time
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -201,10 +210,10 @@ def is_main():
     return jax.process_index() == 0
 
 
-# ----------------------------------------------------------------------------- peak FLOP/s
-# Dense bf16 peak per JAX device, from the vendors' datasheets. NVIDIA lists tensor-core
-# throughput "with sparsity"; the dense figure is half. A TPU v4/v5/v6 JAX device is one
-# chip (both TensorCores), so the per-chip figure applies.
+# ----------------------------------------------------------------------------- accelerator datasheets
+# Dense bf16 peak per chip, from the vendors' datasheets. NVIDIA lists tensor-core throughput
+# "with sparsity"; the dense figure is half. A TPU v4/v5p chip has two TensorCores, which JAX
+# shows as one device (megacore), so a device is a chip and the per-chip figures apply.
 DATASHEET_PEAKS = [  # (device_kind contains, FLOP/s, source)
     ("H100 PCIe", 756e12, "NVIDIA H100 Tensor Core GPU datasheet, PCIe: BF16 1,513 TFLOPS with sparsity"),
     ("H100", 989e12, "NVIDIA H100 Tensor Core GPU datasheet, SXM: BF16 1,979 TFLOPS with sparsity"),
@@ -218,7 +227,8 @@ DATASHEET_PEAKS = [  # (device_kind contains, FLOP/s, source)
     ("TPU v6 lite", 918e12, "Google Cloud TPU v6e documentation: 918 TFLOPS bf16 per chip"),
     ("TPU v6e", 918e12, "Google Cloud TPU v6e documentation: 918 TFLOPS bf16 per chip"),
 ]
-_measured = {}  # device -> (FLOP/s, source): each device is measured once per process
+# HBM per chip, from the same Google Cloud TPU pages (v5p: 95 GiB; "TPU v5" is v5p's device kind).
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 
 
 def datasheet_peak(name):
@@ -234,37 +244,95 @@ def datasheet_peak(name):
 
 
 def peak_flops(device=None):
-    """(FLOP/s, where the number comes from) for one device: the datasheet bf16 peak for a
-    known accelerator, else a measured large matmul (fp32 on CPU, where bf16 is emulated;
-    bf16 elsewhere), measured once per process."""
-    device = device or jax.devices()[0]
-    known = datasheet_peak(device.device_kind)
-    if known:
-        return known
-    if device not in _measured:
-        n, dtype = (2048, jnp.float32) if device.platform == "cpu" else (8192, jnp.bfloat16)
-        with jax.set_mesh(None):  # one device, whatever mesh the caller has set
-            a = jax.device_put(jnp.ones((n, n), dtype), device)
-            matmul = jax.jit(lambda x: x @ x)
-            matmul(a).block_until_ready()  # compile and warm up
-            seconds = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                matmul(a).block_until_ready()
-                seconds.append(time.perf_counter() - t0)
-        _measured[device] = (2 * n ** 3 / statistics.median(seconds),
-                             f"measured: median of 3 {n}x{n} {np.dtype(dtype).name} matmuls on {device.device_kind}")
-    return _measured[device]
+    """(FLOP/s, source): the datasheet bf16 peak of `device` (default: the first), or None
+    where there is none (CPUs, unlisted accelerators). MFU is only meaningful against a
+    fixed peak; a CPU has none worth the name (bench.py measures one for its own use)."""
+    return datasheet_peak((device or jax.devices()[0]).device_kind)
 
 
-# ----------------------------------------------------------------------------- dry run
+# ----------------------------------------------------------------------------- TPU topologies
 
 
-def ensure_fake_devices(mesh_spec):
-    """Make sure `mesh_spec` has enough devices to compile for: if this machine has fewer,
-    re-run this very command (os.execve, same arguments) on CPU with that many simulated
-    devices. XLA's --xla_force_host_platform_device_count is read only when the CPU
-    backend starts, hence a fresh process. For `--dry-run` only: nothing is allocated."""
+def topology_devices(name):
+    """The devices of a TPU slice named like 'v4:2x2x1', 'v5p:4x4x4' or 'v5e:4x4', to compile
+    for with the real XLA:TPU compiler on any machine: libtpu (pip) holds the compiler, no TPU
+    is needed, and nothing can run on these devices. Chips with two TensorCores (v4, v5p) come
+    as one device each (megacore), as JAX shows them on a TPU VM."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"compiling for TPU topology {name} needs the TPU compiler: pip install libtpu")
+    from jax.experimental import topologies
+    # Compile only: one host of its own (without these, libtpu looks for a TPU VM's metadata
+    # and prints warnings), and no claim on libtpu's lock file, which a real TPU's user holds.
+    for var, value in (("TPU_HOST_BOUNDS", "1,1,1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(var, value)
+    try:
+        try:
+            return topologies.get_topology_desc(topology_name=name, platform="tpu", chip_config_name="megacore").devices
+        except jax.errors.JaxRuntimeError as e:
+            if "NOT_FOUND" not in str(e):  # one TensorCore per chip (v5e, v6e): no megacore config
+                raise
+            return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except jax.errors.JaxRuntimeError as e:
+        raise ValueError(f"TPU topology {name!r}: {str(e).splitlines()[0]}; names look like v4:2x2x1, "
+                         f"v5p:4x4x4, v5e:4x4") from None
+
+
+def describe_devices(devices):
+    """(words, HBM bytes per device or None, (peak FLOP/s, source) per device or None).
+    A TPU device is a chip unless several devices share a chip's coordinates: then each is
+    one TensorCore, with its share of the chip's HBM and peak."""
+    d, n = devices[0], len(devices)
+    if d.platform != "tpu":
+        return f"{n} {d.platform} devices ({d.device_kind})", None, peak_flops(d)
+    per_chip = sum(x.coords == d.coords for x in devices)
+    cores = getattr(d, "num_cores", 1)
+    if per_chip > 1:
+        words = f"{n} {d.device_kind} devices, each one TensorCore ({per_chip} per chip)"
+    else:
+        words = f"{n} {d.device_kind} devices, each one chip" + (f" ({cores} TensorCores, megacore)" if cores > 1 else "")
+    hbm = TPU_HBM_GIB.get(d.device_kind)
+    peak = datasheet_peak(d.device_kind)
+    return (words, hbm * 2 ** 30 / per_chip if hbm else None,
+            (peak[0] / per_chip, peak[1] + (f"; / {per_chip} TensorCores" if per_chip > 1 else "")) if peak else None)
+
+
+# ----------------------------------------------------------------------------- compiling ahead of time
+
+
+def compile_plan(fn, args, mesh, *, out_shardings=None, donate_argnums=()):
+    """Compile `fn` ahead of time for `mesh` and say what one device needs to run it.
+
+    `args` are abstract: jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves, so nothing
+    is allocated, and the mesh may be simulated CPU devices or a TPU topology's (see
+    topology_devices). Returns (compiled, seconds, bytes) where bytes, from the compiler's
+    memory_analysis(), are per device: 'arguments', 'temp' (activations, gradients, gathered
+    weights), 'outputs' not aliased to donated arguments, 'code', and their 'total'. Any
+    jitted step can be planned this way: training (dry_run below) or a decode step.
+    """
+    in_shardings = jax.tree.map(lambda a: a.sharding, args)
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+    t0 = time.time()
+    with jax.set_mesh(mesh):  # the mesh model.forward's activation hint refers to
+        compiled = jitted.lower(*args).compile()
+    seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    used = {"arguments": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
+            "outputs": max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0),
+            "code": mem.generated_code_size_in_bytes}
+    return compiled, seconds, used | {"total": sum(used.values())}
+
+
+def ensure_fake_devices(mesh_spec, topology=None):
+    """Give a dry run devices to compile for. With a TPU `topology` they come from libtpu, and
+    JAX stays on CPU (a compile-only run has no use for the machine's own accelerator, and
+    JAX quietly skips libtpu's TPU search). Otherwise, if this machine has fewer devices than
+    `mesh_spec`, re-run this very command (os.execve, same arguments) on CPU with that many
+    simulated ones: XLA's --xla_force_host_platform_device_count is read only when the CPU
+    backend starts, hence a fresh process. Call before anything touches a JAX backend."""
+    if topology:
+        jax.config.update("jax_platforms", "cpu")
+        return
     n = math.prod(parse_mesh(mesh_spec)) if mesh_spec else 1
     if jax.device_count() >= n:
         return
@@ -276,6 +344,9 @@ def ensure_fake_devices(mesh_spec):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+# ----------------------------------------------------------------------------- the training dry run
 
 
 def _size(n_bytes):
@@ -292,11 +363,11 @@ def _bytes_per_device(tree, shardings):
                for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def _target_peak(peak):
-    """(FLOP/s, source) for dry_run's `peak`: None (this machine's device), FLOP/s per device
-    (a number, or a string such as '275e12'), or a datasheet name such as 'TPU v4' or 'H100'."""
+def _target_peak(peak, devices_peak):
+    """(FLOP/s, source) or None for dry_run's `peak`: None (the devices' own datasheet peak),
+    FLOP/s per device (a number, or a string such as '275e12'), or a datasheet name ('TPU v4')."""
     if peak is None:
-        return peak_flops(jax.devices()[0])
+        return devices_peak
     try:
         return float(peak), "given"
     except ValueError:
@@ -308,76 +379,74 @@ def _target_peak(peak):
     return found
 
 
-def dry_run(config, mesh_spec, batch_size, seq_len, recipe, grad_accum=1, device_memory_gib=80.0, *,
-            peak=None, mfu=0.4):
-    """Compile one training step for `mesh_spec` on abstract shapes and report, per device,
-    the bytes of parameters, optimizer state and activations (the compiler's temporary
-    buffers), whether that fits `device_memory_gib`, and the tokens/s expected at `mfu`
-    of `peak` (see _target_peak; default: this machine's device).
+def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *, topology=None,
+            device_memory_gib=None, peak=None, mfu=0.4):
+    """Compile a training step for a mesh on abstract shapes and report, per device, what it
+    needs against the device's memory, and the tokens/s expected at `mfu` of the peak.
 
-    `batch_size` is sequences per optimizer step, in `grad_accum` micro-batches. Needs as
-    many devices as the mesh (see ensure_fake_devices); allocates nothing of the model.
+    The caller (train.py) builds the pieces: `step(state, windows) -> (state, metrics)`,
+    `state` the abstract train state (params, AdamW mu and nu, step), `windows` the abstract
+    (K, B, W) int32 batch of K micro-batches; `config` is the model's (for check_layout),
+    `recipe` gives the words for dtype and remat. Devices: a TPU `topology` (XLA:TPU via
+    libtpu) or this machine's, simulated on CPU if need be (see ensure_fake_devices).
+    `device_memory_gib` defaults to the TPU chip's HBM; `peak` is as in _target_peak.
     """
-    import model
-    import train  # imported here, not at the top: train.py imports this file
-
-    shape = (jax.device_count(), 1, 1) if mesh_spec is None else parse_mesh(mesh_spec)
+    devices = topology_devices(topology) if topology else jax.devices()
+    shape = (len(devices), 1, 1) if mesh_spec is None else parse_mesh(mesh_spec)
     n_dev = math.prod(shape)
-    if jax.device_count() < n_dev:
-        raise ValueError(f"mesh {mesh_spec} needs {n_dev} devices, {jax.device_count()} visible; run with "
+    if topology and n_dev != len(devices):
+        raise ValueError(f"mesh {mesh_spec} has {n_dev} devices but TPU topology {topology} has {len(devices)}; "
+                         f"make DPxFSDPxMP multiply to {len(devices)}")
+    if len(devices) < n_dev:
+        raise ValueError(f"mesh {mesh_spec} needs {n_dev} devices, {len(devices)} visible; run with "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu")
-    if batch_size % grad_accum:
-        raise ValueError(f"batch {batch_size} is not divisible by grad_accum {grad_accum}")
-    mesh = make_mesh("x".join(map(str, shape)), jax.devices()[:n_dev])
-    micro = batch_size // grad_accum
+    mesh = make_mesh("x".join(map(str, shape)), devices[:n_dev])
+    K, micro, W = windows.shape
     check_layout(config, mesh, micro)
-    peak_flops_s, peak_source = _target_peak(peak)
+    words, hbm_b, devices_peak = describe_devices(devices[:n_dev])
+    hbm_b = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b
+    target = _target_peak(peak, devices_peak)
 
-    # Shapes only: eval_shape traces init without running it; the shardings ride along.
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    state = jax.eval_shape(train.init_state, jax.eval_shape(partial(model.init_params, config), key))
-    state_sh, batch_sh = state_shardings(state, mesh), batch_sharding(mesh)
+    state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
     state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
-    batch_in = jax.ShapeDtypeStruct((grad_accum, micro, seq_len + 1), jnp.int32, sharding=batch_sh)
-    step = jax.jit(train.make_train_step(config, recipe), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None), donate_argnums=0)
-    t0 = time.time()
-    with jax.set_mesh(mesh):  # the mesh model.forward's activation hint refers to
-        compiled = step.lower(state_in, batch_in).compile()
-    compile_s = time.time() - t0
+    windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
+    _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
+                                    donate_argnums=0)
 
-    params_b = _bytes_per_device(state["params"], state_sh["params"])
-    opt_b = _bytes_per_device((state["mu"], state["nu"]), (state_sh["mu"], state_sh["nu"]))
-    batch_b = _bytes_per_device(batch_in, batch_sh)
-    mem = compiled.memory_analysis()
-    temp_b = mem.temp_size_in_bytes
-    # Outputs reuse the donated inputs' buffers; whatever is not aliased is extra.
-    extra_out_b = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
-    total_b = params_b + opt_b + batch_b + temp_b + extra_out_b
-    fits = total_b <= device_memory_gib * 2 ** 30
-
-    n_params, fpt = model.param_count(config), model.flops_per_token(config, seq_len)
-    tokens_step = batch_size * seq_len
-    tokens_s = mfu * peak_flops_s * n_dev / fpt
+    platform = devices[0].platform
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    tokens_step = K * micro * (W - 1)
     dp, fsdp, mp = shape
-    return "\n".join([
-        f"dry run: mesh data={dp} x fsdp={fsdp} x model={mp} ({n_dev} {jax.devices()[0].platform} devices), "
-        f"compiled in {compile_s:.0f} s",
+    lines = [
+        f"dry run: mesh data={dp} x fsdp={fsdp} x model={mp} on {words}"
+        + (f" (TPU topology {topology})" if topology else "")
+        + f"; compiled by XLA:{platform.upper()} in {seconds:.0f} s",
         f"  model          {n_params:,} parameters (n_layer={config.n_layer}, n_embd={config.n_embd}, "
         f"n_head={config.n_head}, vocab={config.vocab_size})",
-        f"  FLOPs/token    {fpt:.3e} (6N + 12·L·D·T, T={seq_len})",
-        f"  step           {batch_size} x {seq_len} = {tokens_step:,} tokens, {grad_accum} micro-batch(es) of "
+        f"  FLOPs/token    {flops_per_token:.3e} (6N + 12·L·D·T, T={W - 1})",
+        f"  step           {K * micro} x {W - 1} = {tokens_step:,} tokens, {K} micro-batch(es) of "
         f"{micro}, {micro // (dp * fsdp)} sequence(s) per device; compute {recipe.dtype}, remat {recipe.remat}",
         "  per device:",
-        f"    parameters       {_size(params_b)}  (fp32 master weights)",
-        f"    optimizer state  {_size(opt_b)}  (AdamW mu and nu, fp32)",
-        f"    batch            {_size(batch_b)}",
-        f"    activations/temp {_size(temp_b)}  (compiler's temporaries: activations, gradients, gathered weights)",
-        f"    outputs          {_size(extra_out_b)}  (not aliased to donated inputs)",
-        f"    total            {_size(total_b)}  -> "
-        + (f"fits in {device_memory_gib:g} GiB" if fits else f"does NOT fit in {device_memory_gib:g} GiB"),
-        *(["  (compiled for CPU: the temp bytes are XLA:CPU's buffer plan; TPU/GPU compilers fuse "
-            "differently, so read them as an estimate)"] if jax.devices()[0].platform == "cpu" else []),
-        f"  expected       {tokens_s:,.0f} tokens/s ({tokens_step / tokens_s:.3g} s/step) at {mfu:.0%} MFU of "
-        f"{peak_flops_s / 1e12:.3g} TFLOP/s per device ({peak_source})",
-    ])
+        f"    parameters       {_size(_bytes_per_device(state['params'], state_sh['params']))}  (fp32 master weights)",
+        f"    optimizer state  {_size(_bytes_per_device((state['mu'], state['nu']), (state_sh['mu'], state_sh['nu'])))}"
+        "  (AdamW mu and nu, fp32)",
+        f"    batch            {_size(_bytes_per_device(windows_in, windows_sh))}",
+        f"    arguments        {_size(used['arguments'])}  (the three above as the compiler lays them out)",
+        f"    activations/temp {_size(used['temp'])}  (compiler's temporaries: activations, gradients, gathered weights)",
+        f"    outputs          {_size(used['outputs'])}  (not aliased to donated inputs)",
+        f"    program          {_size(used['code'])}  (generated code)",
+        f"    total            {_size(used['total'])}  -> " + (
+            "give --device-memory GiB to compare" if hbm_b is None else
+            f"{'fits in' if used['total'] <= hbm_b else 'does NOT fit in'} {hbm_b / 2 ** 30:g} GiB "
+            f"({used['total'] / hbm_b:.0%})"),
+    ]
+    if platform == "cpu":
+        lines.append("  (compiled for CPU: the temp bytes are XLA:CPU's buffer plan, an estimate of a TPU's or "
+                     "GPU's; --topology v4:2x2x1 and the like compile with XLA:TPU itself)")
+    if target is None:
+        lines.append("  expected       give --peak (FLOP/s per device or a datasheet name) for tokens/s")
+    else:
+        tokens_s = mfu * target[0] * n_dev / flops_per_token
+        lines.append(f"  expected       {tokens_s:,.0f} tokens/s ({tokens_step / tokens_s:.3g} s/step) at {mfu:.0%} "
+                     f"MFU of {target[0] / 1e12:.3g} TFLOP/s per device ({target[1]})")
+    return "\n".join(lines)

@@ -1,10 +1,15 @@
 """What the test files share: the repo on sys.path, a few tiny configs, and random
 parameters whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping
 cannot hide behind them and logits are far from uniform). Import with `from conftest import ...`."""
+import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Tests run on CPU. With libtpu installed (test_tpu.py compiles for TPU topologies with it),
+# JAX would otherwise look for a TPU first: warnings, a second per process, and libtpu's lock
+# file, which makes a second test process fail to load it. JAX_PLATFORMS=... overrides.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

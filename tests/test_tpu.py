@@ -1,28 +1,35 @@
-"""Tests for tpu.py: meshes, partition rules, sharded training/sampling/checkpoints, dry run.
+"""Tests for tpu.py: meshes, partition rules, sharded training/sampling/checkpoints, dry run,
+and compiling for a TPU slice with XLA:TPU.
 
 The multi-device checks run in ONE subprocess with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): JAX reads that flag only when its CPU
 backend starts, and one start-up plus a handful of compiles is most of the time. The
-subprocess prints a JSON summary that the tests below check value by value.
+subprocess prints a JSON summary that the tests below check value by value. The TPU checks
+need libtpu (pip; no TPU) and skip without it; they compile a tiny model twice (~20 s).
 
     python -m pytest tests/test_tpu.py -q
 """
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
 import model
 import tpu
+from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=2, n_embd=64, n_head=8, rotary_dim=4, n_ctx=32, vocab_size=256)
+EIGHT_WAY = dict(  # heads, MLP and vocabulary divide 8 ways
+    n_layer=2, n_embd=64, n_head=8, rotary_dim=4, n_ctx=128, vocab_size=256)
 MESHES = ["8x1x1", "1x8x1", "1x1x8", "2x2x2"]
 SAMPLE_MESHES = ["1x1x8", "2x2x2"]  # heads and vocabulary split 8 ways; all three axes at once
 
@@ -31,11 +38,12 @@ import json, sys, tempfile
 import jax, numpy as np
 import model, tpu, train
 
-TINY, MESHES, SAMPLE_MESHES = json.loads(sys.argv[1])
-config = model.Config(**TINY)
+EIGHT_WAY, MESHES, SAMPLE_MESHES = json.loads(sys.argv[1])
+config = model.Config(**EIGHT_WAY)
 # lr 1e-4: Adam's first step moves every weight by about lr * sign(g), so reduction-order
 # noise in tiny gradients shows up at ~lr/100; at 1e-4 that stays well inside 1e-5.
-recipe = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=1, anneal=10)
+recipe = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=1, anneal=10, weight_decay=0.1, clip=1.0, z_loss=0.0,
+                      dtype="float32", remat=False)
 params = jax.device_get(jax.jit(model.init_params, static_argnums=0)(config, jax.random.PRNGKey(0)))
 state = jax.device_get(train.init_state(params))
 batch = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16, 33), dtype=np.int32)  # (K, B, T+1)
@@ -85,8 +93,13 @@ for spec in MESHES:
                 np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host["params"])))
     out["meshes"][spec] = r
 
-out["dry_run_fits"] = tpu.dry_run(config, "2x2x2", 8, 16, recipe, 2, 1.0, peak=100e12)
-out["dry_run_too_big"] = tpu.dry_run(config, "2x2x2", 8, 16, recipe, 2, 1e-4, peak="TPU v4")
+abstract = jax.eval_shape(lambda: state)  # the dry run sees shapes only
+windows = jax.ShapeDtypeStruct((2, 8, 17), np.int32)  # (K, B, W): 2 micro-batches of 8 windows of 16 + 1
+plan = lambda **kw: tpu.dry_run(step, abstract, windows, config, recipe, model.flops_per_token(config, 16),
+                                "2x2x2", **kw)
+out["dry_run_fits"] = plan(device_memory_gib=1.0, peak=100e12)
+out["dry_run_too_big"] = plan(device_memory_gib=1e-4, peak="TPU v4")
+out["dry_run_unknown"] = plan()  # CPU: no HBM, no datasheet peak
 print(json.dumps(out))
 """
 
@@ -96,7 +109,7 @@ def eight():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                # -O0 for XLA:CPU's code generator: the compiles, not the tiny steps, are the cost
                XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    args = json.dumps([TINY, MESHES, SAMPLE_MESHES])
+    args = json.dumps([EIGHT_WAY, MESHES, SAMPLE_MESHES])
     run = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -156,16 +169,100 @@ def test_sharded_checkpoint_round_trips(eight):
 
 
 def test_dry_run_report(eight):
-    fits, too_big = (" ".join(eight[k].split()) for k in ("dry_run_fits", "dry_run_too_big"))
-    assert model.param_count(model.Config(**TINY)) == 132_352 and "132,352 parameters" in fits
+    fits, too_big, unknown = (" ".join(eight[k].split()) for k in ("dry_run_fits", "dry_run_too_big", "dry_run_unknown"))
+    assert model.param_count(model.Config(**EIGHT_WAY)) == 132_352 and "132,352 parameters" in fits
+    assert "on 8 cpu devices" in fits and "compiled by XLA:CPU" in fits
     # 2x2x2: matrices split 4 ways (fsdp x model), b_in and head_b 2 ways, norms and b_out whole:
     # 4096 + 256 + 8192 + 16384 + 256 + 128 + 128 + 4096 + 128 = 33,664 floats = 131.5 KiB.
     assert "parameters 131.5 KiB" in fits and "optimizer state 263.0 KiB" in fits
+    # XLA:CPU lays the arguments out unpadded: params + mu + nu (3 x 134,656 B), the batch's
+    # (2, 2, 17) int32 share (272 B) and the step counter (4 B) = 404,244 B.
+    assert "batch 0.3 KiB" in fits and f"arguments {404_244 / 1024:.1f} KiB" in fits
     assert "fits in 1 GiB" in fits and "does NOT fit in 0.0001 GiB" in too_big
     # 40% of 8 devices x 100 TFLOP/s over 720,384 FLOPs/token (6N + 12·L·D·T at T=16)
-    assert f"{model.flops_per_token(model.Config(**TINY), 16):.3e}" == "7.204e+05"
+    assert f"{model.flops_per_token(model.Config(**EIGHT_WAY), 16):.3e}" == "7.204e+05"
     assert f"{0.4 * 8 * 100e12 / 720384:,.0f} tokens/s" in fits
     assert "275 TFLOP/s per device (Google Cloud TPU v4" in too_big
+    assert "give --device-memory GiB to compare" in unknown and "give --peak" in unknown  # nothing made up
+
+
+# ----------------------------------------------------------------------------- XLA:TPU via libtpu
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install libtpu): no TPU compiler")
+
+
+def _bytes(report, label):
+    """A size line of a dry-run report, in bytes (as printed: 2 decimals of MiB/GiB, 1 of KiB)."""
+    value, unit = re.search(rf"{label}\s+([\d.]+) (KiB|MiB|GiB)", report).groups()
+    return float(value) * {"KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[unit]
+
+
+@pytest.fixture(scope="module")
+def on_tpu():
+    """The conftest TINY model's train step compiled by XLA:TPU for a TPU v4 2x2x1 slice (4
+    chips, fsdp over all four) at 8 and at 128 windows of 128 tokens per chip."""
+    import train
+    recipe = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=1, anneal=10, weight_decay=0.1, clip=1.0, z_loss=0.0,
+                          dtype="bfloat16", remat=False)
+    state = jax.eval_shape(lambda: train.init_state(model.init_params(TINY, jax.random.PRNGKey(0))))
+    step = train.make_train_step(TINY, recipe)
+    return {B: tpu.dry_run(step, state, jax.ShapeDtypeStruct((1, B, 129), jnp.int32), TINY, recipe,
+                           model.flops_per_token(TINY, 128), "1x4x1", topology="v4:2x2x1") for B in (32, 512)}
+
+
+@needs_libtpu
+def test_topology_compiles_with_xla_tpu(on_tpu):
+    report = " ".join(on_tpu[32].split())
+    # v4 chips have two TensorCores; JAX on a TPU VM shows each chip as one device (megacore)
+    assert "on 4 TPU v4 devices, each one chip (2 TensorCores, megacore) (TPU topology v4:2x2x1)" in report
+    assert "compiled by XLA:TPU" in report and "fits in 32 GiB" in report
+    assert "275 TFLOP/s per device (Google Cloud TPU v4" in report
+
+
+@needs_libtpu
+def test_topology_bytes_grow_with_the_batch(on_tpu):
+    small, big = on_tpu[32], on_tpu[512]
+    for label in ("parameters", "optimizer state"):  # the state does not depend on the batch
+        assert _bytes(small, label) == _bytes(big, label) > 0
+    # fsdp=4: 8 -> 128 windows of 129 int32 per chip, 61,920 more bytes of batch; the
+    # compiler's arguments grow by about that (its layout pads differently at each size).
+    extra = 120 * 129 * 4
+    assert _bytes(big, "batch") - _bytes(small, "batch") == pytest.approx(extra, abs=60)
+    assert 0.5 * extra < _bytes(big, "arguments") - _bytes(small, "arguments") < 2.1 * extra
+    # The backward pass needs every layer's attention probabilities of every window: for the
+    # 120 extra windows at least L x H x T x T in bf16, 120 x 2 x 4 x 128^2 x 2 B = 30 MiB more.
+    assert _bytes(big, "activations/temp") - _bytes(small, "activations/temp") > 120 * 2 * 4 * 128 ** 2 * 2
+    assert _bytes(big, "total") - _bytes(small, "total") > 120 * 2 * 4 * 128 ** 2 * 2
+
+
+@needs_libtpu
+def test_topology_devices_chips_or_tensorcores():
+    from jax.experimental import topologies
+    words, hbm, peak = tpu.describe_devices(tpu.topology_devices("v5p:2x2x1"))
+    assert words == "4 TPU v5 devices, each one chip (2 TensorCores, megacore)" and hbm == 95 * 2 ** 30
+    assert peak[0] == 459e12
+    words, hbm, peak = tpu.describe_devices(tpu.topology_devices("v5e:4x4"))
+    assert words == "16 TPU v5 lite devices, each one chip" and hbm == 16 * 2 ** 30 and peak[0] == 197e12
+    # libtpu's default v4 layout: each TensorCore its own device, with half the chip
+    per_core = topologies.get_topology_desc(topology_name="v4:2x2x1", platform="tpu").devices
+    words, hbm, peak = tpu.describe_devices(per_core)
+    assert words == "8 TPU v4 devices, each one TensorCore (2 per chip)"
+    assert hbm == 16 * 2 ** 30 and peak[0] == 275e12 / 2
+
+
+@needs_libtpu
+def test_bad_topology_name_one_line_error():
+    with pytest.raises(ValueError) as e:
+        tpu.topology_devices("v9:2x2")
+    assert str(e.value).startswith("TPU topology 'v9:2x2': ") and "names look like v4:2x2x1" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_topology_without_libtpu_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
+    with pytest.raises(ValueError) as e:
+        tpu.topology_devices("v4:2x2x1")
+    assert str(e.value) == "compiling for TPU topology v4:2x2x1 needs the TPU compiler: pip install libtpu"
 
 
 # ----------------------------------------------------------------------------- single-process checks
@@ -189,16 +286,16 @@ def test_default_mesh_is_all_data_parallel():
 
 
 @pytest.mark.parametrize("config, shape, batch, message", [
-    (dict(TINY, n_head=4), (1, 1, 8), 8, "n_head=4 is not divisible by the model axis (8)"),
-    (dict(TINY, vocab_size=100), (1, 1, 8), 8, "vocab_size=100 is not divisible by the model axis (8)"),
-    (dict(TINY, n_embd=36, n_head=4), (1, 8, 1), 8, "n_embd=36 is not divisible by the fsdp axis (8)"),
-    (TINY, (2, 2, 1), 6, "batch 6 not divisible by data*fsdp=4"),
+    (dict(EIGHT_WAY, n_head=4), (1, 1, 8), 8, "n_head=4 is not divisible by the model axis (8)"),
+    (dict(EIGHT_WAY, vocab_size=100), (1, 1, 8), 8, "vocab_size=100 is not divisible by the model axis (8)"),
+    (dict(EIGHT_WAY, n_embd=36, n_head=4), (1, 8, 1), 8, "n_embd=36 is not divisible by the fsdp axis (8)"),
+    (EIGHT_WAY, (2, 2, 1), 6, "batch 6 not divisible by data*fsdp=4"),
 ])
 def test_layout_errors_name_the_dimension(config, shape, batch, message):
     mesh = AbstractMesh(shape, tpu.AXES)
     with pytest.raises(ValueError, match=re.escape(message)):
         tpu.check_layout(model.Config(**config), mesh, batch)
-    tpu.check_layout(model.Config(**TINY), AbstractMesh((2, 2, 2), tpu.AXES), 8)  # a good layout passes
+    tpu.check_layout(model.Config(**EIGHT_WAY), AbstractMesh((2, 2, 2), tpu.AXES), 8)  # a good layout passes
 
 
 def test_every_parameter_has_a_rule():
@@ -216,9 +313,9 @@ def test_peak_flops():
     assert tpu.datasheet_peak("TPU v4")[0] == 275e12
     assert tpu.datasheet_peak("TPU v5 lite")[0] == 197e12
     assert tpu.datasheet_peak("TPU v4 lite") is None  # a different chip, not in the table
-    flops, source = tpu.peak_flops()  # CPU: measured, once
-    assert 1e8 < flops < 1e14 and source.startswith("measured")
-    assert tpu.peak_flops() == (flops, source)
+    assert tpu.datasheet_peak("NVIDIA H100 NVL") is None  # lower clocks than SXM: no guess
+    assert tpu.peak_flops(SimpleNamespace(device_kind="TPU v5")) == tpu.datasheet_peak("TPU v5p")
+    assert tpu.peak_flops() is None  # CPU: no datasheet peak, so no MFU can exceed 100%
 
 
 def test_single_process_needs_no_distributed_init(monkeypatch):
