@@ -417,7 +417,7 @@ def run_chat(params, config, tokenizer, args):
 def _main(argv):
     ap = ArgumentParser(description="MTPB (CodeGen paper §3): generate, score, prompt perplexity, chat.")
     arg = ap.add_argument
-    arg("--init-from", metavar="DIR", help="model (a Hugging Face CodeGen dir or ours) to generate with")
+    arg("--init-from", metavar="DIR", help="Hugging Face CodeGen dir or ours (to generate, --perplexity, --chat)")
     arg("--problems", metavar="FILE", help="MTPB problems (codegen1/benchmark/mtpb.jsonl); with --samples: categories")
     arg("--ids", help="comma-separated problem ids, e.g. 1,2,5; None: all")
     arg("--out", help="samples jsonl to write (resumable); None: INIT_FROM/mtpb_multi.jsonl (or _single)")
@@ -427,7 +427,7 @@ def _main(argv):
     arg("--top-p", type=float, default=0.95, help="mtpb_sample.py --p")
     arg("--top-k", type=int, default=50, help="HF generate's default, which the reference kept; 0 = off")
     arg("--seed", type=int, default=16, help="mtpb_sample.py --seed")
-    arg("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights while generating")
+    arg("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype for the model")
     arg("--samples", metavar="FILE", help="score this samples file (id, input, gold_output, completions)")
     arg("--reference-semantics", action="store_true", help="score with mtpb_exec.py's rules, bugs included")
     arg("--timeout", type=float, default=10.0, help="seconds per program (the reference: 20)")
