@@ -33,7 +33,7 @@ import common
 
 FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
-PROCESSES = 64             # threads at most (RLIMIT_NPROC, which spares root; the judge counts them too)
+PROCESSES = 64             # threads at most: the judge counts them (and RLIMIT_NPROC under bwrap)
 TMPFS_MB = 64              # the private /tmp under bwrap: all a program can write there
 OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the program
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer
@@ -57,7 +57,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- the lock-down
-# What a child does to itself before the program runs. Each step only removes rights.
 
 def _call(function, *args):
     """A libc call, integers widened to unsigned long as the kernel reads them; -1 -> OSError."""
@@ -183,11 +182,13 @@ def seccomp_filter(machine, pid):
 
 
 def _lock_down(workdir, timeout, memory_mb):
-    """Limits, Landlock, no capabilities, seccomp: in this order (each needs the previous)."""
+    """Limits, Landlock, no capabilities, seccomp, in this order: each needs the last, each removes rights."""
     cpu = int(-(-timeout // 1)) + 1                       # ceil(timeout) + 1 s: the wall clock is the real limit
+    # RLIMIT_NPROC counts every process of the uid in its user namespace: only bwrap's holds just us
+    nproc = ((resource.RLIMIT_NPROC, PROCESSES),) if sys.argv[2:] == ["bwrap"] else ()   # the judge's argv
     for limit, value in ((resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_CPU, cpu),
                          (resource.RLIMIT_FSIZE, FILE_SIZE_MB << 20), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_NOFILE, OPEN_FILES), (resource.RLIMIT_NPROC, PROCESSES)):
+                         (resource.RLIMIT_NOFILE, OPEN_FILES), *nproc):
         resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU else value))
     _call(_libc.prctl, 38, 1, 0, 0, 0)                   # PR_SET_NO_NEW_PRIVS: Landlock and seccomp need it
     _confine(workdir)
@@ -372,7 +373,8 @@ class _Judge:
         if self.proc is None:
             # Without bwrap the programs' dirs go in a dir of ours, removed in close() in any case
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
-            cmd, pipe = [sys.executable, "-E", "-s", _THIS_FILE, "--judge"], subprocess.PIPE
+            cmd = [sys.executable, "-E", "-s", _THIS_FILE, "--judge", "bwrap" if self.use_bwrap else "host"]
+            pipe = subprocess.PIPE
             self.proc = subprocess.Popen(_BWRAP + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
                                          stderr=pipe, cwd="/", start_new_session=True,
                                          env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
@@ -424,13 +426,12 @@ def isolation(allow_fallback=None):
         if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
                           "fallback (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
-        if _warned:
-            return path
-        _warned = True
-        gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
-            f"seccomp on {os.uname().machine}: processes may fork"] * (os.uname().machine not in _ARCHES)
-        print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(gaps)}); "
-              f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
+        if not _warned:
+            _warned = True
+            gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
+                f"seccomp on {os.uname().machine}: processes may fork"] * (os.uname().machine not in _ARCHES)
+            print(f"sandbox: {why}; programs run less isolated (no {'; no '.join(gaps)}); "
+                  f"for the strong path: {INSTALL_HINT}", file=sys.stderr)
         return path
 
 
@@ -477,8 +478,7 @@ def _shown(text, prefix):
 
 
 def main(argv=None):
-    parser = common.ArgumentParser(description="Run one Python file in the sandbox; print its output "
-                                   "(each line prefixed 'stdout| ' or 'stderr| '), then its verdict.")
+    parser = common.ArgumentParser(description="Run a Python file in the sandbox: its output, then the verdict.")
     parser.add_argument("file", help="the Python program to run")
     parser.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address-space limit")
