@@ -445,7 +445,7 @@ def _main(argv):
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range")
     if args.compare:
         runs = [_load_results(p) for p in args.compare]
-        labels = [next((r["mode"] for r in rs if "mode" in r), p) for rs, p in zip(runs, args.compare)]
+        labels = [next((r["mode"] for r in rs if "mode" in r), Path(p).name) for rs, p in zip(runs, args.compare)]
         labels = labels if labels[0] != labels[1] else [Path(p).name for p in args.compare]
         return print(format_compare(summarize(runs[0]), summarize(runs[1]), *labels))
     ids = [i.strip() for i in args.ids.split(",") if i.strip()] if args.ids is not None else None
