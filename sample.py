@@ -119,13 +119,15 @@ GRIDS = (2.0 ** 8, 2.0 ** 17, 2.0 ** 26)
 
 
 def _parts(e_BV):
+    """The four parts of e_BV and their sums over each row, total_B4."""
     assert e_BV.shape[-1] <= 2 ** 16, "the exact sums hold for at most 65,536 tokens"
     parts = []
     for grid in GRIDS:
         h_BV = jnp.round(e_BV * grid) / grid
         parts.append(h_BV)
         e_BV = e_BV - h_BV
-    return parts + [e_BV]
+    parts.append(e_BV)
+    return parts, jnp.stack([h.sum(-1) for h in parts], axis=-1)
 
 
 def split_p(p):
@@ -162,6 +164,23 @@ def _below_p(mass_C4, total_4, p3):
     return s + c < 0
 
 
+def _scaled(logits_BV, temperature, top_k):
+    """Temperature, then top-k (ties with the k-th stay): the logits x_BV, -inf where
+    filtered out, and their unnormalised probabilities e_BV = exp(x - max) in [0, 1]."""
+    x_BV = logits_BV / temperature
+    if top_k < x_BV.shape[-1]:
+        x_BV = jnp.where(x_BV >= _top_k_floor(x_BV, top_k), x_BV, -jnp.inf)
+    return x_BV, jnp.exp(x_BV - x_BV.max(axis=-1, keepdims=True))
+
+
+def _in_nucleus(x_BV, parts, total_B4, x_BC, p3):
+    """Whether each candidate logit x_BC is in its row's nucleus: the tokens with larger
+    logits hold less than p of the mass (p3 = split_p(p))."""
+    above_BCV = x_BV[:, None, :] > x_BC[..., None]
+    mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
+    return _below_p(mass_BC4, total_B4[:, None, :], p3)
+
+
 def _pick(logits_BV, key, knobs, mode):
     """The next token per row; knobs = (temperature, split_p(top_p)), mode = _mode(...).
 
@@ -181,23 +200,17 @@ def _pick(logits_BV, key, knobs, mode):
         return _argmax(logits_BV)
     _, top_k, nucleus = mode
     temperature, p3 = knobs
-    x_BV = logits_BV / temperature
-    if top_k < x_BV.shape[-1]:
-        x_BV = jnp.where(x_BV >= _top_k_floor(x_BV, top_k), x_BV, -jnp.inf)  # ties with the k-th stay
-    e_BV = jnp.exp(x_BV - x_BV.max(axis=-1, keepdims=True))
+    x_BV, e_BV = _scaled(logits_BV, temperature, top_k)
     B = x_BV.shape[0]
     if not nucleus:
         return _draw(e_BV, jax.random.uniform(key, (B, 1, 2)))[:, 0]
-    parts = _parts(e_BV)
-    total_B4 = jnp.stack([h.sum(-1) for h in parts], axis=-1)
+    parts, total_B4 = _parts(e_BV)
 
     def round_(s):
         u_BC2 = jax.random.uniform(jax.random.fold_in(key, s["round"]), (B, CANDIDATES, 2))
         cand_BC = _draw(jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BC2)
         x_BC = jnp.take_along_axis(x_BV, cand_BC, axis=1)
-        above_BCV = x_BV[:, None, :] > x_BC[..., None]
-        mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
-        ok_BC = _below_p(mass_BC4, total_B4[:, None, :], p3)
+        ok_BC = _in_nucleus(x_BV, parts, total_B4, x_BC, p3)
         first_B = jnp.min(jnp.where(ok_BC, jnp.arange(CANDIDATES), CANDIDATES), axis=-1)
         got_B = jnp.take_along_axis(cand_BC, jnp.minimum(first_B, CANDIDATES - 1)[:, None], axis=1)[:, 0]
         new = ~s["done"] & (first_B < CANDIDATES)

@@ -1,39 +1,29 @@
 """sample.py: cached generation against transformers' greedy generate() and against an
-uncached loop of full forwards, the token filters, seeds, stop strings, EOS, input
-checks, the paper's truncation, the chat loop and the CLI.
+uncached loop of full forwards; the top-k/top-p kept sets against a float64 reference and
+the sampled frequencies against the filtered distribution; seeds, chunking, one prefill per
+prompt, stop strings, EOS, input checks, the paper's truncation, the chat loop and the CLI.
 
 Shapes are shared between tests on purpose (batch, 64-token prompt bucket, 64-token
 output bucket), so the whole file compiles only a handful of programs."""
 import io
 import subprocess
 import sys
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, WIDE, random_params
 
+import common
 import data
 import model
 import sample
 
-# Token-id tests: a small vocabulary is enough (the real-id mask is min(vocab, 50,295)).
-TINY = model.Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=256)
-# Text tests: the real padded vocabulary, so every tokenizer id exists.
-WIDE = model.Config(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128, vocab_size=51200)
 PROMPTS = [[5, 9, 2, 7, 1, 33, 200], [17, 3]]
 NEW = 40
-
-
-def random_params(config, seed=0):
-    """init_params with noisy norms and biases, so logits are far from uniform."""
-    params = model.init_params(config, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    for name in ("head_b", "lnf_bias"):
-        params[name] = params[name] + rng.standard_normal(params[name].shape).astype(np.float32)
-    return params
 
 
 @cache
@@ -107,27 +97,134 @@ def test_seeds_reproduce_and_differ():
     assert all(len(row) == NEW and max(row) < TINY.vocab_size for row in a + c)
 
 
+def test_samples_do_not_depend_on_chunking(monkeypatch):
+    kw = dict(temperature=1.0, top_p=0.9, top_k=50, seed=4, num_samples=2)
+    whole = sample.generate(tiny(), TINY, PROMPTS, NEW, **kw)            # one decode call
+    monkeypatch.setattr(sample, "CHUNK", 8)
+    assert sample._sample(tiny(), TINY, PROMPTS, NEW, stop=["never there"], **kw) == whole   # five calls
+
+
+def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
+    rows, real = [], sample._prefill
+
+    def spy(params, prompt_PT, *args, **kwargs):
+        rows.append(prompt_PT.shape[0])
+        return real(params, prompt_PT, *args, **kwargs)
+    monkeypatch.setattr(sample, "_prefill", spy)
+    assert sample.generate(tiny(), TINY, PROMPTS, NEW, num_samples=3) == [g for g in greedy_alone() for _ in range(3)]
+    assert rows == [len(PROMPTS)]                                       # 2 prefill rows for 6 samples
+
+
 # ----------------------------------------------------------------------------- token filters
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])             # sorted: 0.4, 0.3, 0.15, 0.1, 0.05
-    logits = jnp.log(jnp.array([probs, probs[::-1]]))
-    kept = lambda p: np.isfinite(np.asarray(sample.filter_logits(logits, top_p=p)))
-    np.testing.assert_array_equal(kept(0.7)[0], [0, 1, 0, 1, 0])    # 0.4 + 0.3 reaches 0.7
-    np.testing.assert_array_equal(kept(0.71)[0], [0, 1, 0, 1, 1])   # needs the 0.15 too
-    np.testing.assert_array_equal(kept(0.71)[1], [1, 1, 0, 1, 0])   # per row
-    np.testing.assert_array_equal(kept(0.01)[0], [0, 1, 0, 0, 0])   # the top token always stays
-    assert kept(1.0).all()
-    kept_values = np.asarray(sample.filter_logits(logits, top_p=0.7))[0]
-    np.testing.assert_allclose(kept_values[[1, 3]], np.log([0.4, 0.3]), rtol=1e-6)  # survivors untouched
+def reference_kept(x32, top_k, top_p):
+    """The kept set in float64 with a full sort: top-k (ties with the k-th stay), then the
+    smallest most-likely set whose probability reaches top_p (ties at its boundary stay)."""
+    x = x32.astype(np.float64)
+    if top_k:
+        x = np.where(x >= np.sort(x)[::-1][top_k - 1], x, -np.inf)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-x, kind="stable")
+    before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])        # mass ranked above each token
+    floor = x[order][before < top_p].min() if top_p < 1 else -np.inf
+    return (x >= floor) & np.isfinite(x)
 
 
-def test_top_k_keeps_the_k_largest():
-    logits = jnp.array([[0.5, 3.0, -1.0, 2.0, 1.0]])
-    np.testing.assert_array_equal(np.isfinite(sample.filter_logits(logits, top_k=2))[0], [0, 1, 0, 1, 0])
-    both = sample.filter_logits(logits, top_k=3, top_p=0.01)   # top-k first, then the nucleus
-    np.testing.assert_array_equal(np.isfinite(both)[0], [0, 1, 0, 0, 0])
+@partial(jax.jit, static_argnums=2)
+def kept_of(x_BV, x_BC, top_k, p3):
+    """sample's verdict for candidate logits x_BC, after temperature (x_BV) and top-k."""
+    x_BV, e_BV = sample._scaled(x_BV, 1.0, top_k)
+    parts, total_B4 = sample._parts(e_BV)
+    x_BC = jnp.where(x_BC >= jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), -1, keepdims=True), x_BC, -jnp.inf)
+    return sample._in_nucleus(x_BV, parts, total_B4, x_BC, p3) & jnp.isfinite(x_BC)
+
+
+def logits_of(kind, rows, V, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        return rng.standard_normal((rows, V)) * 3
+    if kind == "flat":
+        return rng.standard_normal((rows, V)) * 0.01
+    if kind == "peaked":
+        x = rng.standard_normal((rows, V))
+        x[:, rng.integers(0, V, 5)] += 12
+        return x
+    return rng.integers(0, 4, (rows, V)).astype(float)                 # "tied": four distinct values
+
+
+@pytest.mark.parametrize("kind", ["random", "flat", "peaked", "tied"])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 0.95), (0.7, 0, 0.5), (0.2, 0, 0.95),
+                                                       (1.3, 4, 0.9), (0.8, 40, 0.999), (1.0, 0, 0.3)])
+def test_kept_set_is_the_float64_nucleus(kind, temperature, top_k, top_p):
+    x = (logits_of(kind, 4, 1024, seed=len(kind)).astype(np.float32) / np.float32(temperature))
+    ours = kept_of(jnp.asarray(x), jnp.asarray(x), top_k or 1 << 30, jnp.asarray(sample.split_p(top_p)))
+    np.testing.assert_array_equal(np.asarray(ours), [reference_kept(row, top_k, top_p) for row in x])
+
+
+def test_kept_set_of_flat_full_vocabulary_rows_is_exact():
+    """Flat rows of 51,200 are where float32 running sums miss the boundary: check the
+    last kept value and the value just below it, for 64 rows."""
+    x = logits_of("flat", 64, 51200, seed=9).astype(np.float32)
+    edges = []
+    for row in x:
+        keep = reference_kept(row, 0, 0.95)
+        edges.append([row[keep].min(), row[~keep].max()])
+    ours = kept_of(jnp.asarray(x), jnp.asarray(edges, np.float32), 1 << 30, jnp.asarray(sample.split_p(0.95)))
+    assert np.asarray(ours).tolist() == [[True, False]] * len(x)
+
+
+def test_top_k_floor_is_the_kth_largest_ties_included():
+    x = logits_of("tied", 8, 51200, seed=1).astype(np.float32)
+    x[:, 5000:] -= 10                                                  # the top values sit in a few blocks
+    x[0, 3] = 20
+    for k in (1, 4, 40, 300):
+        floor = np.asarray(jax.jit(sample._top_k_floor, static_argnums=1)(jnp.asarray(x), k))[:, 0]
+        np.testing.assert_array_equal(floor, np.sort(x, axis=1)[:, ::-1][:, k - 1])
+
+
+def chi2_pvalue(counts, probs):
+    if (counts[probs == 0] > 0).any():
+        return 0.0
+    expected = counts.sum() * probs[probs > 0]
+    stat = ((counts[probs > 0] - expected) ** 2 / expected).sum()
+    return scipy_stats().chi2.sf(stat, (probs > 0).sum() - 1)
+
+
+def scipy_stats():
+    return pytest.importorskip("scipy.stats", reason="scipy (a jax dependency) has the chi-square law")
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 0, 0.7), (1.0, 20, 0.9), (1.5, 30, 1.0), (1.0, 0, 1.0)])
+def test_sampled_first_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
+    logits = np.asarray(model.forward(tiny(), jnp.asarray([PROMPTS[0]]), TINY))[0, -1]
+    n = 20000
+    pick = jax.jit(sample._pick, static_argnames="mode")
+    toks = pick(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.PRNGKey(0),
+                (jnp.float32(temperature), jnp.asarray(sample.split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
+    counts = np.bincount(np.asarray(toks), minlength=TINY.vocab_size)
+    x = logits / np.float32(temperature)
+    kept = reference_kept(x, top_k, top_p)
+
+    def law(keep):
+        probs = np.where(keep, np.exp(x.astype(np.float64) - x.max()), 0.0)
+        return probs / probs.sum()
+    assert chi2_pvalue(counts, law(kept)) > 1e-4
+    # a nucleus one token too large or too small is rejected by the same test
+    order = np.argsort(-x)
+    for wrong in (kept.sum() - 1, kept.sum() + 1):
+        if 0 < wrong < TINY.vocab_size:
+            assert chi2_pvalue(counts, law(np.isin(np.arange(TINY.vocab_size), order[:wrong]))) < 1e-6
+
+
+def test_padded_head_ids_are_never_picked():
+    logits = np.zeros((64, 51200), np.float32)
+    logits[:, data.VOCAB_SIZE:] = 1e4
+    for t, k, p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.5), (2.0, 50000, 0.99)]:
+        toks = sample._pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample.split_p(p))),
+                            sample._mode(t, k, p))
+        assert int(toks.max()) < data.VOCAB_SIZE
 
 
 # ----------------------------------------------------------------------------- text: EOS, stop strings
@@ -169,7 +266,6 @@ def test_stop_string_split_across_two_tokens(monkeypatch):
                 break
     else:
         pytest.skip("this random model's text has no suitable token boundary")
-    assert sample.generate(wide(), WIDE, [prompt], NEW, stop=[stop]) == [ids[:i]]   # token i holds the stop's start
     assert sample.complete(wide(), WIDE, [PROMPT_TEXT], NEW, stop=["never there", stop]) == [text[:len(head) - 1]]
     # decoding stops early: rows are checked every CHUNK tokens, not run to max_new_tokens
     monkeypatch.setattr(sample, "CHUNK", 4)
@@ -181,7 +277,10 @@ def test_stop_string_split_across_two_tokens(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[[1, 2]], max_new_tokens=127), "prompt 0 has 2 tokens but the context holds 128"),
+    (dict(prompts=[[1, 2]], max_new_tokens=128), "prompt 0 has 2 tokens and max_new_tokens is 128, but the "
+                                                 "context holds 128"),
+    (dict(prompts=[1, 2]), "list of token-id lists"),
+    (dict(prompts="def f():"), "prompts must be a list, got str"),
     (dict(prompts=[[1], []]), "prompt 1 is empty"),
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
@@ -190,7 +289,6 @@ def test_stop_string_split_across_two_tokens(monkeypatch):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(num_samples=0), "num_samples must be >= 1"),
     (dict(prompts=[[1, 256]]), "outside"),
-    (dict(prompts=[1, 2]), "list of token-id lists"),
 ])
 def test_bad_input_is_a_one_line_value_error(kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
@@ -281,14 +379,40 @@ def test_cli_chat_refuses_a_turn_that_would_overflow_the_context(checkpoint, cap
 
 
 def test_cli_errors_are_one_line_with_status_2(tmp_path, checkpoint, capsys):
+    ok = ["--init-from", str(checkpoint)]
     for argv, message in [(["--init-from", str(tmp_path / "nothing")], "run `python train.py` first or pass --init-from"),
-                          (["--init-from", str(checkpoint), "--prompt", "x " * 100], "prompt 0 has"),
-                          (["--init-from", str(checkpoint), "--top-p", "2"], "top_p must be in"),
+                          (ok + ["--prompt", "x " * 100], "prompt 0 has"),
+                          (ok + ["--top-p", "2"], "top_p must be in"),
+                          (ok + ["--num-samples", "0"], "num_samples must be >= 1"),
+                          (ok + ["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+                          (ok + ["--top-k", "-1"], "top_k must be >= 0"),
+                          (ok + ["--temperature", "hot"], "invalid float value"),
+                          (ok + ["--dtype", "float16"], "invalid choice"),
+                          (ok + ["--prompt-file", str(tmp_path / "none.txt")], "cannot read --prompt-file"),
                           (["--init-from", str(tmp_path)], "no config.json")]:
         with pytest.raises(SystemExit) as e:
-            sample.main(argv)
+            common.run_main(sample.main, argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_prompt_plus_new_tokens_may_reach_n_ctx_plus_one():
+    prompt = [7, 8]                                      # 2 + 127 = n_ctx + 1: the last token is never fed back
+    assert len(sample.generate(tiny(), TINY, [prompt], TINY.n_ctx - 1)[0]) == TINY.n_ctx - 1
+
+
+def test_complete_wants_a_list_of_texts():
+    with pytest.raises(ValueError, match="takes a list of texts, got one str") as e:
+        sample.complete(wide(), WIDE, "def f():", 8)
+    assert "\n" not in str(e.value)
+
+
+def test_load_casts_and_splits_the_layers_once(checkpoint):
+    config, params = sample.load(str(checkpoint))
+    assert config == WIDE and isinstance(params["layers"], list) and len(params["layers"]) == WIDE.n_layer
+    prompt, ids = wide_greedy()
+    assert sample.generate(params, config, [prompt], NEW) == [ids]   # same tokens as the stacked weights
+    assert sample.load(str(checkpoint), "bfloat16")[1]["wte"].dtype == jnp.bfloat16
 
 
 def test_cli_help_runs_as_a_script():
