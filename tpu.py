@@ -294,7 +294,7 @@ def describe_devices(devices):
     hbm = TPU_HBM_GIB.get(d.device_kind)
     peak = datasheet_peak(d.device_kind)
     return (words, hbm * 2 ** 30 / per_chip if hbm else None,
-            (peak[0] / per_chip, peak[1] + (f"; / {per_chip} TensorCores" if per_chip > 1 else "")) if peak else None)
+            (peak[0] / per_chip, peak[1] + (f", shared by {per_chip} TensorCores" if per_chip > 1 else "")) if peak else None)
 
 
 # ----------------------------------------------------------------------------- compiling ahead of time
