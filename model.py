@@ -149,8 +149,7 @@ def _rotary(x_BTHd, sin_BTr, cos_BTr):
 def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, start):
     the new keys/values are written at slot `start` and attention reads the whole cache."""
-    B, T, D = x_BTD.shape
-    H, hd = config.n_head, config.head_dim
+    (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
 
     q = _rotary((h @ p["wq"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
@@ -390,17 +389,19 @@ def config_from_hf(hf, where="config.json"):
     """Our Config from a HF CodeGen config.json (a dict); what is absent takes transformers'
     CodeGenConfig default (rotary_dim 64, n_positions 2048) except the four sizes."""
     if not isinstance(hf, dict) or hf.get("model_type") != "codegen":
-        raise ValueError(f"{where} is not a CodeGen config (model_type must be 'codegen')")
+        kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise ValueError(f"{where} has model_type {kind!r}; only 'codegen' checkpoints load here")
 
     def field(name, default=None, kind=int):
         value = hf.get(name, default)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, kind)):
-            raise ValueError(f"{where}: {name} is {value!r}, expected a number; a CodeGen config.json "
-                             f"gives n_layer, n_embd, n_head, rotary_dim and vocab_size")
+            raise ValueError(f"{name} is {value!r}, expected a number; a CodeGen config.json gives n_layer, "
+                             f"n_embd, n_head, rotary_dim and vocab_size")
         return value
-    if hf.get("n_inner") not in (None, 4 * field("n_embd")) or hf.get("activation_function") not in (None, "gelu_new"):
-        raise ValueError(f"{where} asks for n_inner/activation_function that CodeGen never used; not supported")
     try:
+        if (hf.get("n_inner") not in (None, 4 * field("n_embd"))
+                or hf.get("activation_function", "gelu_new") != "gelu_new"):  # transformers' defaults
+            raise ValueError("n_inner/activation_function other than CodeGen's (4·n_embd, gelu_new) are not supported")
         return Config(n_layer=field("n_layer"), n_embd=field("n_embd"), n_head=field("n_head"),
                       rotary_dim=field("rotary_dim", 64), n_ctx=field("n_positions", 2048),
                       vocab_size=field("vocab_size"), layer_norm_epsilon=field("layer_norm_epsilon", 1e-5, float))
