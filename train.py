@@ -46,14 +46,14 @@ import tpu
 # codegen_*_nl configs (lr, warmup 3000, cosine over 300k steps to lr/10, 350k total, ~0.5M/1M
 # tokens per step, z-loss 1e-4; the 16B numbers from the paper's blog summary: lr 0.5e-4, 2M
 # tokens/step). Laptop presets finish in minutes; their cosine (anneal None) runs to --max-steps.
-PRESETS = {name: dict(weight_decay=0.1, clip=1.0) | row for name, row in {
+PRESETS = {
     "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300, batch_size=8, seq_len=256, z_loss=0.0),
     "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000, batch_size=16, seq_len=512, z_loss=0.0),
     "350M": dict(lr=3.0e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=256, seq_len=2048, z_loss=1e-4),
     "2B": dict(lr=1.6e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
     "6B": dict(lr=1.2e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
     "16B": dict(lr=0.5e-4, warmup=3000, anneal=147_000, max_steps=150_000, batch_size=1024, seq_len=2048, z_loss=1e-4),
-}.items()}
+}
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -64,11 +64,11 @@ class Recipe:
     min_lr: float
     warmup: int
     anneal: int           # cosine steps after warmup; flat at min_lr afterwards
-    weight_decay: float
-    clip: float
-    z_loss: float
-    dtype: str            # compute dtype; master weights and optimizer state stay fp32
-    remat: bool
+    weight_decay: float = 0.1  # CodeGen §2.2 (JAXformer), every size
+    clip: float = 1.0          # global gradient norm, every size
+    z_loss: float = 0.0
+    dtype: str = "float32"     # compute dtype; master weights and optimizer state stay fp32
+    remat: bool = False
 
 
 SCHEDULE = ("lr", "min_lr", "warmup", "anneal", "weight_decay", "clip", "z_loss")  # kept when a run is extended
@@ -224,8 +224,8 @@ def build_parser(size, explicit_only=False):
     g.add_argument("--anneal", type=int, default=preset["anneal"] or preset["max_steps"] - preset["warmup"],
                    help="cosine steps after warmup, then flat at --min-lr" +
                    (" (unless given: to --max-steps)" if preset["anneal"] is None else ""))
-    g.add_argument("--weight-decay", type=float, default=preset["weight_decay"], help="AdamW decoupled weight decay")
-    g.add_argument("--clip", type=float, default=preset["clip"], help="global gradient-norm clip")
+    g.add_argument("--weight-decay", type=float, default=Recipe.weight_decay, help="AdamW decoupled weight decay")
+    g.add_argument("--clip", type=float, default=Recipe.clip, help="global gradient-norm clip")
     g.add_argument("--z-loss", type=float, default=preset["z_loss"], help="weight of JAXformer's z-loss")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
