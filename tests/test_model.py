@@ -21,7 +21,7 @@ def test_presets_match_the_paper():
     assert sizes["2B"] == (32, 2560, 32, 64, 2048, 51200)
     assert sizes["6B"] == (33, 4096, 16, 64, 2048, 51200)
     assert sizes["16B"] == (34, 6144, 24, 64, 2048, 51200)
-    # architecture.md §2.1, counted from the released tensor shapes
+    # the paper's Table 1, counted from the released tensor shapes
     assert model.param_count(model.CONFIGS["350M"]) == 356_712_448
     assert model.param_count(model.CONFIGS["16B"]) == 16_032_155_648
     for c in model.CONFIGS.values():
