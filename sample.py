@@ -18,13 +18,9 @@ How one call works:
      tokens; after each chunk the host decodes the rows and marks those holding a stop
      string as done. The text is cut just before the first stop string.
 
-Picking a token follows Hugging Face's order: temperature, then top-k, then top-p
-(nucleus: the smallest set of most likely tokens whose probability reaches p; a token is
-kept when the tokens strictly more likely than it hold < p, so ties at the boundary all
-stay). Only the tokenizer's 50,295 real ids can be picked; the head is padded to 51,200.
-No step sorts the 51,200 logits: top-k looks at the k blocks of 128 logits with the
-largest maxima, and top-p draws from the temperature distribution and rejects draws
-outside the nucleus, testing membership with exact sums (`_pick`, docs/sampling.md).
+Picking a token: temperature, then top-k, then top-p (nucleus; ties at the boundary
+stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head's padding
+to 51,200. Nothing sorts the vocabulary; how, and why it is exact: docs/sampling.md.
 
 The CLI's defaults are those of the paper's sampling script (CodeGen `jaxformer/hf/sample.py`:
 temperature 0.2, top-p 0.95, 128 new tokens, seed 42). The chat follows the MTPB
@@ -58,7 +54,7 @@ MTPB_PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # benchmark/mtpb_
 
 
 def _bucket(n):
-    return -(-n // BUCKET) * BUCKET
+    return -(-n // BUCKET) * BUCKET  # round up
 
 
 # ----------------------------------------------------------------------------- picking a token
@@ -109,12 +105,8 @@ def _draw(w_BV, u_BC2):
     return block_BC * W + _invert(w_BCW, u_BC2[..., 1])
 
 
-# Exact probability sums in float32. Every e = exp(x - max) is in [0, 1]; it is split as
-# e = h1 + h2 + h3 + r with h1 rounded to a multiple of 2^-8, h2 of 2^-17, h3 of 2^-26
-# (each split is exact). Over at most 2^16 tokens, every partial sum of h1 is a multiple
-# of 2^-8 below 2^16, of h2 a multiple of 2^-17 below 2^7, of h3 a multiple of 2^-26
-# below 2^-2: 24 bits each, so those sums are exact in float32 in any order. Only the
-# sum of r (|r| <= 2^-27 per token) rounds, by far less than float32 exp's own rounding.
+# Exact sums in float32 (docs/sampling.md): e = h1 + h2 + h3 + r, h1 on a grid of 2^-8, h2
+# of 2^-17, h3 of 2^-26; over <= 2^16 tokens their sums fit 24 bits, exact in any order.
 GRIDS = (2.0 ** 8, 2.0 ** 17, 2.0 ** 26)
 
 
@@ -130,7 +122,7 @@ def _parts(e_BV):
     return parts, jnp.stack([h.sum(-1) for h in parts], axis=-1)
 
 
-def split_p(p):
+def _split_p(p):
     """p (a Python float, i.e. float64) as three float32s p1 + p2 + p3, p1 and p2 with 12
     significant bits, so p1·z and p2·z are exact for a float32 z cut into 12-bit halves."""
     out = []
@@ -139,12 +131,6 @@ def split_p(p):
         out.append(math.ldexp(round(m * 4096) / 4096, e))
         p -= out[-1]
     return np.array(out + [p], np.float32)
-
-
-def _two_sum(a, b):
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)      # a + b == s + error, exactly
 
 
 def _below_p(mass_C4, total_4, p3):
@@ -158,9 +144,10 @@ def _below_p(mass_C4, total_4, p3):
         z = total_4[..., i]
         terms += [-p * h for p in p3[:2] for h in halves(z)] + [-p3[2] * z]
     s, c = terms[0], jnp.zeros_like(terms[0])
-    for t in terms[1:]:
-        s, err = _two_sum(s, t)
-        c = c + err
+    for t in terms[1:]:                                        # two-sum: s + t == s_new + error, exactly
+        s_new = s + t
+        t_virtual = s_new - s
+        s, c = s_new, c + (s - (s_new - t_virtual)) + (t - t_virtual)
     return s + c < 0
 
 
@@ -175,24 +162,19 @@ def _scaled(logits_BV, temperature, top_k):
 
 def _in_nucleus(x_BV, parts, total_B4, x_BC, p3):
     """Whether each candidate logit x_BC is in its row's nucleus: the tokens with larger
-    logits hold less than p of the mass (p3 = split_p(p))."""
+    logits hold less than p of the mass (p3 = _split_p(p))."""
     above_BCV = x_BV[:, None, :] > x_BC[..., None]
     mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
     return _below_p(mass_BC4, total_B4[:, None, :], p3)
 
 
 def _pick(logits_BV, key, knobs, mode):
-    """The next token per row; knobs = (temperature, split_p(top_p)), mode = _mode(...).
+    """The next token per row; knobs = (temperature, _split_p(top_p)), mode = _mode(...).
 
-    Top-p without sorting, exactly: a token x_c is in the nucleus iff the mass of the
-    tokens with larger logits is < p (that defines the nucleus, ties included), a sum
-    over V computed exactly (`_parts`). Sampling: draw candidates from the temperature
-    distribution restricted to logits above `floor`; take the first one in the nucleus.
-    A rejected candidate lies below the nucleus, so the floor rises to it and the
-    nucleus is still inside what is drawn from. This is rejection sampling: what comes
-    out has probability e_c / (mass of the nucleus) for every nucleus token, and nothing
-    else comes out. With p = 0.95 a draw is accepted with probability >= 0.95; two
-    candidates per round make a second round rare.
+    Top-p is rejection sampling (docs/sampling.md): draw candidates from the distribution
+    restricted to logits above `floor`, keep the first in the nucleus; a rejected one lies
+    below the nucleus, so the floor rises to it. What comes out has probability
+    e_c / (nucleus mass) for each nucleus token, and nothing else does.
     """
     n_real = min(logits_BV.shape[-1], data.VOCAB_SIZE)              # the model pads its head to 51,200
     logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_real, logits_BV, -jnp.inf)
@@ -240,8 +222,7 @@ def _mode(temperature, top_k, top_p):
 def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num_samples, mode):
     P, T = prompt_PT.shape
     cache = model.init_cache(config, P, T + new_bucket, params["wte"].dtype)
-    # All but the last token only fill the cache: their logits are unused, so XLA drops
-    # the (T-1) x vocab head matmul, the largest part of a small model's prefill.
+    # All but the last token only fill the cache: XLA drops their unused head matmul.
     _, cache = model.forward(params, prompt_PT[:, :-1], config, valid_BT=valid_PT[:, :-1], cache=cache)
     logits_P1V, cache = model.forward(params, prompt_PT[:, -1:], config, cache=cache)  # last token: always real
     rows = partial(jnp.repeat, repeats=num_samples, axis=0)        # prompt p -> rows p·n ... p·n + n-1
@@ -275,16 +256,13 @@ def _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_sampl
     """One-line ValueErrors for every input a caller can get wrong."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list, got {type(prompts).__name__}: wrap one prompt as [prompt]")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    for bad, message in ((max_new_tokens < 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+                         (temperature < 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+                         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+                         (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+                         (num_samples < 1, f"num_samples must be >= 1, got {num_samples}")):
+        if bad:
+            raise ValueError(message)
     room = config.n_ctx + 1 - max_new_tokens     # the last new token is never fed back, so it needs no slot
     for i, p in enumerate(prompts):
         if not isinstance(p, (list, tuple, np.ndarray)):
@@ -327,7 +305,7 @@ def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1
         valid_PT[i, T - len(p):] = True
 
     how = dict(config=config, mode=_mode(temperature, top_k, top_p))
-    args = (jax.random.PRNGKey(seed), (jnp.float32(temperature or 1), jnp.asarray(split_p(top_p))))
+    args = (jax.random.PRNGKey(seed), (jnp.float32(temperature or 1), jnp.asarray(_split_p(top_p))))
     state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
                      num_samples=num_samples, **how)
     tok = data.get_tokenizer() if stop else None

@@ -159,7 +159,7 @@ def logits_of(kind, rows, V, seed):
                                                        (1.3, 4, 0.9), (0.8, 40, 0.999), (1.0, 0, 0.3)])
 def test_kept_set_is_the_float64_nucleus(kind, temperature, top_k, top_p):
     x = (logits_of(kind, 4, 1024, seed=len(kind)).astype(np.float32) / np.float32(temperature))
-    ours = kept_of(jnp.asarray(x), jnp.asarray(x), top_k or 1 << 30, jnp.asarray(sample.split_p(top_p)))
+    ours = kept_of(jnp.asarray(x), jnp.asarray(x), top_k or 1 << 30, jnp.asarray(sample._split_p(top_p)))
     np.testing.assert_array_equal(np.asarray(ours), [reference_kept(row, top_k, top_p) for row in x])
 
 
@@ -171,7 +171,7 @@ def test_kept_set_of_flat_full_vocabulary_rows_is_exact():
     for row in x:
         keep = reference_kept(row, 0, 0.95)
         edges.append([row[keep].min(), row[~keep].max()])
-    ours = kept_of(jnp.asarray(x), jnp.asarray(edges, np.float32), 1 << 30, jnp.asarray(sample.split_p(0.95)))
+    ours = kept_of(jnp.asarray(x), jnp.asarray(edges, np.float32), 1 << 30, jnp.asarray(sample._split_p(0.95)))
     assert np.asarray(ours).tolist() == [[True, False]] * len(x)
 
 
@@ -202,7 +202,7 @@ def test_sampled_first_tokens_follow_the_filtered_distribution(temperature, top_
     n = 20000
     pick = jax.jit(sample._pick, static_argnames="mode")
     toks = pick(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.PRNGKey(0),
-                (jnp.float32(temperature), jnp.asarray(sample.split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
+                (jnp.float32(temperature), jnp.asarray(sample._split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
     counts = np.bincount(np.asarray(toks), minlength=TINY.vocab_size)
     x = logits / np.float32(temperature)
     kept = reference_kept(x, top_k, top_p)
@@ -222,7 +222,7 @@ def test_padded_head_ids_are_never_picked():
     logits = np.zeros((64, 51200), np.float32)
     logits[:, data.VOCAB_SIZE:] = 1e4
     for t, k, p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.5), (2.0, 50000, 0.99)]:
-        toks = sample._pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample.split_p(p))),
+        toks = sample._pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample._split_p(p))),
                             sample._mode(t, k, p))
         assert int(toks.max()) < data.VOCAB_SIZE
 
