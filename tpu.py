@@ -410,8 +410,14 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
     state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
     state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
-    _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
-                                    donate_argnums=0)
+    t0, used = time.time(), None
+    try:
+        _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
+                                        donate_argnums=0)
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit the chip's HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        seconds, refusal = time.time() - t0, str(e).splitlines()[0].split(": ", 1)[-1]
 
     platform = devices[0].platform
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -431,15 +437,21 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
         f"    optimizer state  {_size(_bytes_per_device((state['mu'], state['nu']), (state_sh['mu'], state_sh['nu'])))}"
         "  (AdamW mu and nu, fp32)",
         f"    batch            {_size(_bytes_per_device(windows_in, windows_sh))}",
-        f"    arguments        {_size(used['arguments'])}  (the three above as the compiler lays them out)",
-        f"    activations/temp {_size(used['temp'])}  (compiler's temporaries: activations, gradients, gathered weights)",
-        f"    outputs          {_size(used['outputs'])}  (not aliased to donated inputs)",
-        f"    program          {_size(used['code'])}  (generated code)",
-        f"    total            {_size(used['total'])}  -> " + (
-            "give --device-memory GiB to compare" if hbm_b is None else
-            f"{'fits in' if used['total'] <= hbm_b else 'does NOT fit in'} {hbm_b / 2 ** 30:g} GiB "
-            f"({used['total'] / hbm_b:.0%})"),
     ]
+    if used is None:
+        lines.append(f"    total            does NOT fit: XLA:{platform.upper()} refuses to compile it ({refusal})")
+    else:
+        verdict = ("give --device-memory GiB to compare" if hbm_b is None else
+                   f"{'fits in' if used['total'] <= hbm_b else 'does NOT fit in'} {hbm_b / 2 ** 30:g} GiB "
+                   f"({used['total'] / hbm_b:.0%})")
+        lines += [
+            f"    arguments        {_size(used['arguments'])}  (the three above as the compiler lays them out)",
+            f"    activations/temp {_size(used['temp'])}  (compiler's temporaries: activations, gradients, "
+            "gathered weights)",
+            f"    outputs          {_size(used['outputs'])}  (not aliased to donated inputs)",
+            f"    program          {_size(used['code'])}  (generated code)",
+            f"    total            {_size(used['total'])}  -> {verdict}",
+        ]
     if platform == "cpu":
         lines.append("  (compiled for CPU: the temp bytes are XLA:CPU's buffer plan, an estimate of a TPU's or "
                      "GPU's; --topology v4:2x2x1 and the like compile with XLA:TPU itself)")

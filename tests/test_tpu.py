@@ -236,6 +236,19 @@ def test_topology_bytes_grow_with_the_batch(on_tpu):
 
 
 @needs_libtpu
+def test_topology_too_big_is_refused_and_reported():
+    # XLA:TPU will not compile a program whose buffers exceed the chip's HBM: the dry run says
+    # so in its report. 16,384 windows per v5e chip need ~29 GiB of activations; a chip has 16.
+    import train
+    recipe = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=1, anneal=10, weight_decay=0.1, clip=1.0, z_loss=0.0,
+                          dtype="bfloat16", remat=False)
+    state = jax.eval_shape(lambda: train.init_state(model.init_params(TINY, jax.random.PRNGKey(0))))
+    report = tpu.dry_run(train.make_train_step(TINY, recipe), state, jax.ShapeDtypeStruct((1, 65536, 129), jnp.int32),
+                         TINY, recipe, model.flops_per_token(TINY, 128), "1x4x1", topology="v5e:2x2")
+    assert re.search(r"total +does NOT fit: XLA:TPU refuses to compile it \(.*HBM.*\)", report)
+
+
+@needs_libtpu
 def test_topology_devices_chips_or_tensorcores():
     from jax.experimental import topologies
     words, hbm, peak = tpu.describe_devices(tpu.topology_devices("v5p:2x2x1"))
