@@ -194,7 +194,6 @@ def load_checkpoint(path, config):
 
 # ----------------------------------------------------------------------------- the script
 
-
 def build_parser(size, explicit_only=False):
     """The command line, its defaults those of `--size` (or, with explicit_only, no defaults
     at all: parsing then yields just the flags the user gave)."""
@@ -202,8 +201,9 @@ def build_parser(size, explicit_only=False):
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"Defaults shown are those of "
                               f"--size {size}; `--size NAME --help` shows another preset's.")
     p.add_argument("--size", default="nano", choices=list(model.CONFIGS), help="model preset")
-    p.add_argument("--data", default="stdlib", help="comma-separated sources: 'stdlib', a directory, a .jsonl[.gz] "
-                   "file, or a directory prepared by `python data.py --prepare`")
+    p.add_argument("--data", default="stdlib", help="comma-separated sources: 'stdlib', directories, .jsonl[.gz|.zst] "
+                   "and .parquet files, or a directory prepared by `python data.py --prepare`")
+    data.add_cleaning_flags(p)  # the paper's filters, dedup, decontamination (on unless switched off)
     p.add_argument("--out", default=None, help="run directory: resumed when it holds a checkpoint (default: "
                    "out/SIZE, or out/NAME-ft with --init-from NAME)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation "
@@ -393,8 +393,8 @@ def main(argv=None):
     # ---- data: each process reads its own share of the files
     micro = args.batch_size // args.grad_accum // jax.process_count()
     try:
-        share = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                     val_fraction=args.val_fraction)
+        share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
+                     val_fraction=args.val_fraction, cleaning=data.Cleaning.from_args(args))
         train_stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed,
                                         state=extra.get("data_state"), **share)
         val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share)
