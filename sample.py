@@ -77,12 +77,13 @@ def _top_k_floor(x_BV, k):
     """The k-th largest value of each row, (B, 1). It lies in the k blocks of W values with
     the largest maxima: those maxima are k values >= the k-th largest block maximum m, and
     every value outside those blocks is <= m. So lax.top_k runs on k·W values, not V."""
+    # The k-th is taken as the min of the top k: XLA:CPU turns top_k(...)[:, -1] into a full sort.
     if 2 * k * W > x_BV.shape[-1]:
-        return jax.lax.top_k(x_BV, k)[0][:, -1:]
-    x_BNW = _blocks(x_BV, -jnp.inf)
+        return jax.lax.top_k(x_BV, k)[0].min(-1, keepdims=True)
+    x_BNW = _blocks(jax.lax.optimization_barrier(x_BV), -jnp.inf)  # unfused input: XLA:CPU's fast TopK
     _, best_Bk = jax.lax.top_k(x_BNW.max(-1), k)
-    x_BkW = jnp.take_along_axis(x_BNW, best_Bk[..., None], axis=1)
-    return jax.lax.top_k(x_BkW.reshape(x_BV.shape[0], -1), k)[0][:, -1:]
+    x_BkW = x_BNW[jnp.arange(x_BV.shape[0])[:, None], best_Bk]      # whole blocks: a cheap gather
+    return jax.lax.top_k(x_BkW.reshape(x_BV.shape[0], -1), k)[0].min(-1, keepdims=True)
 
 
 def _invert(w_BCn, u_BC):
@@ -101,7 +102,7 @@ def _draw(w_BV, u_BC2):
     each: a block of W by its mass, then a token in it by its weight."""
     w_BNW = _blocks(w_BV, 0.0)
     block_BC = _invert(w_BNW.sum(-1)[:, None, :], u_BC2[..., 0])
-    w_BCW = jnp.take_along_axis(w_BNW, block_BC[..., None], axis=1)
+    w_BCW = w_BNW[jnp.arange(w_BV.shape[0])[:, None], block_BC]
     return block_BC * W + _invert(w_BCW, u_BC2[..., 1])
 
 
@@ -115,7 +116,7 @@ def _parts(e_BV):
     assert e_BV.shape[-1] <= 2 ** 16, "the exact sums hold for at most 65,536 tokens"
     parts = []
     for grid in GRIDS:
-        h_BV = jnp.round(e_BV * grid) / grid
+        h_BV = jnp.floor(e_BV * grid + 0.5) / grid                # a multiple of 1/grid within (1+2^-20)/(2·grid)
         parts.append(h_BV)
         e_BV = e_BV - h_BV
     parts.append(e_BV)
