@@ -1,6 +1,6 @@
 """Sampling from CodeGen: `generate` (token ids in, new token ids out), `complete` (text
 in, completion text out), `load` (a checkpoint made ready to decode), and the sampling
-CLI, incl. the paper's conversational (multi-turn) program synthesis as a chat.
+CLI. The paper's multi-turn protocol and its interactive chat live in mtpb.py.
 
 How one call works:
 
@@ -23,18 +23,13 @@ stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head'
 to 51,200. Nothing sorts the vocabulary; how, and why it is exact: docs/sampling.md.
 
 The CLI's defaults are those of the paper's sampling script (CodeGen `jaxformer/hf/sample.py`:
-temperature 0.2, top-p 0.95, 128 new tokens, seed 42). The chat follows the MTPB
-protocol (paper §3, `benchmark/mtpb_sample.py`): each user line becomes a `# ...` comment,
-the model writes code after it, the code is cut with the paper's `truncate` rules.
+temperature 0.2, top-p 0.95, 128 new tokens, seed 42).
 
     python sample.py --init-from out/nano --prompt "def fib(n):" --num-samples 4
-    python sample.py --init-from codegen-350M-mono --chat
+    python sample.py --init-from codegen-350M-mono --prompt-file prompt.py --stop '\ndef'
 """
-import itertools
 import math
 import os
-import re
-import sys
 import time
 from functools import partial
 
@@ -50,7 +45,6 @@ BUCKET = 64         # prompt and output lengths are rounded up to a multiple of 
 CHUNK = 32          # decode steps between host-side stop-string checks
 W = 128             # vocabulary block width of the two-level searches in `_pick`
 CANDIDATES = 2      # nucleus draws tested per rejection round
-MTPB_PREFIX = "# Import libraries.\n\nimport numpy as np\n\n"  # benchmark/mtpb_sample.py
 
 
 def _bucket(n):
@@ -289,11 +283,14 @@ def _before_eos(ids):
     return ids[:ids.index(data.EOS)] if data.EOS in ids else ids
 
 
-def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-            num_samples=1, stop=()):
-    """The engine of `generate` and `complete`: new token ids per row (prompt-major),
-    ending before EOS. With `stop` strings, rows stop within CHUNK tokens after their
-    text first holds one (the text is not cut here)."""
+def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+             num_samples=1, until=None):
+    """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
+    token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
+    temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
+    samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse).
+    `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids
+    may run up to CHUNK tokens past the point it first said True; `complete` cuts the text)."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
     if not prompts:
         return []
@@ -309,27 +306,20 @@ def _sample(params, config, prompts, max_new_tokens, *, temperature=0.0, top_p=1
     args = (jax.random.PRNGKey(seed), (jnp.float32(temperature or 1), jnp.asarray(_split_p(top_p))))
     state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
                      num_samples=num_samples, **how)
-    tok = data.get_tokenizer() if stop else None
-    chunk = CHUNK if stop else max_new_tokens                      # no stop strings: one call does it all
+    chunk = CHUNK if until else max_new_tokens                     # no check: one call does it all
     while True:
         n, done, out = jax.device_get((state["n"], state["done"], state["out"]))
-        if stop:
-            done = done | np.array([not d and _first_stop(tok.decode(_before_eos(o[:n])), stop) is not None
-                                    for d, o in zip(done, out)])
+        if until:
+            done = done | np.array([not d and until(_before_eos(o[:n])) for d, o in zip(done, out)])
             state["done"] = jnp.asarray(done)
         if n >= max_new_tokens or done.all():
             return [_before_eos(o[:n]) for o in out]
         state = _decode(params, state, jnp.int32(min(n + chunk, max_new_tokens)), *args, **how)
 
 
-def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-             num_samples=1):
-    """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
-    token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
-    temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
-    samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse)."""
-    return _sample(params, config, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   seed=seed, num_samples=num_samples)
+def _until_stop(stop, tok):
+    """An `until` for generate: has the row's text come to hold one of the stop strings?"""
+    return (lambda ids: _first_stop(tok.decode(ids, skip_special_tokens=False), stop) is not None) if stop else None
 
 
 def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, top_k=0, seed=0,
@@ -339,8 +329,8 @@ def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0,
     if isinstance(texts, str):
         raise ValueError("complete() takes a list of texts, got one str: pass [text]")
     tok = data.get_tokenizer()
-    rows = _sample(params, config, [tok.encode(t).ids for t in texts], max_new_tokens, temperature=temperature,
-                   top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, stop=stop)
+    rows = generate(params, config, [tok.encode(t).ids for t in texts], max_new_tokens, temperature=temperature,
+                    top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, until=_until_stop(stop, tok))
     return [_text_before_stop(ids, stop, tok) for ids in rows]
 
 
@@ -361,111 +351,24 @@ def load(path, dtype="float32"):
     return config, model.unstack_layers(model.cast(params, jnp.dtype(dtype)))
 
 
-def truncate(completion):
-    """The paper's cut of one turn's code (CodeGen `hf/sample.py` and `benchmark/mtpb_sample.py`,
-    eval.md §4.2): at the 2nd line starting with `print`, then at the 2nd line starting
-    with `def`, then at the earliest column-0 `#`, `'''` or `\"\"\"`, `<|endoftext|>`, or
-    three newlines in a row."""
-    for head in ("print", "def"):
-        starts = [m.start() for m in re.finditer(f"^{head}", completion, re.MULTILINE)]
-        if len(starts) > 1:
-            completion = completion[:starts[1]]
-    terminals = ("^#", re.escape("<|endoftext|>"), "^'''", '^"""', "\n\n\n")
-    hits = [m.start() for m in (re.search(t, completion, re.MULTILINE) for t in terminals) if m]
-    return completion[:min(hits)] if hits else completion
-
-
-# ----------------------------------------------------------------------------- chat
-
-# Texts at which `truncate` is sure to cut at or before, so a turn can stop generating
-# there. The cut itself is done by `truncate` on the raw text generated so far, which
-# gives exactly what it gives on the full max_new_tokens continuation.
-TURN_STOPS = ("\n#", "\n\n\n", "\n'''", '\n"""', "<|endoftext|>")
-
-CHAT_HELP = """\
-Type what the program should do next, one line per turn; the model writes the code.
-  :show        print the whole program      :run         run it in the sandbox (10 s)
-  :undo        drop the last turn           :save FILE   write the program to FILE
-  :help        this text                    :quit        end (so does end of input)"""
-
-
-def chat(write_turn, lines, say=print):
-    """The multi-turn loop of the paper's MTPB protocol, driven by `lines` (user input).
-
-    The program starts as MTPB's prefix; a user line L appends `# L\\n`, then
-    `write_turn(program)` returns the model's raw continuation, which is cut with
-    `truncate` and appended with two newlines. Each turn's code is shown as it is added.
-    Returns the final program.
-    """
-    turns = []                                                     # (comment, code) pairs
-
-    def program():
-        return MTPB_PREFIX + "".join(f"{c}{code}\n\n" for c, code in turns)
-
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        command, _, arg = line.partition(" ")
-        if command in (":quit", ":exit", ":q"):
-            break
-        elif command == ":help":
-            say(CHAT_HELP)
-        elif command == ":show":
-            say(program().rstrip("\n"))
-        elif command == ":undo":
-            say(f"(dropped: {turns.pop()[0].strip()})" if turns else "(nothing to undo)")
-        elif command == ":save":
-            if not arg.strip():
-                say("(usage: :save FILE)")
-                continue
-            try:
-                with open(arg.strip(), "w") as f:
-                    f.write(program())
-                say(f"(saved {len(program().splitlines())} lines to {arg.strip()})")
-            except OSError as e:
-                say(f"(could not save: {e.strerror}: {arg.strip()})")
-        elif command == ":run":
-            import sandbox  # only needed here
-            result = sandbox.run(program(), timeout=10)
-            for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
-                if text.strip():
-                    say(f"--- {name}\n{text.rstrip()}")
-            say(f"({result.status}{': ' + result.reason if result.reason else ''}; {result.seconds:.2f} s)")
-        elif command.startswith(":"):
-            say(f"(unknown command {command}; :help lists them)")
-        else:
-            comment = f"# {line}\n"
-            try:
-                code = truncate(write_turn(program() + comment))
-            except ValueError as e:                                # e.g. the program outgrew the context
-                say(f"(turn not added: {e})")
-                continue
-            turns.append((comment, code))
-            say(f"{comment}{code}\n")
-    return program()
-
-
 # ----------------------------------------------------------------------------- command line
 
 
 def main(argv=None):
-    p = common.ArgumentParser(description="Sample code from a CodeGen checkpoint, or write a program "
-                              "turn by turn with --chat.")
+    p = common.ArgumentParser(description="Sample code from a CodeGen checkpoint.")
     p.add_argument("--init-from", default=os.path.join("out", "nano"),
                    help="checkpoint directory (Hugging Face CodeGen or written by train.py)")
     p.add_argument("--prompt", default="def helloworld():", help="prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one prefill for all)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per completion (per turn in --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per completion")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
-    p.add_argument("--seed", type=int, default=42, help="random seed (chat turn k uses seed + k)")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--stop", action="append", default=[],
                    help=r"stop string, repeatable; \n and \t mean newline and tab (e.g. --stop '\ndef')")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights while decoding")
-    p.add_argument("--chat", action="store_true", help="multi-turn program synthesis from lines on stdin")
     args = p.parse_args(argv)
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     _check(model.CONFIGS["nano"], [], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
@@ -473,33 +376,6 @@ def main(argv=None):
     config, params = load(args.init_from, args.dtype)
     how = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     tok = data.get_tokenizer()
-
-    if args.chat:
-        seeds = itertools.count(args.seed)                         # a fresh draw per turn, replayable
-
-        def write_turn(program):  # raw continuation, ended early at a TURN_STOPS text but not cut there
-            prompt = tok.encode(program).ids
-            if len(prompt) + args.max_new_tokens > config.n_ctx:
-                raise ValueError(f"the program is {len(prompt)} tokens and a turn may add {args.max_new_tokens}, "
-                                 f"more than the context of {config.n_ctx}; :undo, :save and start over, "
-                                 f"or lower --max-new-tokens")
-            ids = _sample(params, config, [prompt], args.max_new_tokens, stop=TURN_STOPS, seed=next(seeds), **how)[0]
-            return tok.decode(ids, skip_special_tokens=False)
-        interactive = sys.stdin.isatty()
-        if interactive:
-            print(CHAT_HELP + "\n\n" + MTPB_PREFIX.rstrip("\n"))
-
-        def lines():
-            while True:
-                try:
-                    yield input("> ") if interactive else next(sys.stdin)
-                except (EOFError, StopIteration):
-                    return
-        try:
-            chat(write_turn, lines())
-        except KeyboardInterrupt:                                  # Ctrl-C ends the session quietly
-            print()
-        return
 
     if args.prompt_file:
         try:
@@ -509,8 +385,8 @@ def main(argv=None):
             raise ValueError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
     prompt = tok.encode(args.prompt).ids
     t0 = time.perf_counter()
-    rows = _sample(params, config, [prompt], args.max_new_tokens, stop=args.stop, seed=args.seed,
-                   num_samples=args.num_samples, **how)
+    rows = generate(params, config, [prompt], args.max_new_tokens, seed=args.seed, num_samples=args.num_samples,
+                    until=_until_stop(args.stop, tok), **how)
     seconds = time.perf_counter() - t0
     for i, ids in enumerate(rows):
         print(f"{'-' * 30} sample {i + 1}/{len(rows)}")

@@ -1,11 +1,10 @@
 """sample.py: cached generation against transformers' greedy generate() and against an
 uncached loop of full forwards; the top-k/top-p kept sets against a float64 reference and
 the sampled frequencies against the filtered distribution; seeds, chunking, one prefill per
-prompt, stop strings, EOS, input checks, the paper's truncation, the chat loop and the CLI.
+prompt, stop strings, EOS, input checks and the CLI.
 
 Shapes are shared between tests on purpose (batch, 64-token prompt bucket, 64-token
 output bucket), so the whole file compiles only a handful of programs."""
-import io
 import subprocess
 import sys
 from functools import cache, partial
@@ -101,7 +100,7 @@ def test_samples_do_not_depend_on_chunking(monkeypatch):
     kw = dict(temperature=1.0, top_p=0.9, top_k=50, seed=4, num_samples=2)
     whole = sample.generate(tiny(), TINY, PROMPTS, NEW, **kw)            # one decode call
     monkeypatch.setattr(sample, "CHUNK", 8)
-    assert sample._sample(tiny(), TINY, PROMPTS, NEW, stop=["never there"], **kw) == whole   # five calls
+    assert sample.generate(tiny(), TINY, PROMPTS, NEW, until=lambda ids: False, **kw) == whole   # five calls
 
 
 def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
@@ -269,7 +268,7 @@ def test_stop_string_split_across_two_tokens(monkeypatch):
     assert sample.complete(wide(), WIDE, [PROMPT_TEXT], NEW, stop=["never there", stop]) == [text[:len(head) - 1]]
     # decoding stops early: rows are checked every CHUNK tokens, not run to max_new_tokens
     monkeypatch.setattr(sample, "CHUNK", 4)
-    raw = sample._sample(wide(), WIDE, [prompt], NEW, stop=[stop])[0]
+    raw = sample.generate(wide(), WIDE, [prompt], NEW, until=lambda row: stop in tok.decode(row))[0]
     assert raw == ids[:len(raw)] and i + 2 <= len(raw) <= i + 2 + 4
 
 
@@ -297,50 +296,6 @@ def test_bad_input_is_a_one_line_value_error(kwargs, message):
     assert "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- truncation and chat
-
-
-def test_truncate_follows_the_paper():
-    # the self-test of CodeGen's mtpb_sample.py / hf/sample.py
-    assert sample.truncate("\nif len_a > len_b:\n    result = a\nelse:\n    result = b\n\n\n\n#") == \
-        "\nif len_a > len_b:\n    result = a\nelse:\n    result = b"
-    assert sample.truncate("x = 1\nprint(x)\ny = 2\nprint(y)\n") == "x = 1\nprint(x)\ny = 2\n"
-    assert sample.truncate("def f():\n    pass\n\ndef g():\n    pass") == "def f():\n    pass\n\n"
-    assert sample.truncate("a = 1\n# next step\nb = 2") == "a = 1\n"
-    assert sample.truncate("a = 1\n    # indented comments stay\nb = 2") == "a = 1\n    # indented comments stay\nb = 2"
-    assert sample.truncate("a = 1<|endoftext|>junk") == "a = 1"
-    assert sample.truncate('a = 1\n"""doc"""') == "a = 1\n"
-    assert sample.truncate("# starts with a comment") == ""
-
-
-def test_chat_turns_undo_save_and_unknown_commands(tmp_path):
-    seen = []
-
-    def write_turn(program):  # a stand-in model: code, then a new column-0 comment to cut away
-        seen.append(program)
-        return f"x{len(seen)} = {len(seen)}\n# the model rambles on\njunk = 0"
-
-    said = []
-    lines = ["make x1", "", "make x2", ":undo", "make x3", ":bogus", f":save {tmp_path / 'prog.py'}", ":show",
-             ":quit", "never read"]
-    final = sample.chat(write_turn, iter(lines), say=said.append)
-    assert seen[0] == sample.MTPB_PREFIX + "# make x1\n"
-    assert seen[1] == sample.MTPB_PREFIX + "# make x1\nx1 = 1\n\n\n# make x2\n"   # truncate keeps the "\n"
-    expected = sample.MTPB_PREFIX + "# make x1\nx1 = 1\n\n\n# make x3\nx3 = 3\n\n\n"
-    assert final == expected and (tmp_path / "prog.py").read_text() == expected
-    assert said[0] == "# make x1\nx1 = 1\n\n"
-    assert "dropped: # make x2" in said[2]
-    assert "unknown command :bogus" in said[4]
-    assert said[-1] == expected.rstrip("\n")
-    assert len(seen) == 3
-
-
-def test_chat_run_executes_the_program_in_the_sandbox():
-    said = []
-    sample.chat(lambda program: 'print("hi from turn")\n', iter(["say hi", ":run"]), say=said.append)
-    assert "--- stdout\nhi from turn" in said and said[-1].startswith("(passed")
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -358,24 +313,6 @@ def test_cli_prints_completions_and_throughput(checkpoint, capsys):
     tok = data.get_tokenizer()
     assert PROMPT_TEXT + tok.decode(wide_greedy()[1]) in out and "sample 1/1" in out
     assert f"prompt tokens {len(wide_greedy()[0])}, new tokens {NEW}," in out and "tokens/s" in out
-
-
-def test_cli_chat_from_piped_stdin(checkpoint, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"count to three\n:save {tmp_path / 'p.py'}\n"))
-    sample.main(["--init-from", str(checkpoint), "--chat", "--temperature", "0", "--max-new-tokens", str(NEW)])
-    out = capsys.readouterr().out
-    program = (tmp_path / "p.py").read_text()
-    assert out.startswith("# count to three\n") and "> " not in out       # no prompt decoration when piped
-    assert program.startswith(sample.MTPB_PREFIX + "# count to three\n") and program.endswith("\n\n")
-
-
-def test_cli_chat_refuses_a_turn_that_would_overflow_the_context(checkpoint, capsys, monkeypatch):
-    long_line = "x " * 28                                   # ~30 tokens; WIDE's context is 128
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long_line}\n{long_line}\n:show\n"))
-    sample.main(["--init-from", str(checkpoint), "--chat", "--temperature", "0", "--max-new-tokens", "64"])
-    out = capsys.readouterr().out
-    assert "(turn not added: the program is" in out and "more than the context of 128" in out
-    assert out.count(f"# {long_line.strip()}") == 2          # turn 1 as written, then in :show; turn 2 never added
 
 
 def test_cli_errors_are_one_line_with_status_2(tmp_path, checkpoint, capsys):
@@ -418,4 +355,4 @@ def test_load_casts_and_splits_the_layers_once(checkpoint):
 def test_cli_help_runs_as_a_script():
     out = subprocess.run([sys.executable, "sample.py", "--help"], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--chat" in out.stdout and "(default: 0.95)" in out.stdout
+    assert out.returncode == 0 and "--stop" in out.stdout and "(default: 0.95)" in out.stdout
