@@ -425,7 +425,7 @@ def isolation(allow_fallback=None):
             return path
         if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
-                          "fallback (--allow-fallback, SANDBOX_ISOLATION=rlimits)")
+                          "fallback with SANDBOX_ISOLATION=rlimits (sandbox.py: --allow-fallback)")
         if not _warned:
             _warned = True
             gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
