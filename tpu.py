@@ -133,16 +133,33 @@ def check_layout(config, mesh, batch_size):
 
 
 def param_shardings(params, mesh):
-    """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES."""
+    """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES. Layer weights
+    may be stacked (L, ...) or split per layer (model.unstack_layers: a list of dicts, as
+    sample.load returns them); a per-layer weight takes its rule without the L axis."""
     def rule(path, leaf):
-        name = path[-1].key
-        if name not in RULES:
+        name, spec = path[-1].key, RULES.get(path[-1].key)
+        if spec is None:
             raise ValueError(f"no partition rule for parameter {name!r}; add one to tpu.RULES")
-        if len(RULES[name]) != leaf.ndim:
-            raise ValueError(f"parameter {name!r} has {leaf.ndim} dims but its rule {RULES[name]} names "
-                             f"{len(RULES[name])}")
-        return NamedSharding(mesh, RULES[name])
+        if len(path) > 1 and isinstance(path[-2], jax.tree_util.SequenceKey):
+            spec = P(*spec[1:])                                   # one layer of the list: no L axis
+        if len(spec) != leaf.ndim:
+            raise ValueError(f"parameter {name!r} has {leaf.ndim} dims but its rule {spec} names {len(spec)}")
+        return NamedSharding(mesh, spec)
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def decode_specs(state):
+    """PartitionSpecs for sampling's decode state (sample.py): every array is split by rows (its
+    first dimension) over the data axes, like a batch, and the KV cache's k and v (B, H, S, hd)
+    also by heads over 'model': each device keeps the keys and values of the heads whose q/k/v
+    columns it computes (RULES), so attention needs no communication. Scalars are replicated."""
+    def spec(path, a):
+        if a.ndim == 0:
+            return P()
+        if any(getattr(k, "key", None) in ("k", "v") for k in path):
+            return P(BATCH_AXES, "model", None, None)
+        return P(BATCH_AXES, *[None] * (a.ndim - 1))
+    return jax.tree_util.tree_map_with_path(spec, state)
 
 
 def state_shardings(state, mesh):
@@ -346,10 +363,56 @@ def ensure_fake_devices(mesh_spec, topology=None):
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def plan_mesh(mesh_spec, topology=None):
+    """(mesh, words, HBM bytes per device or None, (peak, source) or None) for planning a step:
+    the devices of TPU `topology` (XLA:TPU via libtpu) or this machine's (see ensure_fake_devices)."""
+    devices = topology_devices(topology) if topology else jax.devices()
+    shape = (len(devices), 1, 1) if mesh_spec is None else parse_mesh(mesh_spec)
+    n_dev = math.prod(shape)
+    if topology and n_dev != len(devices):
+        raise ValueError(f"mesh {mesh_spec} has {n_dev} devices but TPU topology {topology} has {len(devices)}; "
+                         f"make DPxFSDPxMP multiply to {len(devices)}")
+    if len(devices) < n_dev:
+        raise ValueError(f"mesh {mesh_spec} needs {n_dev} devices, {len(devices)} visible; run with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu")
+    words, hbm_b, peak = describe_devices(devices[:n_dev])
+    words += f" (TPU topology {topology})" if topology else ""
+    return make_mesh("x".join(map(str, shape)), devices[:n_dev]), words, hbm_b, peak
+
+
+def plan(fn, args, mesh, **kwargs):
+    """compile_plan's (seconds, bytes), with bytes the compiler's one-line refusal (a str) where
+    XLA:TPU will not compile a program that cannot fit the chip's HBM (CompileTimeHbmOom)."""
+    t0 = time.time()
+    try:
+        return compile_plan(fn, args, mesh, **kwargs)[1:]
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return time.time() - t0, str(e).splitlines()[0].split(": ", 1)[-1]
+
+
+def memory_lines(used, hbm_b, platform, arguments, temp):
+    """The report lines for plan()'s bytes against `hbm_b` per device; `arguments` and `temp`
+    say what those two hold in this program."""
+    if isinstance(used, str):
+        return [f"    total            does NOT fit: XLA:{platform.upper()} refuses to compile it ({used})"]
+    verdict = ("give --device-memory GiB to compare" if hbm_b is None else
+               f"{'fits in' if used['total'] <= hbm_b else 'does NOT fit in'} {hbm_b / 2 ** 30:g} GiB "
+               f"({used['total'] / hbm_b:.0%})")
+    return [f"    arguments        {human_size(used['arguments'])}  ({arguments})",
+            f"    activations/temp {human_size(used['temp'])}  (compiler's temporaries: {temp})",
+            f"    outputs          {human_size(used['outputs'])}  (not aliased to donated inputs)",
+            f"    program          {human_size(used['code'])}  (generated code)",
+            f"    total            {human_size(used['total'])}  -> {verdict}"] + (
+        ["  (compiled for CPU: the temp bytes are XLA:CPU's buffer plan, an estimate of a TPU's or "
+         "GPU's; --topology v4:2x2x1 and the like compile with XLA:TPU itself)"] if platform == "cpu" else [])
+
+
 # ----------------------------------------------------------------------------- the training dry run
 
 
-def _size(n_bytes):
+def human_size(n_bytes):
     """Right-aligned human size: GiB for big numbers, MiB/KiB for the small test configs."""
     for unit, scale, smallest in (("GiB", 2 ** 30, 2 ** 30 / 10), ("MiB", 2 ** 20, 2 ** 20)):
         if n_bytes >= smallest:
@@ -357,10 +420,12 @@ def _size(n_bytes):
     return f"{n_bytes / 2 ** 10:8.1f} KiB"
 
 
-def _bytes_per_device(tree, shardings):
-    """Bytes one device holds of `tree` (shapes only), from each sharding's shard shape."""
+def bytes_per_device(tree, shardings=None):
+    """Bytes one device holds of `tree` (shapes only), from each sharding's shard shape (by
+    default the leaves' own: ShapeDtypeStructs made with sharding=)."""
+    shardings = [x.sharding for x in jax.tree.leaves(tree)] if shardings is None else jax.tree.leaves(shardings)
     return sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+               for x, sh in zip(jax.tree.leaves(tree), shardings))
 
 
 def _target_peak(peak, devices_peak):
@@ -391,41 +456,24 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
     libtpu) or this machine's, simulated on CPU if need be (see ensure_fake_devices).
     `device_memory_gib` defaults to the TPU chip's HBM; `peak` is as in _target_peak.
     """
-    devices = topology_devices(topology) if topology else jax.devices()
-    shape = (len(devices), 1, 1) if mesh_spec is None else parse_mesh(mesh_spec)
-    n_dev = math.prod(shape)
-    if topology and n_dev != len(devices):
-        raise ValueError(f"mesh {mesh_spec} has {n_dev} devices but TPU topology {topology} has {len(devices)}; "
-                         f"make DPxFSDPxMP multiply to {len(devices)}")
-    if len(devices) < n_dev:
-        raise ValueError(f"mesh {mesh_spec} needs {n_dev} devices, {len(devices)} visible; run with "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} JAX_PLATFORMS=cpu")
-    mesh = make_mesh("x".join(map(str, shape)), devices[:n_dev])
+    mesh, words, hbm_b, devices_peak = plan_mesh(mesh_spec, topology)
     K, micro, W = windows.shape
     check_layout(config, mesh, micro)
-    words, hbm_b, devices_peak = describe_devices(devices[:n_dev])
     hbm_b = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b
     target = _target_peak(peak, devices_peak)
 
     state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
     state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
-    t0, used = time.time(), None
-    try:
-        _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
-                                        donate_argnums=0)
-    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit the chip's HBM
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        seconds, refusal = time.time() - t0, str(e).splitlines()[0].split(": ", 1)[-1]
+    seconds, used = plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None), donate_argnums=0)
 
-    platform = devices[0].platform
+    platform = mesh.devices.flat[0].platform
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     tokens_step = K * micro * (W - 1)
-    dp, fsdp, mp = shape
+    dp, fsdp, mp = (mesh.shape[a] for a in AXES)
+    n_dev = dp * fsdp * mp
     lines = [
         f"dry run: mesh data={dp} x fsdp={fsdp} x model={mp} on {words}"
-        + (f" (TPU topology {topology})" if topology else "")
         + f"; compiled by XLA:{platform.upper()} in {seconds:.0f} s",
         f"  model          {n_params:,} parameters (n_layer={config.n_layer}, n_embd={config.n_embd}, "
         f"n_head={config.n_head}, vocab={config.vocab_size})",
@@ -433,28 +481,14 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
         f"  step           {K * micro} x {W - 1} = {tokens_step:,} tokens, {K} micro-batch(es) of "
         f"{micro}, {micro // (dp * fsdp)} sequence(s) per device; compute {recipe.dtype}, remat {recipe.remat}",
         "  per device:",
-        f"    parameters       {_size(_bytes_per_device(state['params'], state_sh['params']))}  (fp32 master weights)",
-        f"    optimizer state  {_size(_bytes_per_device((state['mu'], state['nu']), (state_sh['mu'], state_sh['nu'])))}"
+        f"    parameters       {human_size(bytes_per_device(state['params'], state_sh['params']))}"
+        "  (fp32 master weights)",
+        f"    optimizer state  {human_size(2 * bytes_per_device(state['mu'], state_sh['mu']))}"
         "  (AdamW mu and nu, fp32)",
-        f"    batch            {_size(_bytes_per_device(windows_in, windows_sh))}",
+        f"    batch            {human_size(bytes_per_device(windows_in, windows_sh))}",
     ]
-    if used is None:
-        lines.append(f"    total            does NOT fit: XLA:{platform.upper()} refuses to compile it ({refusal})")
-    else:
-        verdict = ("give --device-memory GiB to compare" if hbm_b is None else
-                   f"{'fits in' if used['total'] <= hbm_b else 'does NOT fit in'} {hbm_b / 2 ** 30:g} GiB "
-                   f"({used['total'] / hbm_b:.0%})")
-        lines += [
-            f"    arguments        {_size(used['arguments'])}  (the three above as the compiler lays them out)",
-            f"    activations/temp {_size(used['temp'])}  (compiler's temporaries: activations, gradients, "
-            "gathered weights)",
-            f"    outputs          {_size(used['outputs'])}  (not aliased to donated inputs)",
-            f"    program          {_size(used['code'])}  (generated code)",
-            f"    total            {_size(used['total'])}  -> {verdict}",
-        ]
-    if platform == "cpu":
-        lines.append("  (compiled for CPU: the temp bytes are XLA:CPU's buffer plan, an estimate of a TPU's or "
-                     "GPU's; --topology v4:2x2x1 and the like compile with XLA:TPU itself)")
+    lines += memory_lines(used, hbm_b, platform, "the three above as the compiler lays them out",
+                          "activations, gradients, gathered weights")
     if target is None:
         lines.append("  expected       give --peak (FLOP/s per device or a datasheet name) for tokens/s")
     else:
