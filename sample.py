@@ -18,6 +18,14 @@ How one call works:
      tokens; after each chunk the host decodes the rows and marks those holding a stop
      string as done. The text is cut just before the first stop string.
 
+On a device mesh (`mesh=`, `--mesh DPxFSDPxMP`): parameters laid out by tpu.RULES, the KV
+cache split by heads over `model`, every row of the decode state over the data axes
+(tpu.decode_specs); prompts padded (copies of the first, done at once) until the rows divide
+evenly. Greedy tokens equal the one-device run's. `--dry-run` plans prefill and decode for a
+mesh instead (what one device needs); `--topology` compiles them with XLA:TPU (libtpu, no TPU):
+
+    python sample.py --size 16B --dtype bfloat16 --mesh 1x1x4 --num-samples 8 --dry-run --topology v4:2x2x1
+
 Picking a token: temperature, then top-k, then top-p (nucleus; ties at the boundary
 stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head's padding
 to 51,200. Nothing sorts the vocabulary; how, and why it is exact: docs/sampling.md.
@@ -28,6 +36,7 @@ temperature 0.2, top-p 0.95, 128 new tokens, seed 42).
     python sample.py --init-from out/nano --prompt "def fib(n):" --num-samples 4
     python sample.py --init-from codegen-350M-mono --prompt-file prompt.py --stop '\ndef'
 """
+import contextlib
 import math
 import os
 import time
@@ -36,10 +45,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import common
 import data
 import model
+import tpu
 
 BUCKET = 64         # prompt and output lengths are rounded up to a multiple of this
 CHUNK = 32          # decode steps between host-side stop-string checks
@@ -224,7 +235,14 @@ def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num
     cache = {name: a if name == "length" else jax.tree.map(rows, a) for name, a in cache.items()}
     tok_B = _pick(rows(logits_P1V[:, 0]), jax.random.fold_in(key, 0), knobs, mode)
     out_BN = jnp.full((P * num_samples, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
-    return {"cache": cache, "out": out_BN, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)}
+    return _laid_out({"cache": cache, "out": out_BN, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)})
+
+
+def _laid_out(state):
+    """Under generate's mesh (jax.set_mesh), the decode state split as tpu.decode_specs says."""
+    if not jax.sharding.get_abstract_mesh().axis_names:
+        return state
+    return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state))
 
 
 @partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("state",))
@@ -239,7 +257,7 @@ def _decode(params, state, limit, key, knobs, *, config, mode):
         tok_B = _pick(logits_B1V[:, 0], jax.random.fold_in(key, s["n"]), knobs, mode)
         tok_B = jnp.where(s["done"], data.EOS, tok_B)
         out = jax.lax.dynamic_update_slice_in_dim(s["out"], tok_B[:, None], s["n"], axis=1)
-        return {"cache": cache, "out": out, "done": s["done"] | (tok_B == data.EOS), "n": s["n"] + 1}
+        return _laid_out({"cache": cache, "out": out, "done": s["done"] | (tok_B == data.EOS), "n": s["n"] + 1})
 
     return jax.lax.while_loop(not_finished, step, state)
 
@@ -284,37 +302,48 @@ def _before_eos(ids):
 
 
 def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-             num_samples=1, until=None):
+             num_samples=1, until=None, mesh=None):
     """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
     token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
     temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
     samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse).
     `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids
-    may run up to CHUNK tokens past the point it first said True; `complete` cuts the text)."""
+    may run up to CHUNK tokens past the point it first said True; `complete` cuts the text).
+    `mesh` (tpu.make_mesh): sample on its devices, laid out as the module docstring says."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
     if not prompts:
         return []
     params = model.unstack_layers(params)                          # a no-op for load()'s params
+    d = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    padded = list(prompts) + [prompts[0]] * (-len(prompts) % (d // math.gcd(d, num_samples)))  # rows % d == 0
     T = _bucket(max(len(p) for p in prompts))
-    prompt_PT = np.zeros((len(prompts), T), np.int32)
-    valid_PT = np.zeros((len(prompts), T), bool)
-    for i, p in enumerate(prompts):                                # left padding
-        prompt_PT[i, T - len(p):] = p
-        valid_PT[i, T - len(p):] = True
+    prompt_PT, valid_PT = np.zeros((len(padded), T), np.int32), np.zeros((len(padded), T), bool)
+    for i, p in enumerate(padded):                                 # left padding
+        prompt_PT[i, T - len(p):], valid_PT[i, T - len(p):] = p, True
+    padding_B = np.arange(len(padded) * num_samples) >= len(prompts) * num_samples   # done from the start
+    if mesh is not None:
+        tpu.check_layout(config, mesh, len(padding_B))
+        params = jax.device_put(params, tpu.param_shardings(params, mesh))
+        rows = PartitionSpec(tpu.BATCH_AXES if len(padded) % d == 0 else None)
+        prompt_PT, valid_PT = jax.device_put((prompt_PT, valid_PT), NamedSharding(mesh, rows))
 
     how = dict(config=config, mode=_mode(temperature, top_k, top_p))
     args = (jax.random.PRNGKey(seed), (jnp.float32(temperature or 1), jnp.asarray(_split_p(top_p))))
-    state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
-                     num_samples=num_samples, **how)
-    chunk = CHUNK if until else max_new_tokens                     # no check: one call does it all
-    while True:
-        n, done, out = jax.device_get((state["n"], state["done"], state["out"]))
-        if until:
-            done = done | np.array([not d and until(_before_eos(o[:n])) for d, o in zip(done, out)])
-            state["done"] = jnp.asarray(done)
-        if n >= max_new_tokens or done.all():
-            return [_before_eos(o[:n]) for o in out]
-        state = _decode(params, state, jnp.int32(min(n + chunk, max_new_tokens)), *args, **how)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
+                         num_samples=num_samples, **how)
+        chunk = CHUNK if until else max_new_tokens                 # no check: one call does it all
+        while True:
+            n, done, out = jax.device_get((state["n"], state["done"], state["out"]))
+            ended = padding_B.copy()
+            if until:
+                ended |= np.array([not e and until(_before_eos(o[:n])) for e, o in zip(done, out)])
+            if (ended & ~done).any():
+                done = done | ended
+                state["done"] = jax.device_put(done, state["done"].sharding)
+            if n >= max_new_tokens or done.all():
+                return [_before_eos(o[:n]) for o in out[:len(prompts) * num_samples]]
+            state = _decode(params, state, jnp.int32(min(n + chunk, max_new_tokens)), *args, **how)
 
 
 def _until_stop(stop, tok):
@@ -323,14 +352,15 @@ def _until_stop(stop, tok):
 
 
 def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, top_k=0, seed=0,
-             num_samples=1):
+             num_samples=1, mesh=None):
     """Text in, completion text out (ordered as `generate`), cut exactly before the first
     stop string and before `<|endoftext|>`; decoding of a row ends soon after its stop."""
     if isinstance(texts, str):
         raise ValueError("complete() takes a list of texts, got one str: pass [text]")
     tok = data.get_tokenizer()
     rows = generate(params, config, [tok.encode(t).ids for t in texts], max_new_tokens, temperature=temperature,
-                    top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, until=_until_stop(stop, tok))
+                    top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, until=_until_stop(stop, tok),
+                    mesh=mesh)
     return [_text_before_stop(ids, stop, tok) for ids in rows]
 
 
@@ -340,15 +370,54 @@ def _text_before_stop(ids, stop, tok):
     return text if end is None else text[:end]
 
 
-def load(path, dtype="float32"):
+def load(path, dtype="float32", mesh=None):
     """(config, params) ready to decode: the checkpoint at `path` (model.load_hf), cast to
-    `dtype` and split per layer (model.unstack_layers) once, not in every call."""
+    `dtype` and split per layer (model.unstack_layers) once, not in every call; with a `mesh`,
+    put on its devices as tpu.RULES say, each device receiving only its own shards."""
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     config, params = model.load_hf(path)
-    return config, model.unstack_layers(model.cast(params, jnp.dtype(dtype)))
+    params = model.unstack_layers(model.cast(params, jnp.dtype(dtype)))   # numpy, on the host
+    if mesh is None:
+        return config, params
+    tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])
+    return config, jax.device_put(params, tpu.param_shardings(params, mesh))
+
+
+def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, device_memory_gib=None):
+    """Compile generate's prefill and decode for `rows` prompts as long as max_new_tokens allows
+    (the largest KV cache it builds) on abstract shapes, for a mesh of this machine's devices or of
+    TPU `topology` (tpu.plan_mesh), and report what one device needs against its memory."""
+    mesh, words, hbm_b, _ = tpu.plan_mesh(mesh_spec, topology)
+    hbm_b, platform = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b, mesh.devices.flat[0].platform
+    tpu.check_layout(config, mesh, rows)
+    T, new_bucket = _bucket(config.n_ctx + 1 - max_new_tokens), _bucket(max_new_tokens)
+    on = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))  # noqa: E731
+    params = jax.eval_shape(lambda: model.unstack_layers(model.cast(model.init_params(config, jax.random.key(0)),
+                                                                    jnp.dtype(dtype))))
+    params = jax.tree.map(lambda a, s: on(a, s.spec), params, tpu.param_shardings(params, mesh))
+    prompt = [on(jax.ShapeDtypeStruct((rows, T), t), PartitionSpec(tpu.BATCH_AXES)) for t in (jnp.int32, bool)]
+    key, limit, *knobs = (on(jax.ShapeDtypeStruct(s, t), PartitionSpec())
+                          for s, t in (((2,), jnp.uint32), ((), jnp.int32), ((), jnp.float32), ((3,), jnp.float32)))
+    prefill = partial(_prefill, config=config, new_bucket=new_bucket, num_samples=1, mode=mode)
+    state = jax.eval_shape(prefill, params, *prompt, key, tuple(knobs))
+    state = jax.tree.map(on, state, tpu.decode_specs(state))
+    lines = [f"dry run: sampling in {dtype} (n_layer={config.n_layer}, n_embd={config.n_embd}, n_head="
+             f"{config.n_head}), mesh {'x'.join(str(mesh.shape[a]) for a in tpu.AXES)} on {words}",
+             f"  {rows} rows of {T + new_bucket} tokens ({T}-token prompts, {new_bucket} new), {mode[0]}; "
+             "per device:",
+             f"    parameters       {tpu.human_size(tpu.bytes_per_device(params))}",
+             f"    KV cache         {tpu.human_size(tpu.bytes_per_device(state['cache']))}  (heads over model)"]
+    for name, fn, args in (("prefill", prefill, (params, *prompt, key, tuple(knobs))),
+                           ("decode", partial(_decode, config=config, mode=mode),
+                            (params, state, limit, key, tuple(knobs)))):
+        seconds, used = tpu.plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
+        lines += [f"  {name}: compiled by XLA:{platform.upper()} in {seconds:.0f} s",
+                  *tpu.memory_lines(used, hbm_b, platform, "parameters and prompts or decode state",
+                                    "activations, logits" + (", the new KV cache" if name == "prefill" else ""))]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -369,11 +438,25 @@ def main(argv=None):
     p.add_argument("--stop", action="append", default=[],
                    help=r"stop string, repeatable; \n and \t mean newline and tab (e.g. --stop '\ndef')")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights while decoding")
+    p.add_argument("--mesh", help="DPxFSDPxMP mesh of this process's devices (tpu.py); None: one device")
+    p.add_argument("--dry-run", action="store_true", help="only plan: compile prefill and decode (--num-samples rows, "
+                   "longest prompt) of --size on --mesh, print the memory per device; nothing is loaded")
+    p.add_argument("--size", choices=tuple(model.CONFIGS), default="nano", help="for --dry-run: model preset")
+    p.add_argument("--topology", help="for --dry-run: compile with XLA:TPU for this TPU slice, e.g. v4:2x2x1 "
+                   "(pip install libtpu; no TPU needed); None: this machine's devices, simulated on CPU if fewer")
+    p.add_argument("--device-memory", type=float, help="GiB per device, for --dry-run (None: the TPU chip's HBM)")
     args = p.parse_args(argv)
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     _check(model.CONFIGS["nano"], [], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
            args.num_samples)                                       # flag values, before loading anything
-    config, params = load(args.init_from, args.dtype)
+    if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
+        tpu.ensure_fake_devices(args.mesh, args.topology)
+        return print(dry_run(model.CONFIGS[args.size], args.dtype, args.mesh, args.topology, args.num_samples,
+                             args.max_new_tokens, _mode(args.temperature, args.top_k, args.top_p), args.device_memory))
+    if args.topology:
+        raise ValueError("--topology only plans (nothing runs on its devices): add --dry-run")
+    mesh = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None
+    config, params = load(args.init_from, args.dtype, mesh)
     how = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     tok = data.get_tokenizer()
 
@@ -386,7 +469,7 @@ def main(argv=None):
     prompt = tok.encode(args.prompt).ids
     t0 = time.perf_counter()
     rows = generate(params, config, [prompt], args.max_new_tokens, seed=args.seed, num_samples=args.num_samples,
-                    until=_until_stop(args.stop, tok), **how)
+                    until=_until_stop(args.stop, tok), mesh=mesh, **how)
     seconds = time.perf_counter() - t0
     for i, ids in enumerate(rows):
         print(f"{'-' * 30} sample {i + 1}/{len(rows)}")
