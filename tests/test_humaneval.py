@@ -144,12 +144,17 @@ def test_bad_samples_file(problems, tmp_path, capsys, line, message):
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args", [["--samples", "no/such/file.jsonl"], ["--samples", "x", "--k", "0"],
-                                  ["--samples", "x", "--temperature", "hot"], ["--samples", "x", "--timeout", "0"]])
-def test_bad_arguments(problems, capsys, args):
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "no/such/file.jsonl"], "cannot read samples file no/such/file.jsonl: No such file"),
+    (["--samples", "x", "--k", "0"], "argument --k: '0' has a value out of range"),
+    (["--samples", "x", "--temperature", "hot"], "argument --temperature: 'hot' is not a comma-separated list"),
+    (["--samples", "x", "--timeout", "0"], "--timeout must be positive"),
+])
+def test_bad_arguments(problems, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         humaneval.main(args)
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------- generation

@@ -425,4 +425,5 @@ def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
     assert sandbox.main([str(program)]) == 0 and capsys.readouterr().out.startswith("stdout| ok\npassed (")
     with pytest.raises(SystemExit) as e:
         sandbox.main([str(tmp_path / "nope.py")])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: cannot read")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: cannot read {tmp_path / 'nope.py'}: ") and err.count("\n") == 1
