@@ -142,22 +142,20 @@ def test_resume_reproduces_the_stream(corpus):
 
 
 def test_split_and_order_are_stable_across_runs(corpus, tmp_path):
+    """A second process with another PYTHONHASHSEED streams the same validation and train windows."""
     sources, _ = corpus
     script = ("import sys, data, numpy as np; "
               "v = data.eval_batches(sys.argv[1], 2, 15, 3, val_fraction=0.25); "
               "t = data.TokenStream(sys.argv[1], 2, 15, seed=5); "
               "print(np.concatenate(v + [next(t)]).tolist())")
-    outs = []
-    for hashseed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=hashseed, PYTHONPATH=str(REPO))
-        res = subprocess.run([sys.executable, "-c", script, sources], capture_output=True, text=True,
-                             env=env, cwd=tmp_path, timeout=120)
-        assert res.returncode == 0, res.stderr
-        outs.append(res.stdout)
-    assert outs[0] == outs[1]
+    other_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # never this process's hashing
+    env = dict(os.environ, PYTHONHASHSEED=other_seed, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", script, sources], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
     here = data.eval_batches(sources, 2, 15, 3, val_fraction=0.25)
     here.append(next(data.TokenStream(sources, 2, 15, seed=5)))
-    assert json.loads(outs[0]) == np.concatenate(here).tolist()
+    assert json.loads(res.stdout) == np.concatenate(here).tolist()
     assert not np.array_equal(next(data.TokenStream(sources, 2, 15, seed=6)), here[-1])
 
 
@@ -248,18 +246,30 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         take(data.TokenStream(str(nofield), 1, 3), 20)
 
 
-def test_cli(corpus, tmp_path):
+def test_cli(corpus, tmp_path, capsys, monkeypatch):
     sources, _ = corpus
-    run = lambda *args: subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True,
-                                       text=True, cwd=tmp_path, timeout=120)
-    res = run("--data", str(tmp_path / "missing"))
-    assert res.returncode == 2 and res.stderr.strip().startswith("error: data source not found")
-    assert len(res.stderr.strip().splitlines()) == 1
-    res = run("--prepare", sources, "--out", str(tmp_path / "shards"))
-    assert res.returncode == 0, res.stderr
-    assert "holds 1,849 tokens of 26 files" in res.stdout and (tmp_path / "shards" / "index.json").exists()
-    res = run("--data", str(tmp_path / "shards"), "--batch-size", "1", "--seq-len", "31")
-    assert res.returncode == 0 and "first window (32 tokens)" in res.stdout
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        try:
+            run_main(data.main, list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    code, _, err = run("--data", str(tmp_path / "missing"))
+    assert code == 2 and err.startswith(f"error: data source not found: {tmp_path / 'missing'}")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run("--prepare", sources)
+    assert code == 2 and err == "error: --prepare needs --out DIR\n" and not (tmp_path / "shards").exists()
+    code, out, err = run("--prepare", sources, "--out", str(tmp_path / "shards"))
+    assert code == 0, err
+    assert "holds 1,849 tokens of 26 files" in out and (tmp_path / "shards" / "index.json").exists()
+    code, out, _ = run("--data", str(tmp_path / "shards"), "--batch-size", "1", "--seq-len", "31")
+    assert code == 0 and "first window (32 tokens), decoded:" in out
+    first = next(data.TokenStream(str(tmp_path / "shards"), 1, 31))[0]
+    assert out.endswith(f"decoded:\n{decode(first.tolist())}\n")
 
 
 def test_standard_library_stream():
