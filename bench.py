@@ -260,8 +260,8 @@ def main(argv=None):
             except ImportError:
                 print("CTranslate2 side skipped: pip install ctranslate2")
             else:
-                workdir = tempfile.mkdtemp(prefix="bench-ct2-")
-                generators = ct2_generators(config, params, workdir)
+                with tempfile.TemporaryDirectory(prefix="bench-ct2-") as workdir:  # Generators hold the weights
+                    generators = ct2_generators(config, params, workdir)
                 engines["ct2 fp32"] = lambda: ct2_generate(generators["float32"])
                 engines["ct2 int8"] = lambda: ct2_generate(generators["int8"])
     res["decode"] = {}

@@ -174,6 +174,28 @@ def _in_nucleus(x_BV, parts, total_B4, x_BC, p3):
     return _below_p(mass_BC4, total_B4[:, None, :], p3)
 
 
+def _two_level_sum(w_BNW):
+    """Float32 sums over the last two axes, (..., N, W) -> (...): each block's W values, then
+    the N block sums. In whatever order XLA adds, every value goes through at most
+    k = (W - 1) + (N - 1) roundings, so the result is within γ = k·u / (1 - k·u) of the exact
+    sum of these nonnegative values (u = 2^-24; Higham, "Accuracy and Stability of Numerical
+    Algorithms", 2nd ed., §4.2 and Lemma 3.3)."""
+    # The barrier keeps XLA from merging the two reductions into one, whose bound would be k = N·W - 1.
+    return jax.lax.optimization_barrier(w_BNW.sum(-1)).sum(-1)
+
+
+def _float32_verdict(x_BNW, e_BNW, total_B, x_BC, p3):
+    """_in_nucleus from plain float32 sums, given the blocked x and e (`_blocks`) and
+    total_B = _two_level_sum(e_BNW): (mass < p·total, whether that verdict is certain). The
+    sums' errors are provably below 4γ·total (docs/sampling.md), so a float32 gap
+    `mass - p·total` larger than that has the sign of the exact one."""
+    mass_BC = _two_level_sum(jnp.where(x_BNW[:, None] > x_BC[..., None, None], e_BNW[:, None], 0.0))
+    gap_BC = mass_BC - p3.sum() * total_B[:, None]                # p3.sum() is within 3u·p of p
+    k = W + x_BNW.shape[1] - 2
+    margin = np.float32(4 * k * 2.0 ** -24 / (1 - k * 2.0 ** -24))  # 4γ
+    return gap_BC < 0, jnp.abs(gap_BC) > margin * total_B[:, None]
+
+
 def _pick(logits_BV, key, knobs, mode):
     """The next token per row; knobs = (temperature, _split_p(top_p)), mode = _mode(...).
 
@@ -192,13 +214,16 @@ def _pick(logits_BV, key, knobs, mode):
     B = x_BV.shape[0]
     if not nucleus:
         return _draw(e_BV, jax.random.uniform(key, (B, 1, 2)))[:, 0]
-    parts, total_B4 = _parts(e_BV)
+    x_BNW, e_BNW = _blocks(x_BV, -jnp.inf), _blocks(e_BV, 0.0)
+    total_B = _two_level_sum(e_BNW)
 
-    def round_(s):
+    def round_(s, first=False):                                    # the first round has no floor yet
         u_BC2 = jax.random.uniform(jax.random.fold_in(key, s["round"]), (B, CANDIDATES, 2))
-        cand_BC = _draw(jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BC2)
+        cand_BC = _draw(e_BV if first else jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BC2)
         x_BC = jnp.take_along_axis(x_BV, cand_BC, axis=1)
-        ok_BC = _in_nucleus(x_BV, parts, total_B4, x_BC, p3)
+        below_BC, sure_BC = _float32_verdict(x_BNW, e_BNW, total_B, x_BC, p3)
+        ok_BC = jax.lax.cond(jnp.any(~sure_BC & ~s["done"][:, None]),  # rare: then the exact test decides
+                             lambda: _in_nucleus(x_BV, *_parts(e_BV), x_BC, p3), lambda: below_BC)
         first_B = jnp.min(jnp.where(ok_BC, jnp.arange(CANDIDATES), CANDIDATES), axis=-1)
         got_B = jnp.take_along_axis(cand_BC, jnp.minimum(first_B, CANDIDATES - 1)[:, None], axis=1)[:, 0]
         new = ~s["done"] & (first_B < CANDIDATES)
@@ -207,7 +232,7 @@ def _pick(logits_BV, key, knobs, mode):
 
     start = {"tok": jnp.zeros(B, jnp.int32), "done": jnp.zeros(B, bool), "round": jnp.zeros((), jnp.int32),
              "floor": jnp.full(B, -jnp.inf)}
-    return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_, start)["tok"]
+    return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), round_, round_(start, first=True))["tok"]
 
 
 def _mode(temperature, top_k, top_p):
