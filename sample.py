@@ -168,7 +168,8 @@ def _scaled(logits_BV, temperature, top_k):
 
 def _in_nucleus(x_BV, parts, total_B4, x_BC, p3):
     """Whether each candidate logit x_BC is in its row's nucleus: the tokens with larger
-    logits hold less than p of the mass (p3 = _split_p(p))."""
+    logits hold less than p of the mass (p3 = _split_p(p)), from the exact sums of `_parts`.
+    `_pick` needs it only for candidates that `_float32_verdict` cannot decide."""
     above_BCV = x_BV[:, None, :] > x_BC[..., None]
     mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
     return _below_p(mass_BC4, total_B4[:, None, :], p3)
