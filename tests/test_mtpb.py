@@ -380,11 +380,14 @@ def test_prompt_perplexity_equals_direct_log_softmax(wide):
                {"id": "2", "mode": "multi", "prompts_completions": [mtpb.PREFIX, "# Only one turn.\n", "pass\n\n"]}]
 
     def direct(sequences):  # the whole sequence at once, log_softmax in numpy, prompt positions only
+        rows = [[i for p in pieces for i in tok.encode(p).ids] for pieces in sequences]
+        # padded on the right to n_ctx, so every call has one shape (one compilation); the model is
+        # causal, so the padding changes no logit of a real position
+        every_logits = forward(np.array([ids + [0] * (config.n_ctx - len(ids)) for ids in rows]))
         nll, count = 0.0, 0
-        for pieces in sequences:
-            ids = [i for p in pieces for i in tok.encode(p).ids]
+        for pieces, ids, logits in zip(sequences, rows, every_logits):
             prompt = [k % 2 == 1 for k, p in enumerate(pieces) for _ in tok.encode(p).ids]
-            logits = np.asarray(forward(np.array([ids]))[0], np.float64)
+            logits = np.asarray(logits[:len(ids)], np.float64)
             top = logits.max(-1, keepdims=True)
             logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
             for t in range(1, len(ids)):
