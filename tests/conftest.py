@@ -1,6 +1,7 @@
-"""What the test files share: the repo on sys.path, a few tiny configs, and random
-parameters whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping
-cannot hide behind them and logits are far from uniform). Import with `from conftest import ...`."""
+"""What the test files share: the repo on sys.path, a few tiny configs, random parameters
+whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping cannot hide behind
+them and logits are far from uniform), and `run_cli`, a script's main run in the test's own
+process as `python script.py` would run it. Import with `from conftest import ...`."""
 import os
 import pathlib
 import sys
@@ -14,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 import model  # noqa: E402
 
 # Token-id tests: a small vocabulary is enough.
@@ -32,3 +34,15 @@ def random_params(config, seed=0):
     def perturb(path, a):
         return a + 0.3 * rng.standard_normal(a.shape).astype(np.float32) if path[-1].key in NOISY else a
     return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def run_cli(main, argv, capsys):
+    """common.run_main(main, argv) in this process: (exit status, stdout, stderr). The script's
+    own process is needed only where the process is the point (signals, kills, XLA_FLAGS)."""
+    try:
+        common.run_main(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

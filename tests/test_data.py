@@ -21,6 +21,7 @@ import pytest
 
 import data
 from common import run_main
+from conftest import run_cli
 from corpus import REASONS, SCANS, Cleaning, expand, paper_filter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,15 +250,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 def test_cli(corpus, tmp_path, capsys, monkeypatch):
     sources, _ = corpus
     monkeypatch.chdir(tmp_path)
-
-    def run(*args):
-        try:
-            run_main(data.main, list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
+    run = lambda *args: run_cli(data.main, args, capsys)  # noqa: E731
     code, _, err = run("--data", str(tmp_path / "missing"))
     assert code == 2 and err.startswith(f"error: data source not found: {tmp_path / 'missing'}")
     assert len(err.strip().splitlines()) == 1
