@@ -415,7 +415,7 @@ def load(path, dtype="float32", mesh=None):
 def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, device_memory_gib=None):
     """Compile generate's prefill and decode for `rows` prompts as long as max_new_tokens allows
     (the largest KV cache it builds) on abstract shapes, for a mesh of this machine's devices or of
-    TPU `topology` (tpu.plan_mesh), and report what one device needs against its memory."""
+    TPU `topology` (tpu.plan_mesh, tpu.compile_plan), and report what one device needs against its memory."""
     mesh, words, hbm_b, _ = tpu.plan_mesh(mesh_spec, topology)
     hbm_b, platform = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b, mesh.devices.flat[0].platform
     tpu.check_layout(config, mesh, rows)
@@ -439,7 +439,7 @@ def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, devi
     for name, fn, args in (("prefill", prefill, (params, *prompt, key, tuple(knobs))),
                            ("decode", partial(_decode, config=config, mode=mode),
                             (params, state, limit, key, tuple(knobs)))):
-        seconds, used = tpu.plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
+        _, seconds, used = tpu.compile_plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
         lines += [f"  {name}: compiled by XLA:{platform.upper()} in {seconds:.0f} s",
                   *tpu.memory_lines(used, hbm_b, platform, "parameters and prompts or decode state",
                                     "activations, logits" + (", the new KV cache" if name == "prefill" else ""))]
