@@ -118,8 +118,14 @@ def append_jsonl(f, rows):
     f.flush()
 
 
+Share = collections.namedtuple("Share", "index count allgather")
+Share.__doc__ = """This process's place in a job of `count` processes that make one file together, and
+allgather(obj) -> [obj of process 0, obj of process 1, ...], a JSON-able value from every process
+(tpu.process_share builds one from JAX's multi-host collectives)."""
+
+
 def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: None, unit="samples",
-                   what="samples file"):
+                   what="samples file", share=None):
     """Append to the jsonl file `path` the rows it lacks, so a killed run picks up where it stopped.
 
     `wanted` lists the keys of the rows the file should hold (a key repeated once per row it needs);
@@ -127,8 +133,14 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
     key) in batches of at most `batch_size` with the same `group(key)`; `first` is the number of rows
     in the file before the batch (it grows with every batch: a base for fresh sampling seeds). Each
     batch is flushed as it comes; the file is created only when the first batch is written.
+
+    With a `share` (a Share; every process calls this with the same arguments), the processes make
+    the batches together, batch j on process j % count, in rounds of `count` batches. Only process 0
+    reads and writes `path`: it tells the others what is missing, and after each round it appends
+    every process's rows in batch order. Batches and `first`s are those of a one-process run.
     """
-    rows = resume_jsonl(path, what)
+    main = share is None or share.index == 0
+    rows = resume_jsonl(path, what) if main else []
     have = collections.Counter()
     for number, row in enumerate(rows, 1):
         try:
@@ -136,25 +148,35 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: row {number} lacks {e}; pass another output file") from None
     todo = []
-    for k in wanted:
+    for i, k in enumerate(wanted):
         if have[k]:
             have[k] -= 1
         else:
-            todo.append(k)
+            todo.append(i)
+    if share is not None:  # process 0's file decides
+        n_rows, todo = share.allgather([len(rows), todo])[0]
+    else:
+        n_rows = len(rows)
     if rows:
         print(f"{path}: {len(rows)} rows there already, {len(todo)} to make")
-    progress, done = Progress("generated", unit, len(todo)), 0
+    batches, firsts = [], [n_rows]                             # firsts[j]: rows in the file before batch j
+    for _, keys in itertools.groupby((wanted[i] for i in todo), group):
+        keys = list(keys)
+        for start in range(0, len(keys), batch_size):
+            batches.append(keys[start:start + batch_size])
+            firsts.append(firsts[-1] + len(batches[-1]))
+    index, count = (0, 1) if share is None else share[:2]
+    progress = Progress("generated", unit, len(todo))
     with contextlib.ExitStack() as stack:
         f = None
-        for _, keys in itertools.groupby(todo, group):
-            keys = list(keys)
-            for start in range(0, len(keys), batch_size):
-                batch = keys[start:start + batch_size]
-                new = produce(batch, len(rows) + done)
+        for r in range(0, len(batches), count):
+            new = produce(batches[r + index], firsts[r + index]) if r + index < len(batches) else []
+            everyone = [new] if share is None else share.allgather(new)
+            if main:
                 f = f or stack.enter_context(open(path, "a", encoding="utf-8"))
-                append_jsonl(f, new)
-                done += len(batch)
-                progress(done)
+                for got in everyone:
+                    append_jsonl(f, got)
+                progress(firsts[min(r + count, len(batches))] - n_rows)
 
 
 def results_path(samples_path):

@@ -147,11 +147,12 @@ def score_file(samples_path, problems, ks, timeout, workers):
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0):
+def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0, share=None):
     """Append n completions per (problem, temperature) to `out_path` as jsonl lines
     {task_id, completion, temperature}, `batch_size` prompts per call of
     `complete(prompts, temperature, seed) -> completions`. Samples already in the file
-    count: a rerun makes only the missing ones, each call with a seed never used before."""
+    count: a rerun makes only the missing ones, each call with a seed never used before.
+    `share` (tpu.process_share): the processes of a multi-host job split the calls."""
     def produce(keys, first):
         t = keys[0][1]
         completions = complete([problems[task_id]["prompt"] for task_id, _ in keys], t, seed + first)
@@ -159,16 +160,20 @@ def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0):
                 for (task_id, _), c in zip(keys, completions, strict=True)]
     wanted = [(task_id, t) for t in temperatures for task_id in problems for _ in range(n)]
     generate_jsonl(out_path, wanted, lambda s: (s["task_id"], s["temperature"]), produce, batch_size,
-                   group=lambda key: key[1])
+                   group=lambda key: key[1], share=share)
 
 
-def model_completer(init_from, problems, top_p, max_new_tokens, dtype):
-    """complete(prompts, temperature, seed) with a checkpoint, through sample.complete. New
-    tokens are capped by the context the longest prompt of `problems` leaves (one note when
-    that cuts --max-new-tokens); a prompt that fills the context is a ValueError."""
-    import data     # imported here: scoring alone needs neither JAX nor a model
+def model_completer(init_from, problems, top_p, max_new_tokens, dtype, mesh=None):
+    """complete(prompts, temperature, seed) with a checkpoint, through sample.complete, on a
+    `mesh` (DPxFSDPxMP) of this process's devices or one device. New tokens are capped by the
+    context the longest prompt of `problems` leaves (one note when that cuts --max-new-tokens);
+    a prompt that fills the context is a ValueError."""
+    import jax      # imported here: scoring alone needs neither JAX nor a model
+    import data
     import sample
-    config, params = sample.load(init_from, dtype)
+    import tpu
+    mesh = tpu.make_mesh(mesh, jax.local_devices()) if mesh else None
+    config, params = sample.load(init_from, dtype, mesh)
     tokenizer = data.get_tokenizer()
     longest, task_id = max((len(tokenizer.encode(p["prompt"]).ids), t) for t, p in problems.items())
     room = config.n_ctx - longest
@@ -181,7 +186,7 @@ def model_completer(init_from, problems, top_p, max_new_tokens, dtype):
 
     def complete(prompts, temperature, seed):
         return sample.complete(params, config, prompts, min(max_new_tokens, room), stop=STOP,
-                               temperature=temperature, top_p=top_p, seed=seed)
+                               temperature=temperature, top_p=top_p, seed=seed, mesh=mesh)
     return complete
 
 
@@ -221,6 +226,8 @@ def _main(argv):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="generation: parameter and compute dtype")
     parser.add_argument("--seed", type=int, default=0, help="generation: base sampling seed")
+    parser.add_argument("--mesh", help="generation: DPxFSDPxMP mesh of each process's devices (tpu.py); in a "
+                                       "multi-host job each process samples its share; None: one device")
     parser.add_argument("--limit", type=int, help="generation: only the first N problems; None: all")
     parser.add_argument("--k", type=_numbers(int), default="1,10,100",
                         help="pass@k for these k, where every problem has >= k samples")
@@ -238,8 +245,13 @@ def _main(argv):
     if args.init_from is not None:
         samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
         todo = dict(list(problems.items())[:args.limit])
-        complete = model_completer(args.init_from, todo, args.top_p, args.max_new_tokens, args.dtype)
-        generate(todo, complete, samples_path, args.n, args.temperature, args.batch_size, args.seed)
+        import tpu      # imported here: scoring alone needs no JAX
+        tpu.init_distributed()
+        share = tpu.process_share()
+        complete = model_completer(args.init_from, todo, args.top_p, args.max_new_tokens, args.dtype, args.mesh)
+        generate(todo, complete, samples_path, args.n, args.temperature, args.batch_size, args.seed, share)
+        if share is not None and share.index > 0:  # process 0 scores what every process sampled
+            return None
     return score_file(samples_path, problems, args.k, args.timeout, args.workers)
 
 

@@ -142,8 +142,8 @@ def generate_problem(problem, complete, n, single_turn=False, seed=16):
              "category": problem.category} for r, pieces in enumerate(rows)]
 
 
-def generate(problems, complete, out_path, n=1, single_turn=False, seed=16):
-    """Append to `out_path` the programs it lacks, a problem at a time (resumable)."""
+def generate(problems, complete, out_path, n=1, single_turn=False, seed=16, share=None):
+    """Append to `out_path` the programs it lacks, a problem at a time (resumable; `share`: each process its own)."""
     mode, by_id = "single" if single_turn else "multi", {p.id: p for p in problems}
 
     def key(row):
@@ -155,7 +155,7 @@ def generate(problems, complete, out_path, n=1, single_turn=False, seed=16):
     def produce(keys, first):
         return [r for r in generate_problem(by_id[keys[0][0]], complete, n, single_turn, seed) if key(r) in keys]
     wanted = [(p.id, c, s) for p in problems for c in range(len(p.cases)) for s in range(n)]
-    generate_jsonl(out_path, wanted, key, produce, batch_size=len(wanted), group=lambda k: k[0], unit="programs")
+    generate_jsonl(out_path, wanted, key, produce, len(wanted), group=lambda k: k[0], unit="programs", share=share)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -375,7 +375,7 @@ def plot_perplexity(ppl, summary, mode, path):
 
 # ----------------------------------------------------------------------------- command line
 
-def model_completer(params, config, tokenizer, args):
+def model_completer(params, config, tokenizer, args, mesh=None):
     """generate_problem's `complete`: sample.complete with the model and the sampling flags bound.
     A call gets at most the room its longest history leaves in the context (a note the first time
     that cuts a budget); a history that fills the context gets "" (the reference asserted and stopped)."""
@@ -393,16 +393,14 @@ def model_completer(params, config, tokenizer, args):
             noted = True
         got = iter(sample.complete(params, config, fits, min(max_new_tokens, room), stop=stop, seed=seed,
                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                   num_samples=num_samples) if fits else [])
+                                   num_samples=num_samples, mesh=mesh) if fits else [])
         return [next(got) if n < config.n_ctx else "" for n in lengths for _ in range(num_samples)]
     return complete
 
 
-def run_chat(params, config, tokenizer, args):
+def run_chat(complete, config, tokenizer, args):
     """`chat` on stdin: a turn may take DEFAULT_MAX_GEN_LENGTH new tokens, sampled with seed --seed + turn."""
-    complete, seeds = model_completer(params, config, tokenizer, args), itertools.count(args.seed)
-
-    def write_turn(program):
+    def write_turn(program, seeds=itertools.count(args.seed)):
         if len(tokenizer.encode(program).ids) >= config.n_ctx:
             raise ValueError(f"the program fills the {config.n_ctx}-token context; :undo, or :save and start over")
         return complete([program], DEFAULT_MAX_GEN_LENGTH, stop=STOPS, num_samples=1, seed=next(seeds))[0]
@@ -428,6 +426,7 @@ def _main(argv):
     arg("--top-k", type=int, default=50, help="HF generate's default, which the reference kept; 0 = off")
     arg("--seed", type=int, default=16, help="mtpb_sample.py --seed")
     arg("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype for the model")
+    arg("--mesh", help="DPxFSDPxMP mesh of each process's devices (tpu.py); multi-host: each samples its share")
     arg("--samples", metavar="FILE", help="score this samples file (id, input, gold_output, completions)")
     arg("--reference-semantics", action="store_true", help="score with mtpb_exec.py's rules, bugs included")
     arg("--timeout", type=float, default=10.0, help="seconds per program (the reference: 20)")
@@ -459,25 +458,26 @@ def _main(argv):
     problems = load_problems(args.problems, ids) if args.problems else None
     records = read_samples(args.samples) if args.samples else None
     if args.init_from and (args.chat or args.perplexity or not args.samples):
-        import data
-        import sample
-        config, params = sample.load(args.init_from, args.dtype)
-        tokenizer = data.get_tokenizer()
+        import data, jax, sample, tpu  # noqa: E401  (scoring alone needs no JAX)
+        tpu.init_distributed()
+        mesh, share = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None, tpu.process_share()
+        (config, params), tokenizer = sample.load(args.init_from, args.dtype, mesh), data.get_tokenizer()
+        complete = model_completer(params, config, tokenizer, args, mesh)
     if args.chat:
-        return run_chat(params, config, tokenizer, args)
+        return run_chat(complete, config, tokenizer, args)
     mode = "single" if args.single_turn else "multi"
     samples_path = args.samples or args.out or os.path.join(args.init_from, f"mtpb_{mode}.jsonl")
     if records is None:
-        generate(problems, model_completer(params, config, tokenizer, args), samples_path, args.n, args.single_turn,
-                 args.seed)
+        generate(problems, complete, samples_path, args.n, args.single_turn, args.seed, share)
+        if share is not None and share.index > 0:
+            return None                                             # process 0 scores what all sampled
         records = read_samples(samples_path)
     if ids is not None:
         unknown = sorted(set(ids) - {r["id"] for r in records})
         if unknown:
             raise ValueError(f"problem id(s) {', '.join(unknown)} not in {samples_path}")
         records = [r for r in records if r["id"] in ids]
-    semantics = "reference" if args.reference_semantics else "fixed"
-    out_path = results_path(samples_path)
+    semantics, out_path = "reference" if args.reference_semantics else "fixed", results_path(samples_path)
     results = score(records, args.reference_semantics, args.timeout, args.workers, args.memory_mb,
                     _earlier_verdicts(out_path, semantics))
     write_jsonl(out_path, results)

@@ -16,25 +16,24 @@ The mesh has three axes, `--mesh DPxFSDPxMP`:
     model  tensor parallelism: attention heads, the MLP hidden units and the vocabulary
            are divided among the devices (Megatron column/row parallel, as JAXformer's 'mp').
 
-The batch is split over data x fsdp; see RULES below for the parameters. The same file
-also holds the multi-host plumbing (distributed init, global batch assembly), the
-accelerators' datasheets (peak FLOP/s for MFU, TPU HBM), and the planning of a run before
-renting the hardware: `compile_plan` compiles any jitted step ahead of time on abstract
-shapes for a mesh and returns what one device needs (the compiler's memory_analysis);
-`dry_run` wraps it into train.py's report for the training step. The devices compiled for
-are either simulated CPU devices (XLA:CPU's buffer plan, an estimate) or, with libtpu
-installed (`pip install libtpu`, no TPU needed), the devices of a TPU slice compiled for
-by XLA:TPU itself, which is what the chip would allocate:
+The batch is split over data x fsdp; RULES below give the parameters, decode_specs the
+decode state of sampling (its KV cache split by heads). The file also holds the multi-host
+plumbing (distributed init, global batch assembly, the share of an evaluation each process
+samples), the accelerators' datasheets (peak FLOP/s, TPU HBM), and the planning of a run
+before renting the hardware: `compile_plan` compiles any jitted step ahead of time on
+abstract shapes for a mesh and returns what one device needs (memory_analysis); train.py's
+`dry_run` below and sample.dry_run report it. The devices are simulated CPU ones (XLA:CPU's
+buffer plan, an estimate) or, with libtpu (`pip install libtpu`, no TPU needed), those of
+a TPU slice, compiled for by XLA:TPU itself, which is what the chips would allocate:
 
     python train.py --size 16B --mesh 1x16x4 --dry-run                     # simulated CPU devices
     python train.py --size 350M --mesh 1x4x1 --dry-run --topology v5p:2x2x1  # XLA:TPU
 
-On a machine without a TPU, libtpu tries to find one whenever JAX starts its backends
-(a few warning lines, a second, and a lock on libtpu's lock file that makes a second
-such process fail); JAX_PLATFORMS=cpu (or cuda) skips that. The topology path does not
-need it: it keeps JAX on CPU itself and loads libtpu only as a compiler.
+Without a TPU, JAX_PLATFORMS=cpu keeps libtpu from looking for one when JAX starts
+(docs/sharding.md); the topology path needs no such setting.
 """
 import importlib.util
+import json
 import math
 import os
 import re
@@ -45,6 +44,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import common
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -202,16 +203,11 @@ def to_host(tree):
 
 
 def init_distributed():
-    """Connect the processes of a multi-host job, when the environment says it is one.
-
-    Recognised launchers (the variables JAX's own cluster detection reads):
-      - any cluster: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-      - SLURM `srun` with several tasks (SLURM_NTASKS > 1, SLURM_STEP_NODELIST, ...)
-      - Open MPI `mpirun` (OMPI_COMM_WORLD_SIZE > 1)
-      - TPU on GKE with several hosts (TPU_WORKER_HOSTNAMES lists more than one)
-    A Cloud TPU VM pod slice started with `gcloud ... ssh --worker=all` needs none of
-    these: the TPU runtime connects its hosts by itself. Call before any other JAX call.
-    """
+    """Connect the processes of a multi-host job, when the environment says it is one. Launchers
+    (the variables JAX's cluster detection reads): any cluster (JAX_COORDINATOR_ADDRESS=host:port,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM `srun` with several tasks, Open MPI `mpirun`, TPU on
+    GKE with several hosts (TPU_WORKER_HOSTNAMES). A Cloud TPU VM pod slice (`gcloud ... ssh
+    --worker=all`) needs none: its runtime connects the hosts. Call before any other JAX call."""
     env = os.environ
     launched = ("JAX_COORDINATOR_ADDRESS" in env
                 or (int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env)
@@ -225,6 +221,24 @@ def init_distributed():
 def is_main():
     """Only process 0 prints, writes metrics and writes checkpoint files."""
     return jax.process_index() == 0
+
+
+def process_share():
+    """common.generate_jsonl's `share` in a multi-host job (None in one process): each process
+    samples its own batches on a mesh of its own devices, and process 0 writes the file."""
+    return None if jax.process_count() == 1 else common.Share(jax.process_index(), jax.process_count(), allgather)
+
+
+def allgather(obj):
+    """[obj of process 0, obj of process 1, ...] on every process: a JSON-able value sent as bytes
+    through multihost_utils.process_allgather (the sizes first, then the bytes padded to the largest)."""
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).ravel()
+    padded = np.zeros(sizes.max(), np.uint8)
+    padded[:data.size] = data
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:n].tobytes()) for row, n in zip(everyone, sizes)]
 
 
 # ----------------------------------------------------------------------------- accelerator datasheets
@@ -320,18 +334,23 @@ def describe_devices(devices):
 def compile_plan(fn, args, mesh, *, out_shardings=None, donate_argnums=()):
     """Compile `fn` ahead of time for `mesh` and say what one device needs to run it.
 
-    `args` are abstract: jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves, so nothing
-    is allocated, and the mesh may be simulated CPU devices or a TPU topology's (see
-    topology_devices). Returns (compiled, seconds, bytes) where bytes, from the compiler's
-    memory_analysis(), are per device: 'arguments', 'temp' (activations, gradients, gathered
-    weights), 'outputs' not aliased to donated arguments, 'code', and their 'total'. Any
-    jitted step can be planned this way: training (dry_run below) or a decode step.
+    `args` are jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves (nothing is allocated);
+    the mesh may be simulated CPU devices or a TPU topology's. Returns (compiled, seconds, bytes),
+    bytes per device from the compiler's memory_analysis(): 'arguments', 'temp', 'outputs' not
+    aliased to donated arguments, 'code', and their 'total'. Any jitted step: training, decoding.
+    Where XLA:TPU refuses a program that cannot fit the chip's HBM (CompileTimeHbmOom), compiled
+    is None and bytes its one-line reason.
     """
     in_shardings = jax.tree.map(lambda a: a.sharding, args)
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
     t0 = time.time()
-    with jax.set_mesh(mesh):  # the mesh model.forward's activation hint refers to
-        compiled = jitted.lower(*args).compile()
+    try:
+        with jax.set_mesh(mesh):  # the mesh model.forward's activation hint refers to
+            compiled = jitted.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit the HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, time.time() - t0, str(e).splitlines()[0].split(": ", 1)[-1]
     seconds = time.time() - t0
     mem = compiled.memory_analysis()
     used = {"arguments": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
@@ -341,12 +360,10 @@ def compile_plan(fn, args, mesh, *, out_shardings=None, donate_argnums=()):
 
 
 def ensure_fake_devices(mesh_spec, topology=None):
-    """Give a dry run devices to compile for. With a TPU `topology` they come from libtpu, and
-    JAX stays on CPU (a compile-only run has no use for the machine's own accelerator, and
-    JAX quietly skips libtpu's TPU search). Otherwise, if this machine has fewer devices than
-    `mesh_spec`, re-run this very command (os.execve, same arguments) on CPU with that many
-    simulated ones: XLA's --xla_force_host_platform_device_count is read only when the CPU
-    backend starts, hence a fresh process. Call before anything touches a JAX backend."""
+    """Give a dry run devices to compile for: with a TPU `topology`, libtpu's, and JAX stays on
+    CPU (no TPU search). Else, if this machine has fewer devices than `mesh_spec`, re-run this
+    very command (os.execve) on CPU with that many simulated ones: XLA reads its
+    --xla_force_host_platform_device_count only when the CPU backend starts. Call first."""
     if topology:
         jax.config.update("jax_platforms", "cpu")
         return
@@ -380,21 +397,8 @@ def plan_mesh(mesh_spec, topology=None):
     return make_mesh("x".join(map(str, shape)), devices[:n_dev]), words, hbm_b, peak
 
 
-def plan(fn, args, mesh, **kwargs):
-    """compile_plan's (seconds, bytes), with bytes the compiler's one-line refusal (a str) where
-    XLA:TPU will not compile a program that cannot fit the chip's HBM (CompileTimeHbmOom)."""
-    t0 = time.time()
-    try:
-        return compile_plan(fn, args, mesh, **kwargs)[1:]
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return time.time() - t0, str(e).splitlines()[0].split(": ", 1)[-1]
-
-
 def memory_lines(used, hbm_b, platform, arguments, temp):
-    """The report lines for plan()'s bytes against `hbm_b` per device; `arguments` and `temp`
-    say what those two hold in this program."""
+    """Report lines for compile_plan's bytes against `hbm_b`; `arguments`, `temp`: what those hold."""
     if isinstance(used, str):
         return [f"    total            does NOT fit: XLA:{platform.upper()} refuses to compile it ({used})"]
     verdict = ("give --device-memory GiB to compare" if hbm_b is None else
@@ -448,14 +452,10 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
             device_memory_gib=None, peak=None, mfu=0.4):
     """Compile a training step for a mesh on abstract shapes and report, per device, what it
     needs against the device's memory, and the tokens/s expected at `mfu` of the peak.
-
-    The caller (train.py) builds the pieces: `step(state, windows) -> (state, metrics)`,
-    `state` the abstract train state (params, AdamW mu and nu, step), `windows` the abstract
-    (K, B, W) int32 batch of K micro-batches; `config` is the model's (for check_layout),
-    `recipe` gives the words for dtype and remat. Devices: a TPU `topology` (XLA:TPU via
-    libtpu) or this machine's, simulated on CPU if need be (see ensure_fake_devices).
-    `device_memory_gib` defaults to the TPU chip's HBM; `peak` is as in _target_peak.
-    """
+    train.py builds `step(state, windows) -> (state, metrics)`, the abstract train state
+    (params, AdamW mu and nu, step) and (K, B, W) int32 `windows`; `recipe` gives dtype and
+    remat. Devices as plan_mesh; `device_memory_gib` defaults to the TPU chip's HBM; `peak` as
+    _target_peak."""
     mesh, words, hbm_b, devices_peak = plan_mesh(mesh_spec, topology)
     K, micro, W = windows.shape
     check_layout(config, mesh, micro)
@@ -465,7 +465,8 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
     state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
     state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
-    seconds, used = plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None), donate_argnums=0)
+    _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
+                                    donate_argnums=0)
 
     platform = mesh.devices.flat[0].platform
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
+import common
 import model
 import tpu
 from conftest import TINY
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EIGHT_WAY = dict(  # heads, MLP and vocabulary divide 8 ways
     n_layer=2, n_embd=64, n_head=8, rotary_dim=4, n_ctx=128, vocab_size=256)
 MESHES = ["8x1x1", "1x8x1", "1x1x8", "2x2x2"]
-SAMPLE_MESHES = ["1x1x8", "2x2x2"]  # heads and vocabulary split 8 ways; all three axes at once
+SAMPLE_MESHES = ["8x1x1", "1x1x8", "2x2x2"]  # data only (rows padded), model only, all three axes
 
 EIGHT_DEVICES = r"""
 import json, sys, tempfile
@@ -53,8 +54,11 @@ single = jax.jit(step).lower(state, batch).compile()  # one device: the referenc
 ref_state, ref_metrics = jax.device_get(single(state, batch))
 try:
     import sample
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    ref_tokens = sample.generate(params, config, prompts, 8)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [3] * 20]  # left-padded to 64; 3 x 2 rows, padded on 8x1x1
+    per_layer = model.unstack_layers(params)            # as sample.load returns them
+    ref_tokens = sample.generate(params, config, prompts, 8, num_samples=2)
+    sampled = dict(num_samples=2, temperature=0.8, top_p=0.9, top_k=50, seed=3)
+    ref_sampled = sample.generate(params, config, prompts, 8, **sampled)
     no_sample = None
 except ImportError as e:
     no_sample = f"sample.py cannot be imported ({e})"
@@ -84,8 +88,19 @@ for spec in MESHES:
         }
         if spec in SAMPLE_MESHES:  # sampling and checkpoints: on the meshes that split the most
             if no_sample is None:
-                params_sh = jax.device_put(params, tpu.param_shardings(params, mesh))
-                r["generate_equal"] = sample.generate(params_sh, config, prompts, 8) == ref_tokens
+                r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
+                                                      mesh=mesh) == ref_tokens
+                if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
+                    r["sampled_equal"] = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled) == ref_sampled
+                if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
+                    placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
+                    prompt_PT = jax.device_put(np.ones((4, 64), np.int32), jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES)))
+                    st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
+                                         new_bucket=64, num_samples=2, mode=("greedy",))
+                    r["decode_shards"] = {"params/layers/0/wq": list(placed["layers"][0]["wq"].addressable_shards[0].data.shape),
+                                          "cache/k": list(st["cache"]["k"][0].addressable_shards[0].data.shape),
+                                          "cache/valid": list(st["cache"]["valid"].addressable_shards[0].data.shape),
+                                          "out": list(st["out"].addressable_shards[0].data.shape)}
             with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
                 model.save_hf(new_state["params"], config, tmp)
                 loaded_config, loaded = model.load_hf(tmp)
@@ -161,7 +176,18 @@ def test_fsdp_splits_the_batch_not_the_activations(eight):
 def test_sharded_generate_equals_unsharded(eight):
     if eight["no_sample"]:
         pytest.skip(eight["no_sample"])
-    assert all(eight["meshes"][s]["generate_equal"] for s in SAMPLE_MESHES)
+    # greedy, 3 left-padded prompts x num_samples 2, per-layer params placed by generate(mesh=)
+    assert {s: eight["meshes"][s]["generate_equal"] for s in SAMPLE_MESHES} == dict.fromkeys(SAMPLE_MESHES, True)
+    assert eight["meshes"]["8x1x1"]["sampled_equal"]  # 6 rows padded to 8: the real rows' draws are unchanged
+
+
+def test_decode_state_is_split_by_heads_and_rows(eight):
+    if eight["no_sample"]:
+        pytest.skip(eight["no_sample"])
+    # 2x2x2: a per-layer wq (D, D) = (64, 64) split fsdp x model; 8 rows over data*fsdp = 4;
+    # the cache's 8 heads over model = 2; 64 prompt + 64 new slots and head_dim 8 whole.
+    assert eight["meshes"]["2x2x2"]["decode_shards"] == {
+        "params/layers/0/wq": [32, 32], "cache/k": [2, 4, 128, 8], "cache/valid": [2, 128], "out": [2, 64]}
 
 
 def test_sharded_checkpoint_round_trips(eight):
@@ -233,6 +259,36 @@ def test_topology_bytes_grow_with_the_batch(on_tpu):
     # 120 extra windows at least L x H x T x T in bf16, 120 x 2 x 4 x 128^2 x 2 B = 30 MiB more.
     assert _bytes(big, "activations/temp") - _bytes(small, "activations/temp") > 120 * 2 * 4 * 128 ** 2 * 2
     assert _bytes(big, "total") - _bytes(small, "total") > 120 * 2 * 4 * 128 ** 2 * 2
+
+
+@pytest.fixture(scope="module")
+def decode_on_tpu():
+    """The TINY model's prefill and decode compiled by XLA:TPU for a v4 2x2x1 slice, heads and
+    vocabulary over its 4 chips (1x1x4), for 4 and for 64 rows of 97-token prompts + 32 new."""
+    import sample
+    return {rows: sample.dry_run(TINY, "float32", "1x1x4", "v4:2x2x1", rows, 32, ("greedy",)) for rows in (4, 64)}
+
+
+@needs_libtpu
+def test_decode_step_compiles_with_xla_tpu(decode_on_tpu):
+    report = " ".join(decode_on_tpu[4].split())
+    assert "mesh 1x1x4 on 4 TPU v4 devices, each one chip (2 TensorCores, megacore) (TPU topology v4:2x2x1)" in report
+    assert "4 rows of 192 tokens (128-token prompts, 64 new)" in report
+    assert report.count("compiled by XLA:TPU") == 2 and report.count("fits in 32 GiB") == 2
+
+
+@needs_libtpu
+def test_decode_bytes_grow_with_the_rows(decode_on_tpu):
+    small, big = decode_on_tpu[4], decode_on_tpu[64]
+    assert _bytes(small, "parameters") == _bytes(big, "parameters") > 0
+    # K and V of 2 layers, 192 slots of 4 heads x 8 dims in fp32, the heads split 4 ways (24 KiB a row),
+    # plus each row's whole `valid` mask (192 bools) and position (int32): reported to 3 digits
+    per_row = 2 * 2 * 192 * 8 * 4 + 192 + 4
+    assert _bytes(small, "KV cache") == pytest.approx(4 * per_row, rel=0.005)
+    assert _bytes(big, "KV cache") == pytest.approx(64 * per_row, rel=0.005)
+    decode = [report.split("decode:")[1] for report in (small, big)]
+    assert _bytes(decode[1], "arguments") - _bytes(decode[0], "arguments") >= 60 * per_row  # the cache is an argument
+    assert _bytes(decode[1], "total") > _bytes(decode[0], "total") + 60 * per_row
 
 
 @needs_libtpu
@@ -345,3 +401,68 @@ def test_ensure_fake_devices_reexecs_with_enough_cpu_devices():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["4", "cpu"]
+
+
+# ----------------------------------------------------------------------------- multi-host evaluation
+
+
+def _threads_as_processes(count, job):
+    """Run job(share) on `count` threads that stand for the processes of a multi-host job, each
+    with a common.Share whose allgather is an exchange through a barrier, as tpu.allgather is
+    through JAX's collectives. Returns the jobs' results in process order."""
+    import threading
+    slots, barrier, results = [None] * count, threading.Barrier(count), [None] * count
+
+    def allgather_for(i):
+        def allgather(obj):
+            slots[i] = json.loads(json.dumps(obj))   # what crosses processes is JSON
+            barrier.wait()
+            everyone = list(slots)
+            barrier.wait()                           # nobody overwrites a slot before all have read
+            return everyone
+        return allgather
+
+    def run(i):
+        results[i] = job(common.Share(i, count, allgather_for(i)))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_processes_share_the_samples_and_process_0_writes_them(tmp_path, capsys):
+    # 7 problems x 2 temperatures x 3 samples in batches of 2, as humaneval.generate asks for them.
+    wanted = [(f"p{i}", t) for t in (0.2, 0.8) for i in range(7) for _ in range(3)]
+    made_by = {}
+
+    def produce_on(who):
+        def produce(keys, first):
+            made_by[first] = who
+            return [{"task_id": k[0], "temperature": k[1], "completion": f"seed {first + j}"} for j, k in enumerate(keys)]
+        return produce
+    key = lambda row: (row["task_id"], row["temperature"])  # noqa: E731
+    one = tmp_path / "one.jsonl"
+    common.generate_jsonl(one, wanted, key, produce_on(None), 2, group=lambda k: k[1])
+    three = tmp_path / "three.jsonl"
+    _threads_as_processes(3, lambda share: common.generate_jsonl(
+        three, wanted, key, produce_on(share.index), 2, group=lambda k: k[1], share=share))
+    assert three.read_text() == one.read_text()  # the same rows, seeds and order as one process
+    assert sorted(set(made_by.values())) == [0, 1, 2]  # every process sampled a share...
+    assert len(made_by) == 22 and all(made_by[f] == j % 3 for j, f in enumerate(sorted(made_by)))  # ...batch j on j % 3
+
+    # Resumable: a file cut mid-line keeps its whole rows, the processes make only the rest.
+    text = one.read_text()
+    three.write_text(text[:text.index("\n", len(text) // 2) + 10])
+    made_by.clear()
+    _threads_as_processes(2, lambda share: common.generate_jsonl(
+        three, wanted, key, produce_on(share.index), 2, group=lambda k: k[1], share=share))
+    rows = [json.loads(line) for line in three.read_text().splitlines()]
+    assert len(rows) == len(wanted) and sorted(map(key, rows)) == sorted(wanted)
+    assert 0 < len(made_by) < 22 and set(made_by.values()) == {0, 1}
+    capsys.readouterr()
+
+
+def test_one_process_has_no_share():
+    assert tpu.process_share() is None
