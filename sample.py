@@ -18,13 +18,10 @@ How one call works:
      tokens; after each chunk the host decodes the rows and marks those holding a stop
      string as done. The text is cut just before the first stop string.
 
-On a device mesh (`mesh=`, `--mesh DPxFSDPxMP`): parameters laid out by tpu.RULES, the KV
-cache split by heads over `model`, every row of the decode state over the data axes
-(tpu.decode_specs); prompts padded (copies of the first, done at once) until the rows divide
-evenly. Greedy tokens equal the one-device run's. `--dry-run` plans prefill and decode for a
-mesh instead (what one device needs); `--topology` compiles them with XLA:TPU (libtpu, no TPU):
-
-    python sample.py --size 16B --dtype bfloat16 --mesh 1x1x4 --num-samples 8 --dry-run --topology v4:2x2x1
+On a mesh (`mesh=`, `--mesh DPxFSDPxMP`), parameters are laid out by tpu.RULES and the decode
+state by tpu.decode_specs (KV cache heads over `model`, rows over the data axes; prompts padded
+with finished copies until the rows divide evenly); greedy tokens equal the one-device run's.
+`--dry-run [--topology v4:2x2x1]` plans prefill and decode per device instead (docs/sharding.md).
 
 Picking a token: temperature, then top-k, then top-p (nucleus; ties at the boundary
 stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head's padding
@@ -333,9 +330,8 @@ def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0
     token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
     temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
     samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse).
-    `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids
-    may run up to CHUNK tokens past the point it first said True; `complete` cuts the text).
-    `mesh` (tpu.make_mesh): sample on its devices, laid out as the module docstring says."""
+    `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids may run
+    up to CHUNK tokens past the point it first said True; `complete` cuts the text). `mesh`: above."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
     if not prompts:
         return []
@@ -398,24 +394,21 @@ def _text_before_stop(ids, stop, tok):
 
 def load(path, dtype="float32", mesh=None):
     """(config, params) ready to decode: the checkpoint at `path` (model.load_hf), cast to
-    `dtype` and split per layer (model.unstack_layers) once, not in every call; with a `mesh`,
-    put on its devices as tpu.RULES say, each device receiving only its own shards."""
+    `dtype` and split per layer (model.unstack_layers) once; on a `mesh`'s devices, each its shards."""
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     config, params = model.load_hf(path)
     params = model.unstack_layers(model.cast(params, jnp.dtype(dtype)))   # numpy, on the host
-    if mesh is None:
-        return config, params
-    tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])
-    return config, jax.device_put(params, tpu.param_shardings(params, mesh))
+    if mesh is not None:
+        tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])
+    return config, params if mesh is None else jax.device_put(params, tpu.param_shardings(params, mesh))
 
 
 def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, device_memory_gib=None):
-    """Compile generate's prefill and decode for `rows` prompts as long as max_new_tokens allows
-    (the largest KV cache it builds) on abstract shapes, for a mesh of this machine's devices or of
-    TPU `topology` (tpu.plan_mesh, tpu.compile_plan), and report what one device needs against its memory."""
+    """Compile prefill and decode for `rows` prompts as long as max_new_tokens allows (generate's largest
+    KV cache) on abstract shapes for a mesh (tpu.plan_mesh), and report what one device needs."""
     mesh, words, hbm_b, _ = tpu.plan_mesh(mesh_spec, topology)
     hbm_b, platform = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b, mesh.devices.flat[0].platform
     tpu.check_layout(config, mesh, rows)
@@ -427,18 +420,16 @@ def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, devi
     prompt = [on(jax.ShapeDtypeStruct((rows, T), t), PartitionSpec(tpu.BATCH_AXES)) for t in (jnp.int32, bool)]
     key, limit, *knobs = (on(jax.ShapeDtypeStruct(s, t), PartitionSpec())
                           for s, t in (((2,), jnp.uint32), ((), jnp.int32), ((), jnp.float32), ((3,), jnp.float32)))
-    prefill = partial(_prefill, config=config, new_bucket=new_bucket, num_samples=1, mode=mode)
-    state = jax.eval_shape(prefill, params, *prompt, key, tuple(knobs))
+    knobs, prefill = tuple(knobs), partial(_prefill, config=config, new_bucket=new_bucket, num_samples=1, mode=mode)
+    state = jax.eval_shape(prefill, params, *prompt, key, knobs)
     state = jax.tree.map(on, state, tpu.decode_specs(state))
-    lines = [f"dry run: sampling in {dtype} (n_layer={config.n_layer}, n_embd={config.n_embd}, n_head="
-             f"{config.n_head}), mesh {'x'.join(str(mesh.shape[a]) for a in tpu.AXES)} on {words}",
-             f"  {rows} rows of {T + new_bucket} tokens ({T}-token prompts, {new_bucket} new), {mode[0]}; "
-             "per device:",
+    lines = [f"dry run: sampling {config.n_layer} layers of {config.n_embd} in {dtype}, mesh "
+             f"{'x'.join(str(mesh.shape[a]) for a in tpu.AXES)} on {words}",
+             f"  {rows} rows of {T + new_bucket} tokens ({T}-token prompts, {new_bucket} new), {mode[0]}; per device:",
              f"    parameters       {tpu.human_size(tpu.bytes_per_device(params))}",
              f"    KV cache         {tpu.human_size(tpu.bytes_per_device(state['cache']))}  (heads over model)"]
-    for name, fn, args in (("prefill", prefill, (params, *prompt, key, tuple(knobs))),
-                           ("decode", partial(_decode, config=config, mode=mode),
-                            (params, state, limit, key, tuple(knobs)))):
+    for name, fn, args in (("prefill", prefill, (params, *prompt, key, knobs)),
+                           ("decode", partial(_decode, config=config, mode=mode), (params, state, limit, key, knobs))):
         _, seconds, used = tpu.compile_plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
         lines += [f"  {name}: compiled by XLA:{platform.upper()} in {seconds:.0f} s",
                   *tpu.memory_lines(used, hbm_b, platform, "parameters and prompts or decode state",
@@ -469,8 +460,8 @@ def main(argv=None):
                    "longest prompt) of --size on --mesh, print the memory per device; nothing is loaded")
     p.add_argument("--size", choices=tuple(model.CONFIGS), default="nano", help="for --dry-run: model preset")
     p.add_argument("--topology", help="for --dry-run: compile with XLA:TPU for this TPU slice, e.g. v4:2x2x1 "
-                   "(pip install libtpu; no TPU needed); None: this machine's devices, simulated on CPU if fewer")
-    p.add_argument("--device-memory", type=float, help="GiB per device, for --dry-run (None: the TPU chip's HBM)")
+                   "(pip install libtpu); None: this machine's devices, simulated on CPU if fewer")
+    p.add_argument("--device-memory", type=float, help="GiB per device, for --dry-run; None: the TPU chip's HBM")
     args = p.parse_args(argv)
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     _check(model.CONFIGS["nano"], [], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
