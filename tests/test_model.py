@@ -12,6 +12,12 @@ from conftest import TINY, random_params
 
 import model
 
+# Jitted: one compilation per shape, shared by the tests below. Called eagerly, JAX compiles every
+# operation of the forward and backward passes on its own, which costs many times more.
+forward = jax.jit(model.forward, static_argnums=2)
+loss = jax.jit(model.loss_fn, static_argnums=2, static_argnames=("z_loss", "remat"))
+grad = jax.jit(jax.grad(model.loss_fn), static_argnums=2, static_argnames=("z_loss", "remat"))
+
 
 # ----------------------------------------------------------------------------- configs and counts
 
@@ -69,15 +75,15 @@ def test_qkv_layout_is_four_blocks_of_q_v_k():
 def test_cached_decoding_equals_full_forward():
     params = random_params(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
-    full = model.forward(params, tokens, TINY)
+    full = forward(params, tokens, TINY)
     split = model.unstack_layers(params)  # what sample.py decodes with
     assert model.unstack_layers(split) is split and len(split["layers"]) == TINY.n_layer
     for weights in (params, split):
         cache = model.init_cache(TINY, 2, 16)
-        logits, cache = model.forward(weights, tokens[:, :5], TINY, cache=cache)  # prefill 5
+        logits, cache = forward(weights, tokens[:, :5], TINY, cache=cache)  # prefill 5
         steps = [logits]
         for t in range(5, 12):                                                       # then one at a time
-            logits, cache = model.forward(weights, tokens[:, t:t + 1], TINY, cache=cache)
+            logits, cache = forward(weights, tokens[:, t:t + 1], TINY, cache=cache)
             steps.append(logits)
         np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
         assert int(cache["length"]) == 12
@@ -86,15 +92,15 @@ def test_cached_decoding_equals_full_forward():
 def test_left_padding_gives_the_same_logits_as_the_unpadded_row():
     params = random_params(TINY)
     row = jnp.array([[5, 9, 2, 7, 1]])
-    alone = model.forward(params, row, TINY)
+    alone = forward(params, row, TINY)
     padded = jnp.array([[0, 0, 0, 5, 9, 2, 7, 1]])
     valid = jnp.arange(8)[None] >= 3
-    out = model.forward(params, padded, TINY, valid_BT=valid)
+    out = forward(params, padded, TINY, valid_BT=valid)
     np.testing.assert_allclose(out[:, 3:], alone, atol=1e-5, rtol=1e-5)
     # and through the cache: left-padded prefill, then decode
     cache = model.init_cache(TINY, 1, 10)
-    logits, cache = model.forward(params, padded[:, :6], TINY, valid_BT=valid[:, :6], cache=cache)
-    nxt, _ = model.forward(params, padded[:, 6:7], TINY, cache=cache)
+    logits, cache = forward(params, padded[:, :6], TINY, valid_BT=valid[:, :6], cache=cache)
+    nxt, _ = forward(params, padded[:, 6:7], TINY, cache=cache)
     np.testing.assert_allclose(logits[:, 3:], alone[:, :3], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(nxt[:, 0], alone[:, 3], atol=1e-5, rtol=1e-5)
 
@@ -103,7 +109,7 @@ def test_causality_future_tokens_never_change_earlier_logits():
     params = random_params(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, TINY.vocab_size)
     changed = tokens.at[0, 6].set((tokens[0, 6] + 1) % TINY.vocab_size)
-    a, b = model.forward(params, tokens, TINY), model.forward(params, changed, TINY)
+    a, b = forward(params, tokens, TINY), forward(params, changed, TINY)
     np.testing.assert_array_equal(a[:, :6], b[:, :6])
     assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
 
@@ -111,19 +117,19 @@ def test_causality_future_tokens_never_change_earlier_logits():
 def test_remat_and_bf16_agree_with_fp32():
     params = random_params(TINY)
     batch = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, TINY.vocab_size)
-    loss = model.loss_fn(params, batch, TINY)
-    g = jax.grad(model.loss_fn)(params, batch, TINY)
-    g_remat = jax.grad(model.loss_fn)(params, batch, TINY, remat=True)
+    fp32 = loss(params, batch, TINY)
+    g = grad(params, batch, TINY)
+    g_remat = grad(params, batch, TINY, remat=True)
     for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
         np.testing.assert_allclose(x, y, atol=1e-6)
-    loss_bf16 = model.loss_fn(model.cast(params, jnp.bfloat16), batch, TINY)
-    assert abs(float(loss_bf16) - float(loss)) < 0.05
+    bf16 = loss(model.cast(params, jnp.bfloat16), batch, TINY)
+    assert abs(float(bf16) - float(fp32)) < 0.05
     # loss is the mean cross entropy of the next token
-    logits = model.forward(params, batch[:, :-1], TINY)
+    logits = forward(params, batch[:, :-1], TINY)
     manual = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], -1).mean()
-    np.testing.assert_allclose(loss, manual, rtol=1e-6)
-    z = model.loss_fn(params, batch, TINY, z_loss=1e-4)
-    np.testing.assert_allclose(z - loss, 1e-4 * jnp.mean(jax.nn.logsumexp(logits, -1) ** 2), atol=2e-6)  # fp32 ulps
+    np.testing.assert_allclose(fp32, manual, rtol=1e-6)
+    z = loss(params, batch, TINY, z_loss=1e-4)
+    np.testing.assert_allclose(z - fp32, 1e-4 * jnp.mean(jax.nn.logsumexp(logits, -1) ** 2), atol=2e-6)  # fp32 ulps
 
 
 # ----------------------------------------------------------------------------- checkpoints (no torch needed)
@@ -184,7 +190,7 @@ def test_a_torn_pytorch_model_bin_is_one_line(tmp_path):
 
 def test_forward_refuses_more_tokens_than_the_context():
     params = random_params(TINY)
-    model.forward(params, jnp.zeros((1, TINY.n_ctx), jnp.int32), TINY)  # exactly n_ctx is fine
+    assert forward(params, jnp.zeros((1, TINY.n_ctx), jnp.int32), TINY).shape == (1, TINY.n_ctx, 256)  # n_ctx fits
     with pytest.raises(ValueError, match=f"129 tokens do not fit the model's context \\(n_ctx {TINY.n_ctx}\\)"):
         model.forward(params, jnp.zeros((1, TINY.n_ctx + 1), jnp.int32), TINY)
     with pytest.raises(ValueError, match="n_ctx"):
@@ -229,7 +235,7 @@ def test_logits_match_transformers(tmp_path, fmt):
             m = m.to(torch.bfloat16).float()  # the reference sees the same rounded weights
     config, params = model.load_hf(tmp_path)
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 24))
-    ours = np.asarray(model.forward(params, jnp.asarray(tokens), config))
+    ours = np.asarray(forward(params, jnp.asarray(tokens), config))
     assert np.abs(ours - hf_logits(m, tokens)).max() <= 1e-4
 
 
@@ -239,7 +245,7 @@ def test_save_hf_loads_in_transformers_without_warnings(tmp_path):
     m, info = transformers.CodeGenForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (1, 20))
-    ours = np.asarray(model.forward(params, jnp.asarray(tokens), TINY))
+    ours = np.asarray(forward(params, jnp.asarray(tokens), TINY))
     assert np.abs(ours - hf_logits(m.eval(), tokens)).max() <= 1e-4
 
 
@@ -256,7 +262,7 @@ def test_config_without_rotary_dim_loads_as_transformers_does(tmp_path):
     config, params = model.load_hf(tmp_path)
     assert config == wide_heads
     tokens = np.random.default_rng(2).integers(0, 256, (1, 16))
-    assert np.abs(np.asarray(model.forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
+    assert np.abs(np.asarray(forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
     model.save_hf(random_params(TINY), TINY, tmp_path)  # head_dim 8
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "rotary_dim"}))
@@ -273,7 +279,7 @@ def test_tied_embeddings_saved_as_safetensors_load(tmp_path):
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # the tied copy is not stored
     config, params = model.load_hf(tmp_path)
     tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 12))
-    assert np.abs(np.asarray(model.forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
+    assert np.abs(np.asarray(forward(params, jnp.asarray(tokens), config)) - hf_logits(m, tokens)).max() <= 1e-4
 
 
 def test_fused_head_loss_equals_the_plain_cross_entropy_and_its_gradients(monkeypatch):
@@ -286,12 +292,13 @@ def test_fused_head_loss_equals_the_plain_cross_entropy_and_its_gradients(monkey
 
     def plain(p):
         return model.cross_entropy(model.forward(p, batch[:, :-1], TINY)[0], batch[0, 1:], 1e-2).mean()
-    want, want_g = jax.value_and_grad(plain)(params)
-    got, got_g = jax.value_and_grad(model.loss_fn)(params, batch, TINY, z_loss=1e-2)
+    fused = lambda p: model.loss_fn(p, batch, TINY, z_loss=1e-2)  # noqa: E731 (traced here: HEAD_CHUNK 4)
+    want, want_g = jax.jit(jax.value_and_grad(plain))(params)
+    got, got_g = jax.jit(jax.value_and_grad(fused))(params)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(model.loss_fn(params, batch, TINY, z_loss=1e-2), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(fused)(params), want, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         np.testing.assert_allclose(x, y, atol=1e-6)
-    logits = model.forward(params, batch[:, :-1], TINY)[0]  # and cross_entropy is the textbook formula
+    logits = forward(params, batch[:, :-1], TINY)[0]  # and cross_entropy is the textbook formula
     textbook = -jax.nn.log_softmax(logits)[jnp.arange(9), batch[0, 1:]] + 1e-2 * jax.nn.logsumexp(logits, -1) ** 2
     np.testing.assert_allclose(model.cross_entropy(logits, batch[0, 1:], 1e-2), textbook, rtol=1e-5)
