@@ -1,9 +1,16 @@
 """train.py: the recipe against its formulas, accumulation, exact resume (after kill -9, Ctrl-C
 and SIGTERM), HF-loadable checkpoints, --init-from into a new run, a resumed run's schedule,
---help defaults per preset, and one-line errors that leave the disk as it was."""
+--help defaults per preset, and one-line errors that leave the disk as it was.
+
+The script runs in this process (`common.run_main(train.main, argv)`), on a `--size tiny` preset
+this file registers; only the runs that are signalled or killed are processes. Tests that start
+from a finished run share one (`finished`) and copy it when they change it.
+
+Run: python -m pytest -q tests/test_train.py"""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, WIDE, random_params
+from conftest import TINY, WIDE, random_params, run_cli
 
 import common
 import model
@@ -21,6 +28,9 @@ import tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SIZE = "tiny"  # a --size preset of WIDE's shape (real text needs the real vocabulary) for the script tests
+
+
+grad = jax.jit(jax.grad(model.loss_fn), static_argnums=2)  # compiled once, for the recipe tests
 
 
 def recipe(**kw):
@@ -47,7 +57,6 @@ def test_adamw_step_matches_the_formulas():
     step = jax.jit(train.make_train_step(TINY, r))
     state, metrics = step(train.init_state(params), batch)
     state, metrics = step(state, batch)  # second step: bias corrections differ from 1 - b
-    grad = jax.jit(jax.grad(model.loss_fn), static_argnums=2)
     g1 = grad(params, batch[0], TINY)
     p1 = jax.tree.map(lambda p, g: p - float(train.lr_at(1, r)) * (
         (0.1 * g / 0.1) / (jnp.sqrt(0.001 * g * g / 0.001) + 1e-8) + (0.1 * p if p.ndim > 1 else 0)), params, g1)
@@ -65,7 +74,7 @@ def test_clipping_caps_the_update_and_reports_the_raw_norm():
     params = model.init_params(TINY, jax.random.PRNGKey(0))
     batch = jax.random.randint(jax.random.PRNGKey(1), (1, 2, 9), 0, TINY.vocab_size)
     _, m = jax.jit(train.make_train_step(TINY, recipe(clip=1e-3)))(train.init_state(params), batch)
-    g = jax.grad(model.loss_fn)(params, batch[0], TINY)
+    g = grad(params, batch[0], TINY)
     norm = np.sqrt(sum(float(jnp.sum(x * x)) for x in jax.tree.leaves(g)))
     assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-5)
 
@@ -125,11 +134,13 @@ def corpus(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(autouse=True)
-def tiny_preset(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def tiny_preset():
     """--size tiny: WIDE with the nano schedule, for in-process runs."""
-    monkeypatch.setitem(model.CONFIGS, TINY_SIZE, WIDE)
-    monkeypatch.setitem(train.PRESETS, TINY_SIZE, train.PRESETS["nano"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(model.CONFIGS, TINY_SIZE, WIDE)
+        patch.setitem(train.PRESETS, TINY_SIZE, train.PRESETS["nano"])
+        yield
 
 
 def flags(out, corpus, *extra):
@@ -138,14 +149,24 @@ def flags(out, corpus, *extra):
 
 
 def run(argv, capsys):
-    """common.run_main(train.main, argv): (exit status, stdout lines, stderr lines)."""
-    try:
-        common.run_main(train.main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
+    """train.py in this process: (exit status, stdout lines, stderr lines)."""
+    code, out, err = run_cli(train.main, argv, capsys)
     return code, out.splitlines(), err.splitlines()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus, tiny_preset):
+    """A finished 4-step run with a checkpoint after every step (the last 3 kept) and a val_loss
+    at step 4. Tests read it, or copy it before they change it."""
+    out = tmp_path_factory.mktemp("finished") / "nano"
+    common.run_main(train.main, flags(out, corpus, "--max-steps", "4", "--save-every", "1"))
+    assert train.list_checkpoints(out) == [str(out / f"ckpt-{s:07d}") for s in (2, 3, 4)]
+    return out
+
+
+def copy_of(finished, where):
+    shutil.copytree(finished, where)
+    return where
 
 
 def metrics(out):
@@ -176,11 +197,16 @@ def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, cap
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
     assert code == 0 and "MFU" not in steps[0] and " TFLOP/s | ETA" in steps[0]
-    assert all("mfu" not in r and r["tflops"] > 0 for r in metrics(tmp_path) if "loss" in r)
+    flops_per_step = model.flops_per_token(WIDE, 32) * 4 * 32  # --batch-size 4, --seq-len 32
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert rows and all("mfu" not in r for r in rows)
+    assert all(r["tflops"] == pytest.approx(flops_per_step / (r["ms"] / 1e3) / 1e12, rel=1e-6) for r in rows)
     monkeypatch.setattr(tpu, "peak_flops", lambda device=None: (1e15, "a datasheet"))
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "2"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
-    assert code == 0 and 0 < metrics(tmp_path)[-2]["mfu"] < 1 and "% | ETA" in steps[0]
+    last = metrics(tmp_path)[-2]
+    assert last["step"] == 2 and last["mfu"] == pytest.approx(flops_per_step / (last["ms"] / 1e3) / 1e15, rel=1e-6)
+    assert code == 0 and f"MFU {100 * last['mfu']:5.2f}% | ETA" in steps[0] and "TFLOP/s" not in steps[0]
 
 
 def test_extending_a_finished_run_keeps_its_schedule(tmp_path, corpus, capsys):
@@ -197,9 +223,9 @@ def test_extending_a_finished_run_keeps_its_schedule(tmp_path, corpus, capsys):
     assert metrics(tmp_path)[-2]["lr"] == pytest.approx(1e-4)
 
 
-def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path, corpus, capsys, monkeypatch):
-    source = tmp_path / "nano"
-    assert run(flags(source, corpus, "--max-steps", "2"), capsys)[0] == 0
+def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path, corpus, finished, capsys,
+                                                                       monkeypatch):
+    source = copy_of(finished, tmp_path / "nano")
     before = snapshot(source)
     monkeypatch.chdir(tmp_path)
     argv = [a for a in flags(source, corpus, "--max-steps", "1") if a not in ("--out", str(source))]
@@ -211,8 +237,8 @@ def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path,
     code, out, _ = run(argv + ["--init-from", str(source), "--max-steps", "2"], capsys)
     assert code == 0 and out[0].startswith(f"resuming {fine_tuned} from")
     # into the source itself (or a checkpoint inside it): refused, one line, nothing written
-    for init in (source, source / "ckpt-0000002"):
-        code, out, err = run(flags(source, corpus, "--max-steps", "3", "--init-from", str(init)), capsys)
+    for init in (source, source / "ckpt-0000004"):
+        code, out, err = run(flags(source, corpus, "--max-steps", "5", "--init-from", str(init)), capsys)
         assert code == 2 and out == [] and len(err) == 1 and "is the run --init-from" in err[0]
     assert snapshot(source) == before
 
@@ -234,22 +260,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, capsy
     assert out == [] and not (tmp_path / "o").exists()
 
 
-def test_a_refused_resume_changes_nothing_on_disk(tmp_path, corpus, capsys):
-    out = tmp_path / "o"
-    assert run(flags(out, corpus, "--max-steps", "2"), capsys)[0] == 0
+def test_a_refused_resume_changes_nothing_on_disk(tmp_path, finished, capsys):
+    out = copy_of(finished, tmp_path / "o")
     before = snapshot(out)
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.py").write_text("def f():\n    return 1\n" * 50)
-    code, _, err = run(flags(out, str(other), "--max-steps", "3", "--val-fraction", "0"), capsys)  # another corpus
+    code, _, err = run(flags(out, str(other), "--max-steps", "5", "--val-fraction", "0"), capsys)  # another corpus
     assert code == 2 and len(err) == 1 and "--data" in err[0]
     assert snapshot(out) == before
 
 
-def test_corrupt_or_mismatched_checkpoint_is_one_line_and_changes_nothing(tmp_path, corpus, capsys):
-    out = tmp_path / "o"
-    assert run(flags(out, corpus, "--max-steps", "2", "--save-every", "1"), capsys)[0] == 0
-    newest = out / "ckpt-0000002"
+def test_corrupt_or_mismatched_checkpoint_is_one_line_and_changes_nothing(tmp_path, corpus, finished, capsys):
+    """The newest checkpoint is refused, naming it; the run never falls back to an older one."""
+    out = copy_of(finished, tmp_path / "o")
+    newest = out / "ckpt-0000004"
     weights = (newest / "model.safetensors").read_bytes()
     cases = [("model.safetensors", weights[:len(weights) // 2], "truncated or corrupt"),
              ("config.json", json.dumps(model.config_to_hf(WIDE) | {"n_layer": None}), "n_layer"),
@@ -260,14 +285,14 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line_and_changes_nothing(tmp_pa
         good = (newest / name).read_bytes()
         (newest / name).write_bytes(content.encode() if isinstance(content, str) else content)
         before = snapshot(out)
-        code, stdout, err = run(flags(out, corpus, "--max-steps", "3"), capsys)
-        assert code == 2 and len(err) == 1 and message in err[0] and "ckpt-0000002" in err[0], err
+        code, stdout, err = run(flags(out, corpus, "--max-steps", "5"), capsys)
+        assert code == 2 and len(err) == 1 and message in err[0] and "ckpt-0000004" in err[0], err
         assert stdout == [] and snapshot(out) == before
         (newest / name).write_bytes(good)
     other = model.Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128)
     model.save_hf(random_params(other), other, newest)  # a checkpoint of another shape
-    code, _, err = run(flags(out, corpus, "--max-steps", "3"), capsys)
-    assert code == 2 and len(err) == 1 and "different model" in err[0]
+    code, _, err = run(flags(out, corpus, "--max-steps", "5"), capsys)
+    assert code == 2 and len(err) == 1 and "different model" in err[0] and "ckpt-0000004" in err[0], err
 
 
 # ----------------------------------------------------------------------------- the script, as a process
@@ -281,17 +306,17 @@ def tiny_init(tmp_path_factory):
     return str(path)
 
 
+def script_flags(out, corpus, tiny_init, *extra):
+    """The one command of this section: 8 steps from WIDE's weights, no --size."""
+    return flags(out, corpus, "--init-from", tiny_init, "--max-steps", "8", *extra)[2:]
+
+
 def start(out, corpus, tiny_init, *extra):
-    """`python train.py` on WIDE's weights; its stdout piped, its stderr (data notes) to a file."""
-    cmd = [sys.executable, "train.py", *flags(out, corpus, "--init-from", tiny_init, "--max-steps", "8", *extra)[2:]]
+    """`python train.py` as a process, to be signalled; its stdout piped, its stderr (data notes) to a file."""
+    cmd = [sys.executable, "train.py", *script_flags(out, corpus, tiny_init, *extra)]
     with open(f"{out}.stderr", "a") as err:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env=os.environ | {"JAX_PLATFORMS": "cpu"})
-
-
-def finish(proc):
-    output = proc.communicate(timeout=300)[0]
-    return proc.returncode, output
 
 
 def signal_at(proc, step, signum):
@@ -302,15 +327,15 @@ def signal_at(proc, step, signum):
         if line.startswith(f"step {step:6d}/"):
             proc.send_signal(signum)
             break
-    code, rest = finish(proc)
-    return code, "".join(seen) + rest
+    rest = proc.communicate(timeout=300)[0]
+    return proc.returncode, "".join(seen) + rest
 
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory, corpus, tiny_init):
+    """The uninterrupted run, in this process: the same computation as the script's."""
     out = tmp_path_factory.mktemp("whole")
-    code, output = finish(start(out, corpus, tiny_init, "--save-every", "3"))
-    assert code == 0, output
+    common.run_main(train.main, script_flags(out, corpus, tiny_init, "--save-every", "3"))
     return losses(out)
 
 
@@ -321,16 +346,17 @@ def assert_same_run(a, b):
     assert val_a.keys() == val_b.keys() and all(abs(val_a[s] - val_b[s]) <= 1e-6 for s in val_a)
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, corpus, tiny_init, whole):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, corpus, tiny_init, whole, capsys):
+    """The killed run is a process; the same command, run here, resumes it."""
     code, _ = signal_at(start(tmp_path, corpus, tiny_init, "--save-every", "3"), 5, signal.SIGKILL)
     assert code == -signal.SIGKILL
     (tmp_path / ".tmp-ckpt-0000006-123").mkdir()  # a checkpoint torn mid-write must be ignored
-    code, output = finish(start(tmp_path, corpus, tiny_init, "--save-every", "3"))
-    assert code == 0 and output.startswith(f"resuming {tmp_path} from {tmp_path / 'ckpt-0000003'}"), output
+    code, out, err = run(script_flags(tmp_path, corpus, tiny_init, "--save-every", "3"), capsys)
+    assert code == 0 and out[0] == f"resuming {tmp_path} from {tmp_path / 'ckpt-0000003'} (step 3 of 8)", (out, err)
     assert_same_run(whole, losses(tmp_path))
 
 
-def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, tiny_init, whole):
+def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, tiny_init, whole, capsys):
     """No periodic checkpoints: only the signals write them. SIGINT during step 2 or 3, then
     the same command resumes, then SIGTERM a few steps later, then it runs to the end."""
     steps = []
@@ -341,17 +367,19 @@ def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, t
         assert "Traceback" not in open(f"{tmp_path}.stderr").read()
         step = int(last.split("at step ")[1].split(":")[0])
         assert step >= at and train.list_checkpoints(tmp_path)[-1].endswith(f"ckpt-{step:07d}")
+        if steps:
+            assert output.startswith(f"resuming {tmp_path} from {tmp_path / f'ckpt-{steps[-1]:07d}'}"), output
         steps.append(step)
-    code, output = finish(start(tmp_path, corpus, tiny_init, "--save-every", "0"))
-    assert code == 0 and output.startswith(f"resuming {tmp_path} from {tmp_path / f'ckpt-{steps[-1]:07d}'}")
+    code, out, _ = run(script_flags(tmp_path, corpus, tiny_init, "--save-every", "0"), capsys)
+    newest = tmp_path / f"ckpt-{steps[-1]:07d}"
+    assert code == 0 and out[0] == f"resuming {tmp_path} from {newest} (step {steps[-1]} of 8)"
     assert_same_run(whole, losses(tmp_path))
 
 
-def test_checkpoint_loads_in_transformers_and_init_from_starts_at_its_loss(tmp_path, corpus, capsys):
+def test_checkpoint_loads_in_transformers_and_init_from_starts_at_its_loss(tmp_path, corpus, finished, capsys):
     torch = pytest.importorskip("torch", reason="torch (CPU) is the reference")
     transformers = pytest.importorskip("transformers", reason="transformers is the reference")
-    first = tmp_path / "first"
-    assert run(flags(first, corpus, "--max-steps", "4"), capsys)[0] == 0
+    first = finished
     ckpt = first / "ckpt-0000004"
     config, params = model.load_hf(first)  # a train.py output directory loads its newest checkpoint
     m = transformers.CodeGenForCausalLM.from_pretrained(ckpt).eval()
