@@ -1,11 +1,12 @@
-"""Tests for tpu.py: meshes, partition rules, sharded training/sampling/checkpoints, dry run,
-and compiling for a TPU slice with XLA:TPU.
+"""Tests for tpu.py: meshes, partition rules, sharded training/sampling/checkpoints, dry runs
+of training and of sampling, compiling for a TPU slice with XLA:TPU, and the processes of a
+multi-host evaluation sharing one samples file (threads stand for the processes).
 
 The multi-device checks run in ONE subprocess with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): JAX reads that flag only when its CPU
 backend starts, and one start-up plus a handful of compiles is most of the time. The
 subprocess prints a JSON summary that the tests below check value by value. The TPU checks
-need libtpu (pip; no TPU) and skip without it; they compile a tiny model twice (~20 s).
+need libtpu (pip; no TPU) and skip without it; they compile tiny models (~1-2 min in all).
 
     python -m pytest tests/test_tpu.py -q
 """
@@ -91,16 +92,18 @@ for spec in MESHES:
                 r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
                                                       mesh=mesh) == ref_tokens
                 if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
-                    r["sampled_equal"] = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled) == ref_sampled
+                    got = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled)
+                    r["sampled_equal"] = got == ref_sampled
                 if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
                     placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
-                    prompt_PT = jax.device_put(np.ones((4, 64), np.int32), jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES)))
+                    rows = jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES))
+                    prompt_PT = jax.device_put(np.ones((4, 64), np.int32), rows)
                     st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
                                          new_bucket=64, num_samples=2, mode=("greedy",))
-                    r["decode_shards"] = {"params/layers/0/wq": list(placed["layers"][0]["wq"].addressable_shards[0].data.shape),
-                                          "cache/k": list(st["cache"]["k"][0].addressable_shards[0].data.shape),
-                                          "cache/valid": list(st["cache"]["valid"].addressable_shards[0].data.shape),
-                                          "out": list(st["out"].addressable_shards[0].data.shape)}
+                    shard = lambda a: list(a.addressable_shards[0].data.shape)
+                    r["decode_shards"] = {"params/layers/0/wq": shard(placed["layers"][0]["wq"]),
+                                          "cache/k": shard(st["cache"]["k"][0]),
+                                          "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
             with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
                 model.save_hf(new_state["params"], config, tmp)
                 loaded_config, loaded = model.load_hf(tmp)
@@ -440,7 +443,8 @@ def test_processes_share_the_samples_and_process_0_writes_them(tmp_path, capsys)
     def produce_on(who):
         def produce(keys, first):
             made_by[first] = who
-            return [{"task_id": k[0], "temperature": k[1], "completion": f"seed {first + j}"} for j, k in enumerate(keys)]
+            return [{"task_id": t, "temperature": temp, "completion": f"seed {first + j}"}
+                    for j, (t, temp) in enumerate(keys)]
         return produce
     key = lambda row: (row["task_id"], row["temperature"])  # noqa: E731
     one = tmp_path / "one.jsonl"
