@@ -381,15 +381,12 @@ def test_prompt_perplexity_equals_direct_log_softmax(wide):
 
     def direct(sequences):  # the whole sequence at once, log_softmax in numpy, prompt positions only
         rows = [[i for p in pieces for i in tok.encode(p).ids] for pieces in sequences]
-        # padded on the right to n_ctx, so every call has one shape (one compilation); the model is
-        # causal, so the padding changes no logit of a real position
-        every_logits = forward(np.array([ids + [0] * (config.n_ctx - len(ids)) for ids in rows]))
-        nll, count = 0.0, 0
+        # right-padded to n_ctx: one shape, one compilation; causal, so no real position's logits change
+        every_logits, nll, count = forward(np.array([ids + [0] * (config.n_ctx - len(ids)) for ids in rows])), 0.0, 0
         for pieces, ids, logits in zip(sequences, rows, every_logits):
             prompt = [k % 2 == 1 for k, p in enumerate(pieces) for _ in tok.encode(p).ids]
-            logits = np.asarray(logits[:len(ids)], np.float64)
-            top = logits.max(-1, keepdims=True)
-            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            shifted = np.asarray(logits[:len(ids)], np.float64) - np.asarray(logits[:len(ids)]).max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             for t in range(1, len(ids)):
                 if prompt[t]:
                     nll, count = nll - logp[t - 1, ids[t]], count + 1
