@@ -239,7 +239,8 @@ def _main(argv):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.timeout <= 0 or not 0 < args.top_p <= 1:
-        parser.error("--timeout must be positive and --top-p in (0, 1]")
+        parser.error(f"--timeout must be > 0 (got {args.timeout:g})" if args.timeout <= 0 else
+                     f"--top-p must be in (0, 1], got {args.top_p:g}")
     problems = load_problems(args.problems)
     samples_path = args.samples
     if args.init_from is not None:

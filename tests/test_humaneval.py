@@ -148,7 +148,7 @@ def test_bad_samples_file(problems, tmp_path, capsys, line, message):
     (["--samples", "no/such/file.jsonl"], "cannot read samples file no/such/file.jsonl: No such file"),
     (["--samples", "x", "--k", "0"], "argument --k: '0' has a value out of range"),
     (["--samples", "x", "--temperature", "hot"], "argument --temperature: 'hot' is not a comma-separated list"),
-    (["--samples", "x", "--timeout", "0"], "--timeout must be positive"),
+    (["--samples", "x", "--timeout", "0"], "--timeout must be > 0 (got 0)"),
 ])
 def test_bad_arguments(problems, capsys, args, message):
     with pytest.raises(SystemExit) as e:

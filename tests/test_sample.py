@@ -104,13 +104,14 @@ def test_samples_do_not_depend_on_chunking(monkeypatch):
 
 
 def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
+    expected = [g for g in greedy_alone() for _ in range(3)]          # computed before the spy counts
     rows, real = [], sample._prefill
 
     def spy(params, prompt_PT, *args, **kwargs):
         rows.append(prompt_PT.shape[0])
         return real(params, prompt_PT, *args, **kwargs)
     monkeypatch.setattr(sample, "_prefill", spy)
-    assert sample.generate(tiny(), TINY, PROMPTS, NEW, num_samples=3) == [g for g in greedy_alone() for _ in range(3)]
+    assert sample.generate(tiny(), TINY, PROMPTS, NEW, num_samples=3) == expected
     assert rows == [len(PROMPTS)]                                       # 2 prefill rows for 6 samples
 
 
