@@ -39,7 +39,7 @@ def _write(path, rows):
 # ----------------------------------------------------------------------------- pass@k
 
 def test_pass_at_k_matches_the_closed_form():
-    assert round(humaneval.pass_at_k(200, 13, 1), 4) == 0.0650          # reference/eval.md §1.3
+    assert round(humaneval.pass_at_k(200, 13, 1), 4) == 0.0650          # 1 - C(187,1)/C(200,1) = 13/200 (Codex paper, §2.1)
     assert abs(humaneval.pass_at_k(200, 13, 10) - 0.49755) < 5e-6
     assert abs(humaneval.pass_at_k(200, 13, 100) - 0.99992) < 5e-6
     for n in (1, 5, 20, 200):
