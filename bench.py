@@ -239,7 +239,7 @@ def main(argv=None):
         res["data_tokens_per_s"] = data.measure_throughput("stdlib")
         print(f"data   ours: {res['data_tokens_per_s'] / 1e6:.2f} M tok/s (stdlib, tokenize + pack)")
 
-    engines = {"ours": lambda: ours_generate(config, model.unstack_layers(model.cast(params, jnp.dtype(dtype))))}
+    engines = {"ours": lambda: ours_generate(config, sample.prepare(params, dtype))}
     if not args.no_hf and cpu:
         try:
             import torch

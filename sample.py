@@ -1,6 +1,6 @@
 """Sampling from CodeGen: `generate` (token ids in, new token ids out), `complete` (text
-in, completion text out), `load` (a checkpoint made ready to decode), and the sampling
-CLI. The paper's multi-turn protocol and its interactive chat live in mtpb.py.
+in, completion text out), `load` / `prepare` (a checkpoint / parameters made ready to
+decode), and the sampling CLI. The paper's multi-turn protocol and its chat: mtpb.py.
 
 How one call works:
 
@@ -27,8 +27,8 @@ Picking a token: temperature, then top-k, then top-p (nucleus; ties at the bound
 stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head's padding
 to 51,200. Nothing sorts the vocabulary; how, and why it is exact: docs/sampling.md.
 
-The CLI's defaults are those of the paper's sampling script (CodeGen `jaxformer/hf/sample.py`:
-temperature 0.2, top-p 0.95, 128 new tokens, seed 42).
+The CLI's defaults are the paper's sampling script's (CodeGen `jaxformer/hf/sample.py`):
+temperature 0.2, top-p 0.95, 128 new tokens, seed 42.
 
     python sample.py --init-from out/nano --prompt "def fib(n):" --num-samples 4
     python sample.py --init-from codegen-350M-mono --prompt-file prompt.py --stop '\ndef'
@@ -36,6 +36,7 @@ temperature 0.2, top-p 0.95, 128 new tokens, seed 42).
 import contextlib
 import math
 import os
+import pathlib
 import time
 from functools import partial
 
@@ -234,8 +235,7 @@ def _pick(logits_BV, key, knobs, mode):
 
 
 def _mode(temperature, top_k, top_p):
-    """The static part of the sampling settings (a new k compiles anew; a new temperature
-    or p does not)."""
+    """The static part of the sampling settings (a new k compiles anew; a new temperature or p does not)."""
     if temperature == 0:
         return ("greedy",)
     return ("sample", top_k or 1 << 30, top_p < 1)
@@ -245,7 +245,6 @@ def _mode(temperature, top_k, top_p):
 # Decode state, all on the device: the KV cache, the output buffer `out_BN` (new tokens,
 # EOS after a row is done), `done_B`, and `n`, the number of new tokens so far.
 # The random key for new token i is fold_in(key, i), so results do not depend on CHUNK.
-
 
 @partial(jax.jit, static_argnames=("config", "new_bucket", "num_samples", "mode"))
 def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num_samples, mode):
@@ -263,9 +262,8 @@ def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num
 
 def _laid_out(state):
     """Under generate's mesh (jax.set_mesh), the decode state split as tpu.decode_specs says."""
-    if not jax.sharding.get_abstract_mesh().axis_names:
-        return state
-    return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state))
+    meshed = jax.sharding.get_abstract_mesh().axis_names
+    return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state)) if meshed else state
 
 
 @partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("state",))
@@ -286,7 +284,6 @@ def _decode(params, state, limit, key, knobs, *, config, mode):
 
 
 # ----------------------------------------------------------------------------- host side
-
 
 def _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples):
     """One-line ValueErrors for every input a caller can get wrong."""
@@ -392,15 +389,21 @@ def _text_before_stop(ids, stop, tok):
     return text if end is None else text[:end]
 
 
-def load(path, dtype="float32", mesh=None):
-    """(config, params) ready to decode: the checkpoint at `path` (model.load_hf), cast to
-    `dtype` and split per layer (model.unstack_layers) once; on a `mesh`'s devices, each its shards."""
-    if not os.path.isdir(path):
-        raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
+def prepare(params, dtype="float32"):
+    """Parameters as decoding wants them: cast to `dtype` and split per layer
+    (model.unstack_layers), once, instead of on every generate call."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    return model.unstack_layers(model.cast(params, jnp.dtype(dtype)))
+
+
+def load(path, dtype="float32", mesh=None):
+    """(config, params) ready to decode: the checkpoint at `path` (model.load_hf) `prepare`d;
+    on a `mesh`'s devices, each its shards."""
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
     config, params = model.load_hf(path)
-    params = model.unstack_layers(model.cast(params, jnp.dtype(dtype)))   # numpy, on the host
+    params = prepare(params, dtype)                                # numpy, on the host
     if mesh is not None:
         tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])
     return config, params if mesh is None else jax.device_put(params, tpu.param_shardings(params, mesh))
@@ -414,8 +417,7 @@ def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, devi
     tpu.check_layout(config, mesh, rows)
     T, new_bucket = _bucket(config.n_ctx + 1 - max_new_tokens), _bucket(max_new_tokens)
     on = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))  # noqa: E731
-    params = jax.eval_shape(lambda: model.unstack_layers(model.cast(model.init_params(config, jax.random.key(0)),
-                                                                    jnp.dtype(dtype))))
+    params = jax.eval_shape(lambda: prepare(model.init_params(config, jax.random.key(0)), dtype))
     params = jax.tree.map(lambda a, s: on(a, s.spec), params, tpu.param_shardings(params, mesh))
     prompt = [on(jax.ShapeDtypeStruct((rows, T), t), PartitionSpec(tpu.BATCH_AXES)) for t in (jnp.int32, bool)]
     key, limit, *knobs = (on(jax.ShapeDtypeStruct(s, t), PartitionSpec())
@@ -438,7 +440,6 @@ def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, devi
 
 
 # ----------------------------------------------------------------------------- command line
-
 
 def main(argv=None):
     p = common.ArgumentParser(description="Sample code from a CodeGen checkpoint.")
@@ -479,8 +480,7 @@ def main(argv=None):
 
     if args.prompt_file:
         try:
-            with open(args.prompt_file) as f:
-                args.prompt = f.read()
+            args.prompt = pathlib.Path(args.prompt_file).read_text()
         except OSError as e:
             raise ValueError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
     prompt = tok.encode(args.prompt).ids

@@ -2,15 +2,28 @@
 whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping cannot hide behind
 them and logits are far from uniform), and `run_cli`, a script's main run in the test's own
 process as `python script.py` would run it. Import with `from conftest import ...`."""
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # Tests run on CPU. With libtpu installed (test_tpu.py compiles for TPU topologies with it),
 # JAX would otherwise look for a TPU first: warnings, a second per process, and libtpu's lock
 # file, which makes a second test process fail to load it. JAX_PLATFORMS=... overrides.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling, not running, is most of the suite's time: the programs are tiny. So XLA:CPU's
+# code generator runs at -O0, and compiled programs are kept in a cache for this session
+# only (a fresh directory; the script and signal tests' processes inherit it), so the many
+# runs of the same tiny train step or decode loop compile once.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanocodegen-tests-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -132,6 +132,9 @@ def reference_kept(x32, top_k, top_p):
     return (x >= floor) & np.isfinite(x)
 
 
+pick = jax.jit(sample._pick, static_argnames="mode")  # one token per row, as the decode loop picks it
+
+
 @partial(jax.jit, static_argnums=2)
 def verdicts_of(x_BV, x_BC, top_k, p3):
     """sample's verdicts for candidate logits x_BC, after temperature (x_BV) and top-k: the
@@ -213,7 +216,6 @@ def scipy_stats():
 def test_sampled_first_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
     logits = np.asarray(model.forward(tiny(), jnp.asarray([PROMPTS[0]]), TINY))[0, -1]
     n = 20000
-    pick = jax.jit(sample._pick, static_argnames="mode")
     toks = pick(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.PRNGKey(0),
                 (jnp.float32(temperature), jnp.asarray(sample._split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
     counts = np.bincount(np.asarray(toks), minlength=TINY.vocab_size)
@@ -235,8 +237,8 @@ def test_padded_head_ids_are_never_picked():
     logits = np.zeros((64, 51200), np.float32)
     logits[:, data.VOCAB_SIZE:] = 1e4
     for t, k, p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.5), (2.0, 50000, 0.99)]:
-        toks = sample._pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample._split_p(p))),
-                            sample._mode(t, k, p))
+        toks = pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample._split_p(p))),
+                    mode=sample._mode(t, k, p))
         assert int(toks.max()) < data.VOCAB_SIZE
 
 

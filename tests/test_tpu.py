@@ -38,7 +38,7 @@ SAMPLE_MESHES = ["8x1x1", "1x1x8", "2x2x2"]  # data only (rows padded), model on
 EIGHT_DEVICES = r"""
 import json, sys, tempfile
 import jax, numpy as np
-import model, tpu, train
+import model, sample, tpu, train
 
 EIGHT_WAY, MESHES, SAMPLE_MESHES = json.loads(sys.argv[1])
 config = model.Config(**EIGHT_WAY)
@@ -53,18 +53,13 @@ step = train.make_train_step(config, recipe)
 
 single = jax.jit(step).lower(state, batch).compile()  # one device: the reference
 ref_state, ref_metrics = jax.device_get(single(state, batch))
-try:
-    import sample
-    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [3] * 20]  # left-padded to 64; 3 x 2 rows, padded on 8x1x1
-    per_layer = model.unstack_layers(params)            # as sample.load returns them
-    ref_tokens = sample.generate(params, config, prompts, 8, num_samples=2)
-    sampled = dict(num_samples=2, temperature=0.8, top_p=0.9, top_k=50, seed=3)
-    ref_sampled = sample.generate(params, config, prompts, 8, **sampled)
-    no_sample = None
-except ImportError as e:
-    no_sample = f"sample.py cannot be imported ({e})"
+prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [3] * 20]  # left-padded to 64; 3 x 2 rows, padded on 8x1x1
+per_layer = sample.prepare(params)                 # as sample.load returns them
+ref_tokens = sample.generate(params, config, prompts, 8, num_samples=2)
+sampled = dict(num_samples=2, temperature=0.8, top_p=0.9, top_k=50, seed=3)
+ref_sampled = sample.generate(params, config, prompts, 8, **sampled)
 
-out = {"no_sample": no_sample, "meshes": {}}
+out = {"meshes": {}}
 for spec in MESHES:
     mesh = tpu.make_mesh(spec)
     state_sh, batch_sh = tpu.state_shardings(state, mesh), tpu.batch_sharding(mesh)
@@ -88,22 +83,21 @@ for spec in MESHES:
             "flops": compiled.cost_analysis()["flops"],  # per device, as the compiler counts them
         }
         if spec in SAMPLE_MESHES:  # sampling and checkpoints: on the meshes that split the most
-            if no_sample is None:
-                r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
-                                                      mesh=mesh) == ref_tokens
-                if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
-                    got = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled)
-                    r["sampled_equal"] = got == ref_sampled
-                if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
-                    placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
-                    rows = jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES))
-                    prompt_PT = jax.device_put(np.ones((4, 64), np.int32), rows)
-                    st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
-                                         new_bucket=64, num_samples=2, mode=("greedy",))
-                    shard = lambda a: list(a.addressable_shards[0].data.shape)
-                    r["decode_shards"] = {"params/layers/0/wq": shard(placed["layers"][0]["wq"]),
-                                          "cache/k": shard(st["cache"]["k"][0]),
-                                          "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
+            r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
+                                                  mesh=mesh) == ref_tokens
+            if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
+                got = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled)
+                r["sampled_equal"] = got == ref_sampled
+            if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
+                placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
+                rows = jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES))
+                prompt_PT = jax.device_put(np.ones((4, 64), np.int32), rows)
+                st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
+                                     new_bucket=64, num_samples=2, mode=("greedy",))
+                shard = lambda a: list(a.addressable_shards[0].data.shape)
+                r["decode_shards"] = {"params/layers/0/wq": shard(placed["layers"][0]["wq"]),
+                                      "cache/k": shard(st["cache"]["k"][0]),
+                                      "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
             with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
                 model.save_hf(new_state["params"], config, tmp)
                 loaded_config, loaded = model.load_hf(tmp)
@@ -177,16 +171,12 @@ def test_fsdp_splits_the_batch_not_the_activations(eight):
 
 
 def test_sharded_generate_equals_unsharded(eight):
-    if eight["no_sample"]:
-        pytest.skip(eight["no_sample"])
     # greedy, 3 left-padded prompts x num_samples 2, per-layer params placed by generate(mesh=)
     assert {s: eight["meshes"][s]["generate_equal"] for s in SAMPLE_MESHES} == dict.fromkeys(SAMPLE_MESHES, True)
     assert eight["meshes"]["8x1x1"]["sampled_equal"]  # 6 rows padded to 8: the real rows' draws are unchanged
 
 
 def test_decode_state_is_split_by_heads_and_rows(eight):
-    if eight["no_sample"]:
-        pytest.skip(eight["no_sample"])
     # 2x2x2: a per-layer wq (D, D) = (64, 64) split fsdp x model; 8 rows over data*fsdp = 4;
     # the cache's 8 heads over model = 2; 64 prompt + 64 new slots and head_dim 8 whole.
     assert eight["meshes"]["2x2x2"]["decode_shards"] == {
