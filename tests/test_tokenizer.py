@@ -8,6 +8,7 @@ files and on crafted strings, and check the byte-exact round trip.
 Run: python -m pytest -q tests/test_tokenizer.py
 """
 import importlib.resources
+import random
 import shutil
 import sysconfig
 from pathlib import Path
@@ -122,3 +123,18 @@ def test_round_trip_is_byte_exact(ours):
 def test_endoftext_in_text_is_eos(ours):
     ids = ours.encode("a<|endoftext|>b").ids
     assert ids.count(data.EOS) == 1
+
+
+def test_the_stream_encoder_gives_the_same_ids():
+    # data._encode (tiktoken, for the training stream) against get_tokenizer() with
+    # <|endoftext|> as text, as documents are read: crafted, stdlib and random strings
+    # mixing whitespace runs of every length, line ends, contractions, digits and non-ASCII
+    documents = data._build_tokenizer()
+    documents.encode_special_tokens = True
+    rng = random.Random(0)
+    parts = [" ", "\t", "\n", "\r\n", "\x0b", "\u00a0", "\u2003", "\u3000", "x", "Ab", "'s", "'ll", "'X", "1",
+             "23", "é", "日本", "👍🏽", "<|endoftext|>", "(", "):", "#", "_"] + [" " * n for n in (2, 5, 31, 33)]
+    fuzz = ["".join(rng.choices(parts, k=rng.randrange(1, 60))) for _ in range(5000)]
+    texts = CRAFTED + stdlib_texts() + fuzz
+    want = [e.ids + [data.EOS] for e in documents.encode_batch(texts)]
+    assert [a.tolist() for a in data._encode(texts)] == want
