@@ -131,8 +131,8 @@ def cast(params, dtype):
 # ----------------------------------------------------------------------------- forward
 
 def _layer_norm(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
-    y = (x32 - x32.mean(-1, keepdims=True)) * jax.lax.rsqrt(x32.var(-1, keepdims=True) + eps)
+    centred = x.astype(jnp.float32) - x.astype(jnp.float32).mean(-1, keepdims=True)  # statistics in fp32
+    y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
