@@ -182,13 +182,15 @@ def data_rates(reps, chars=12_000_000):
     from corpus import Cleaning, source_files
     texts = []
     for f in source_files("stdlib", (".py",)):
-        texts += [t for _, t, _ in f.docs(0, lambda d: True, lambda *_: None)]
-        if sum(map(len, texts)) > chars:
+        for _, text, _ in f.docs(0, lambda d: True, lambda *_: None):
+            texts.append(text)
+            chars -= len(text)
+        if chars < 0:
             break
     groups = [texts[i:i + 64] for i in range(0, len(texts), 64)]
     library = data._build_tokenizer()
     library.encode_special_tokens = True
-    tokens = sum(len(a) - 1 for a in data._encode(texts))
+    tokens = sum(len(a) - 1 for a in data._encode(texts))  # also the encoder's warm-up
     encoders = {"encoder": lambda: [data._encode(g) for g in groups],
                 "tokenizers": lambda: [library.encode_batch_fast(g) for g in groups]}
     times = {name: [] for name in encoders}

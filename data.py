@@ -39,6 +39,7 @@ from corpus import Cleaning
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
 VOCAB_SIZE = 50295   # 50,257 GPT-2 tokens + 30 space runs + 8 tab runs (model pads to 51,200)
 GROUP_CHARS = 1 << 20  # characters handed to one call of the encoder: enough work for all cores
+ENCODER_THREADS = len(os.sched_getaffinity(0))  # one per core this process may run on
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -84,7 +85,7 @@ _PIECES = (r" {2,31}|\t{2,9}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{
 
 @functools.lru_cache(maxsize=None)
 def _bulk_encoder():
-    """get_tokenizer()'s ids (tests/test_tokenizer.py), 2.5x faster (docs/data.md), with `<|endoftext|>`
+    """get_tokenizer()'s ids (tests/test_tokenizer.py), faster (docs/data.md, speed), with `<|endoftext|>`
     kept as text: an EOS in the training stream always means "a document ended here"."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte -> character table
     others = [b for b in range(256) if b not in printable]
@@ -97,8 +98,8 @@ def _bulk_encoder():
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
-    """Documents -> int32 token arrays ending in EOS (tiktoken's threads, one per core)."""
-    batch = _bulk_encoder().encode_ordinary_batch(texts, num_threads=len(os.sched_getaffinity(0)))
+    """Documents -> int32 token arrays ending in EOS (ENCODER_THREADS of tiktoken's threads)."""
+    batch = _bulk_encoder().encode_ordinary_batch(texts, num_threads=ENCODER_THREADS)
     return [np.array(ids + [EOS], np.int32) for ids in batch]
 
 
@@ -482,11 +483,10 @@ def main(argv=None):
             raise ValueError("--prepare needs --out DIR")
         prepare(args.prepare, args.out, shard_tokens=args.shard_tokens, **kw)
     elif args.bench:
-        threads = len(os.sched_getaffinity(0))  # tiktoken's encoding threads
         for name, how in (("cleaned", cleaning), ("no cleaning", Cleaning.off())):
             rate = measure_throughput(args.data, args.batch_size, args.seq_len, args.bench_tokens, how)
             print(f"data stream, {name}: {rate / 1e6:.2f}M tokens/s on {args.data} ({args.bench_tokens:,} "
-                  f"tokens, windows {args.batch_size}x{args.seq_len + 1}, {threads} tokenizer threads)")
+                  f"tokens, windows {args.batch_size}x{args.seq_len + 1}, {ENCODER_THREADS} tokenizer threads)")
     else:
         stream = TokenStream(args.data, args.batch_size, args.seq_len, split=args.split, seed=args.seed,
                              val_fraction=args.val_fraction, **kw)

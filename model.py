@@ -76,7 +76,6 @@ class Config:
 
 
 MP_NUM = 4  # model-parallel blocks baked into the released qkv_proj (TPU-v4: 4 cores per host)
-
 CONFIGS = {
     # Laptop presets: the 51,200-wide head dominates their compute, so they stay shallow.
     "nano": Config(n_layer=4, n_embd=128, n_head=4, rotary_dim=16, n_ctx=256),
@@ -131,7 +130,8 @@ def cast(params, dtype):
 # ----------------------------------------------------------------------------- forward
 
 def _layer_norm(x, scale, bias, eps):
-    centred = x.astype(jnp.float32) - x.astype(jnp.float32).mean(-1, keepdims=True)  # statistics in fp32
+    x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+    centred = x32 - x32.mean(-1, keepdims=True)
     y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
