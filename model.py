@@ -15,7 +15,8 @@ Linear(4D) -> gelu(tanh) -> Linear(D), both with biases.
 
 Parameters are a plain nested dict of arrays (no framework), weights as JAX kernels
 `[in, out]`; per-layer weights are stacked on a leading layer axis so one `scan` runs them
-all and a 34-layer model compiles as fast as a 2-layer one (decoding unrolls them: `_trunk`).
+all and a 34-layer model compiles as fast as a 2-layer one. Decoding takes them laid out
+its own way (`decoding_layout`: split per layer, matrices `[out, in]`).
 
 Shapes are written into names (`x_BTD`) with these letters:
 
@@ -150,11 +151,12 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, start):
     the new keys/values are written at slot `start` and attention reads the whole cache."""
     (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
+    mm = jnp.matmul if past_kv is None else _times                 # decoding: weights [out, in]
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
 
-    q = _rotary((h @ p["wq"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
-    k = _rotary((h @ p["wk"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)
-    v = (h @ p["wv"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    q = _rotary((mm(h, p["wq"])).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
+    k = _rotary((mm(h, p["wk"])).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)
+    v = mm(h, p["wv"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
     if past_kv is not None:
         k_cache, v_cache, start = past_kv                          # (B, H, S, hd)
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
@@ -163,9 +165,9 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     scores = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = jnp.where(mask_BTS[:, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)        # (B, H, T, S), fp32 softmax
-    attn = jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, D) @ p["wo"]
+    attn = mm(jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, D), p["wo"])
 
-    mlp = jax.nn.gelu(h @ p["w_in"] + p["b_in"], approximate=True) @ p["w_out"] + p["b_out"]
+    mlp = mm(jax.nn.gelu(mm(h, p["w_in"]) + p["b_in"], approximate=True), p["w_out"]) + p["b_out"]
     return x_BTD + attn + mlp, (k, v)
 
 
@@ -189,10 +191,14 @@ def init_cache(config, batch, max_len, dtype=jnp.float32):
 
 def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):
     """Logits (B, T, V) in float32; with a `cache`, (logits, updated cache). `valid_BT` (False = left
-    padding) gives real tokens their unpadded positions (cumsum - 1) and hides padded keys."""
-    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache)
-    logits = jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
-    return logits if cache is None else (logits, new_cache)
+    padding) gives real tokens their unpadded positions (cumsum - 1) and hides padded keys.
+    With a cache the weights are used in `decoding_layout` (sample.prepare's params are in it)."""
+    if cache is None:
+        x_BTD, _ = _trunk(params, tokens_BT, config, valid_BT, None)
+        return jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
+    params = decoding_layout(params)
+    x_BTD, cache = _trunk(params, tokens_BT, config, valid_BT, cache)
+    return _times(x_BTD, params["head_w"], jnp.float32) + params["head_b"], cache
 
 
 def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
@@ -216,9 +222,9 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
         x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
     else:
         # Decoding is memory-bound: layers unrolled, each with its own cache buffers updated in place
-        # (docs/training.md). Callers pass weights already split by `unstack_layers` (sample.py does).
+        # (docs/training.md); the weights come split per layer (`decoding_layout`).
         kv = []
-        for i, p in enumerate(unstack_layers(params)["layers"]):
+        for i, p in enumerate(params["layers"]):
             x, kv_i = block(x, p, past_kv=(cache["k"][i], cache["v"][i], start))
             kv.append(kv_i)
         cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv], "valid": key_valid_BS,
@@ -226,12 +232,29 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 
 
-def unstack_layers(params):
-    """`params` with the stacked (L, ...) layer weights split into L per-layer dicts (see `_trunk`)."""
+# A decode step multiplies every weight by a few rows (one token per sequence). XLA:CPU does that
+# 2-3x faster as w·xᵀ with w stored [out, in] than as x·w with w stored [in, out]: measured on
+# 2 cores, `small`'s layer weights at 8 rows 1.4 ms against 3.5 ms, its head 9-11 ms against
+# 19-25 ms; at 1 row and for a prompt's many rows the two are level except `nano`'s head. So
+# decoding stores these matrices transposed (the layout of torch's nn.Linear); GPUs and TPUs
+# multiply either layout at full speed. `bench.py` measures the decode it gives.
+TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out", "head_w")
+
+
+def decoding_layout(params):
+    """`params` as a cached forward uses them: the stacked (L, ...) layer weights split into L
+    per-layer dicts (see `_trunk`) and the matrices above stored [out, in]; a no-op on its output."""
     if isinstance(params["layers"], list):
         return params
+    def flip(tree):  # .copy(): numpy's transpose is a strided view; make it a contiguous array
+        return {k: a.T.copy() if k in TRANSPOSED_FOR_DECODING else a for k, a in tree.items()}
     layers = params["layers"]
-    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(len(layers["wq"]))]}
+    return flip({**params, "layers": [flip(jax.tree.map(lambda a: a[i], layers)) for i in range(len(layers["wq"]))]})
+
+
+def _times(x, w_OI, dtype=None):
+    """x @ w_OI.T for a weight in decoding_layout, written w·xᵀ: the product XLA:CPU runs fastest."""
+    return jnp.moveaxis(jnp.einsum("oi,...i->o...", w_OI, x, preferred_element_type=dtype), 0, -1)
 
 
 def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):

@@ -326,13 +326,13 @@ def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0
     """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
     token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
     temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
-    samples. `params` stacked (model.load_hf) or split per layer (`load`, faster to reuse).
+    samples. `params` as model.load_hf gives them or `prepare`d (as `load` does: faster to reuse).
     `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids may run
     up to CHUNK tokens past the point it first said True; `complete` cuts the text). `mesh`: above."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
     if not prompts:
         return []
-    params = model.unstack_layers(params)                          # a no-op for load()'s params
+    params = model.decoding_layout(params)                         # a no-op for load()'s params
     d = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     padded = list(prompts) + [prompts[0]] * (-len(prompts) % (d // math.gcd(d, num_samples)))  # rows % d == 0
     T = _bucket(max(len(p) for p in prompts))
@@ -390,11 +390,11 @@ def _text_before_stop(ids, stop, tok):
 
 
 def prepare(params, dtype="float32"):
-    """Parameters as decoding wants them: cast to `dtype` and split per layer
-    (model.unstack_layers), once, instead of on every generate call."""
+    """Parameters as decoding wants them: cast to `dtype` and in model.decoding_layout,
+    once, instead of on every generate call."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    return model.unstack_layers(model.cast(params, jnp.dtype(dtype)))
+    return model.decoding_layout(model.cast(params, jnp.dtype(dtype)))
 
 
 def load(path, dtype="float32", mesh=None):

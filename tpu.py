@@ -46,6 +46,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import common
+import model
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -135,14 +136,17 @@ def check_layout(config, mesh, batch_size):
 
 def param_shardings(params, mesh):
     """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES. Layer weights
-    may be stacked (L, ...) or split per layer (model.unstack_layers: a list of dicts, as
-    sample.load returns them); a per-layer weight takes its rule without the L axis."""
+    may be stacked (L, ...) or in model.decoding_layout (as sample.load returns them): there a
+    per-layer weight takes its rule without the L axis, and a matrix stored [out, in] reversed."""
+    decoding = isinstance(params.get("layers"), list)
     def rule(path, leaf):
         name, spec = path[-1].key, RULES.get(path[-1].key)
         if spec is None:
             raise ValueError(f"no partition rule for parameter {name!r}; add one to tpu.RULES")
         if len(path) > 1 and isinstance(path[-2], jax.tree_util.SequenceKey):
             spec = P(*spec[1:])                                   # one layer of the list: no L axis
+        if decoding and name in model.TRANSPOSED_FOR_DECODING:
+            spec = P(*spec[::-1])
         if len(spec) != leaf.ndim:
             raise ValueError(f"parameter {name!r} has {leaf.ndim} dims but its rule {spec} names {len(spec)}")
         return NamedSharding(mesh, spec)

@@ -76,8 +76,10 @@ def test_cached_decoding_equals_full_forward():
     params = random_params(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
     full = forward(params, tokens, TINY)
-    split = model.unstack_layers(params)  # what sample.py decodes with
-    assert model.unstack_layers(split) is split and len(split["layers"]) == TINY.n_layer
+    split = model.decoding_layout(params)  # what sample.py decodes with
+    assert model.decoding_layout(split) is split and len(split["layers"]) == TINY.n_layer
+    np.testing.assert_array_equal(split["layers"][1]["w_in"], params["layers"]["w_in"][1].T)  # [out, in]
+    np.testing.assert_array_equal(split["head_w"], params["head_w"].T)
     for weights in (params, split):
         cache = model.init_cache(TINY, 2, 16)
         logits, cache = forward(weights, tokens[:, :5], TINY, cache=cache)  # prefill 5

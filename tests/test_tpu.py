@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 import common
 import model
@@ -364,6 +365,11 @@ def test_every_parameter_has_a_rule():
     params = jax.eval_shape(lambda k: model.init_params(model.CONFIGS["16B"], k), jax.random.PRNGKey(0))
     specs = jax.tree.map(lambda s: s.spec, tpu.param_shardings(params, tpu.make_mesh(None)))
     assert all(spec[0] is None for spec in specs["layers"].values())  # the layer axis is never split
+    decoding = jax.eval_shape(lambda k: model.decoding_layout(model.init_params(model.CONFIGS["16B"], k)),
+                              jax.random.PRNGKey(0))
+    flipped = jax.tree.map(lambda s: s.spec, tpu.param_shardings(decoding, tpu.make_mesh(None)))
+    assert flipped["layers"][3]["w_in"] == P("model", "fsdp") and flipped["head_w"] == P("model", "fsdp")
+    assert flipped["layers"][3]["b_in"] == P("model") and flipped["wte"] == specs["wte"]  # not matrices
     with pytest.raises(ValueError, match="no partition rule for parameter 'w_gate'"):
         tpu.param_shardings({"w_gate": params["wte"]}, tpu.make_mesh(None))
 
