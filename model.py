@@ -226,10 +226,8 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 
 
-# A decode step multiplies each weight by a few rows (one token per sequence). XLA:CPU does that
-# 2-3x faster as w·xᵀ with w stored [out, in] (torch's nn.Linear layout) than as x·w with w [in, out]
-# (small's layer at 8 rows: 1.4 against 3.5 ms; its head 9-11 against 19-25 ms), so decoding keeps
-# these matrices transposed; GPUs and TPUs multiply either layout at full speed.
+# A decode step multiplies each weight by a few rows, which XLA:CPU does 2-3x faster as w·xᵀ with w
+# stored [out, in] than as x·w with w [in, out] (docs/training.md, "Decoding", has the measurements).
 TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out", "head_w")
 
 

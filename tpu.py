@@ -90,7 +90,6 @@ RULES = {
 
 # ----------------------------------------------------------------------------- mesh
 
-
 def parse_mesh(spec):
     """'DPxFSDPxMP' -> (dp, fsdp, mp)."""
     parts = str(spec).lower().split("x")
@@ -133,7 +132,6 @@ def check_layout(config, mesh, batch_size):
 
 # ----------------------------------------------------------------------------- shardings
 
-
 def param_shardings(params, mesh):
     """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES. Layer weights
     may be stacked (L, ...) or in model.decoding_layout (as sample.load returns them): there a
@@ -145,8 +143,7 @@ def param_shardings(params, mesh):
             raise ValueError(f"no partition rule for parameter {name!r}; add one to tpu.RULES")
         if len(path) > 1 and isinstance(path[-2], jax.tree_util.SequenceKey):
             spec = P(*spec[1:])                                   # one layer of the list: no L axis
-        if decoding and name in model.TRANSPOSED_FOR_DECODING:
-            spec = P(*spec[::-1])
+        spec = P(*spec[::-1]) if decoding and name in model.TRANSPOSED_FOR_DECODING else spec  # [out, in]
         if len(spec) != leaf.ndim:
             raise ValueError(f"parameter {name!r} has {leaf.ndim} dims but its rule {spec} names {len(spec)}")
         return NamedSharding(mesh, spec)
@@ -204,7 +201,6 @@ def to_host(tree):
 
 
 # ----------------------------------------------------------------------------- multi-host
-
 
 def init_distributed():
     """Connect the processes of a multi-host job, when the environment says it is one. Launchers
@@ -287,7 +283,6 @@ def peak_flops(device=None):
 
 # ----------------------------------------------------------------------------- TPU topologies
 
-
 def topology_devices(name):
     """The devices of a TPU slice named like 'v4:2x2x1', 'v5p:4x4x4' or 'v5e:4x4', to compile
     for with the real XLA:TPU compiler on any machine: libtpu (pip) holds the compiler, no TPU
@@ -333,7 +328,6 @@ def describe_devices(devices):
 
 
 # ----------------------------------------------------------------------------- compiling ahead of time
-
 
 def compile_plan(fn, args, mesh, *, out_shardings=None, donate_argnums=()):
     """Compile `fn` ahead of time for `mesh` and say what one device needs to run it.
@@ -418,7 +412,6 @@ def memory_lines(used, hbm_b, platform, arguments, temp):
 
 
 # ----------------------------------------------------------------------------- the training dry run
-
 
 def human_size(n_bytes):
     """Right-aligned human size: GiB for big numbers, MiB/KiB for the small test configs."""
