@@ -109,8 +109,10 @@ def init_params(config, key):
     projections back into the residual stream are scaled by 2/n_layer; biases 0, norms 1."""
     D, F, V, L = config.n_embd, config.d_ff, config.vocab_size, config.n_layer
     keys = iter(jax.random.split(key, 8))
+
     def normal(shape, std):  # Haiku's TruncatedNormal: cut at 2σ, rescaled to keep σ
         return jax.random.truncated_normal(next(keys), -2.0, 2.0, shape) * (std / 0.87962566)
+
     out_std = (2.0 / L) / math.sqrt(D)  # JAXformer init_scale / sqrt(model dim), for wo and w_out alike
     return {"wte": normal((V, D), 1 / math.sqrt(V)),
             "layers": {"ln_scale": jnp.ones((L, D)), "ln_bias": jnp.zeros((L, D)),
@@ -151,6 +153,7 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
     mm = jnp.matmul if past_kv is None else _times                 # decoding: weights [out, in]
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
+
     q = _rotary(mm(h, p["wq"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
     k = _rotary(mm(h, p["wk"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)
     v = mm(h, p["wv"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
@@ -158,10 +161,12 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
         k_cache, v_cache, start = past_kv                          # (B, H, S, hd)
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
+
     scores = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = jnp.where(mask_BTS[:, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)        # (B, H, T, S), fp32 softmax
     attn = mm(jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, D), p["wo"])
+
     mlp = mm(jax.nn.gelu(mm(h, p["w_in"]) + p["b_in"], approximate=True), p["w_out"]) + p["b_out"]
     return x_BTD + attn + mlp, (k, v)
 
@@ -236,6 +241,7 @@ def decoding_layout(params):
     per-layer dicts (see `_trunk`) and the matrices above stored [out, in]; a no-op on its output."""
     if isinstance(params["layers"], list):
         return params
+
     def flip(tree):  # .copy(): numpy's transpose is a strided view; make it a contiguous array
         return {k: a.T.copy() if k in TRANSPOSED_FOR_DECODING else a for k, a in tree.items()}
     each = [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(len(params["layers"]["wq"]))]
@@ -291,6 +297,7 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
     """head_loss and its gradients with respect to x, w and b, in one pass over the chunks."""
     x_GCD, y_GC, weight_GC = _chunks(x_ND, targets_N)
     xT_GDC = jnp.swapaxes(x_GCD, 1, 2)  # transposed once, not as a matmul operand in the loop (2x slower on CPU)
+
     def chunk(carry, xs):
         loss_sum, dw_DV, db_V = carry
         x_CD, xT_DC, y_C, weight_C = xs
@@ -309,6 +316,7 @@ def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
         dw_DV += jnp.dot((xT_DC * weight_C).astype(x_CD.dtype), d_CV.astype(x_CD.dtype),
                          preferred_element_type=jnp.float32)
         return (loss_sum, dw_DV, db_V + jnp.dot(weight_C, d_CV)), dx_CD.astype(x_ND.dtype)
+
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
     (loss_sum, dw_DV, db_V), dx_GCD = jax.lax.scan(chunk, zeros, (x_GCD, xT_GDC, y_GC, weight_GC))
     dx_ND = dx_GCD.reshape(-1, x_ND.shape[1])[:x_ND.shape[0]]
@@ -402,6 +410,7 @@ def config_from_hf(hf, where="config.json"):
     if not isinstance(hf, dict) or hf.get("model_type") != "codegen":
         kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
         raise ValueError(f"{where} has model_type {kind!r}; only 'codegen' checkpoints load here")
+
     def field(name, default=None, kind=int):
         value = hf.get(name, default)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, kind)):
@@ -490,9 +499,11 @@ def read_torch_bin(file):
             raise ValueError(f"{file!r} is not a torch zip checkpoint (no data.pkl); re-save it with torch>=1.6")
         root = pkl[: -len("data.pkl")]
         load_storage = cache(lambda dtype, key: np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype))
+
         def rebuild(storage, offset, size, stride, *_):  # each tensor is a strided view of its storage
             strides = tuple(s * storage.dtype.itemsize for s in stride)
             return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
+
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):  # only what a state dict holds: nothing runs
                 allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("collections", "OrderedDict"): dict}
@@ -500,7 +511,9 @@ def read_torch_bin(file):
                 if found is None:
                     raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
                 return found
+
             def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
                 return load_storage(pid[1], pid[2])
+
         with zf.open(pkl) as f:
             return dict(Unpickler(f).load())
