@@ -137,6 +137,7 @@ def param_shardings(params, mesh):
     may be stacked (L, ...) or in model.decoding_layout (as sample.load returns them): there a
     per-layer weight takes its rule without the L axis, and a matrix stored [out, in] reversed."""
     decoding = isinstance(params.get("layers"), list)
+
     def rule(path, leaf):
         name, spec = path[-1].key, RULES.get(path[-1].key)
         if spec is None:
