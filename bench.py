@@ -6,8 +6,8 @@ and CTranslate2.
     python bench.py --size 350M --batch-size 8 --seq-len 2048   # on an accelerator
 
 One process, one config, one machine, measured in one run, so ratios are fair on a
-shared and noisy machine: warm-up excluded, several timed repetitions (the sampling
-modes interleaved, so a busy moment hits them alike), the median shown.
+shared and noisy machine: warm-up excluded, several timed repetitions (every engine and
+sampling mode in turn within each, so a busy moment hits them alike), the median shown.
 
 - peak: the best FLOP/s of several large matmuls, measured right before the MFU it divides.
 - train: one optimizer step (forward, backward, clip, AdamW) of train.py's jitted step,
@@ -71,28 +71,31 @@ def measured_peak(dtype, n=2048, runs=5):
     return 2 * n ** 3 / best
 
 
-def decode_rates(generate, prompt_len, new_tokens, reps):
-    """{batch: {mode: (prefill ms, decode tokens/s)}} for `generate(prompts_BT, n, settings)`,
-    which returns how many new tokens it produced. Prefill = a 1-token generation; decode
-    = the tokens after the first over the time a new_tokens generation takes beyond it."""
-    out = {}
+def decode_rates(engines, prompt_len, new_tokens, reps):
+    """{engine: {batch: {mode: (prefill ms, decode tokens/s)}}} for each `generate(prompts_BT, n,
+    settings)` in `engines`, which returns how many new tokens it produced. Prefill = a 1-token
+    generation; decode = the tokens after the first over the time a new_tokens generation takes
+    beyond it. Each repetition runs every mode of every engine in turn, so the engines share the
+    machine's busy and quiet moments and their ratios hold even when the machine is noisy."""
+    out = {name: {} for name in engines}
     for b in (1, 8):
         prompts_BT = np.stack([np.random.default_rng(i).integers(0, 50000, prompt_len) for i in range(b)])
-        times = {mode: ([], [], []) for mode in MODES}
+        times = {(name, mode): ([], [], []) for name in engines for mode in MODES}
         for rep in range(reps + 1):                                  # rep 0 compiles and warms up
             for mode, how in MODES.items():
-                t0 = time.perf_counter()
-                generate(prompts_BT, 1, how)
-                t1 = time.perf_counter()
-                produced = generate(prompts_BT, new_tokens, how)
-                t2 = time.perf_counter()
-                if rep:
-                    for record, value in zip(times[mode], (t1 - t0, t2 - t1, produced)):
-                        record.append(value)
-        out[b] = {}
-        for mode, (prefill, full, produced) in times.items():
+                for name, generate in engines.items():
+                    t0 = time.perf_counter()
+                    generate(prompts_BT, 1, how)
+                    t1 = time.perf_counter()
+                    produced = generate(prompts_BT, new_tokens, how)
+                    t2 = time.perf_counter()
+                    if rep:
+                        for record, value in zip(times[name, mode], (t1 - t0, t2 - t1, produced)):
+                            record.append(value)
+            print(f"decode batch {b}: {'warm-up' if rep == 0 else f'repetition {rep}/{reps}'} done", flush=True)
+        for (name, mode), (prefill, full, produced) in times.items():
             prefill, full = statistics.median(prefill), statistics.median(full)
-            out[b][mode] = (prefill * 1e3, (statistics.median(produced) - b) / max(full - prefill, 1e-9))
+            out[name].setdefault(b, {})[mode] = (prefill * 1e3, (statistics.median(produced) - b) / max(full - prefill, 1e-9))
     return out
 
 
@@ -299,8 +302,8 @@ def main(argv=None):
                 engines["ct2 fp32"] = lambda: ct2_generate(generators["float32"])
                 engines["ct2 int8"] = lambda: ct2_generate(generators["int8"])
     res["decode"] = {}
-    for name, make in engines.items():
-        rates = decode_rates(make(), args.prompt_len, args.new_tokens, args.reps)
+    for name, rates in decode_rates({name: make() for name, make in engines.items()}, args.prompt_len,
+                                    args.new_tokens, args.reps).items():
         for b, modes in rates.items():
             for mode, (prefill_ms, tps) in modes.items():
                 res["decode"].setdefault(f"batch {b}, {mode}", {})[name] = {"prefill_ms": prefill_ms,

@@ -147,9 +147,10 @@ def _rotary(x_BTHd, sin_BTr, cos_BTr):
     return jnp.concatenate([turned.reshape(rot.shape).astype(x_BTHd.dtype), x_BTHd[..., R:]], -1)
 
 
-def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
-    """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, start):
-    the new keys/values are written at slot `start` and attention reads the whole cache."""
+def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
+    """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, cache_valid_BS,
+    start): the T tokens attend to the cache as it was (its valid slots, all earlier) and to each
+    other; then their keys/values are written into it at slot `start`."""
     (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
     mm = jnp.matmul if past_kv is None else _times                 # decoding: weights [out, in]
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
@@ -157,15 +158,22 @@ def _block(x_BTD, p, sin, cos, mask_BTS, config, past_kv):
     q = _rotary(mm(h, p["wq"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
     k = _rotary(mm(h, p["wk"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)
     v = mm(h, p["wv"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-    if past_kv is not None:
-        k_cache, v_cache, start = past_kv                          # (B, H, S, hd)
+
+    def scores(keys, mask):  # fp32 q·k / sqrt(hd), hidden where mask (B, T|1, keys) is False
+        s = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(hd)
+        return jnp.where(mask[:, None], s, jnp.finfo(jnp.float32).min)
+    if past_kv is None:
+        probs = jax.nn.softmax(scores(k, mask_BTT), axis=-1).astype(v.dtype)       # (B, H, T, T), fp32 softmax
+        o = jnp.einsum("bhts,bhsd->bthd", probs, v)
+    else:
+        k_cache, v_cache, cache_valid_BS, start = past_kv                         # (B, H, S, hd)
+        S = k_cache.shape[2]
+        probs = jax.nn.softmax(jnp.concatenate([scores(k_cache, cache_valid_BS[:, None]), scores(k, mask_BTT)], -1),
+                               axis=-1).astype(v.dtype)                          # (B, H, T, S + T)
+        o = jnp.einsum("bhts,bhsd->bthd", probs[..., :S], v_cache) + jnp.einsum("bhts,bhsd->bthd", probs[..., S:], v)
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
-
-    scores = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = jnp.where(mask_BTS[:, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)        # (B, H, T, S), fp32 softmax
-    attn = mm(jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, D), p["wo"])
+    attn = mm(o.reshape(B, T, D), p["wo"])
 
     mlp = mm(jax.nn.gelu(mm(h, p["w_in"]) + p["b_in"], approximate=True), p["w_out"]) + p["b_out"]
     return x_BTD + attn + mlp, (k, v)
@@ -208,13 +216,10 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
     seen = jnp.zeros(B, jnp.int32) if cache is None else cache["pos"]
     pos_BT = jnp.maximum(seen[:, None] + jnp.cumsum(valid_BT, axis=1) - 1, 0)
-    start = 0 if cache is None else cache["length"]
-    key_valid_BS = valid_BT if cache is None else jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start))
-    causal_TS = jnp.arange(key_valid_BS.shape[1])[None, :] <= start + jnp.arange(T)[:, None]
-    mask_BTS = causal_TS[None] & key_valid_BS[:, None, :]
+    mask_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BT[:, None, :]   # causal, padding hidden
     inv_freq = 1.0 / 10000 ** (np.arange(0, config.rotary_dim, 2) / config.rotary_dim)
     angles_BTr = pos_BT[..., None].astype(jnp.float32) * inv_freq.astype(np.float32)
-    block = partial(_block, sin=jnp.sin(angles_BTr), cos=jnp.cos(angles_BTr), mask_BTS=mask_BTS, config=config)
+    block = partial(_block, sin=jnp.sin(angles_BTr), cos=jnp.cos(angles_BTr), mask_BTT=mask_BTT, config=config)
     block = jax.checkpoint(block) if remat else block  # remat: recompute activations in the backward pass
     x = _split_batch(params["wte"][tokens_BT])                     # (B, T, D)
     if cache is None:
@@ -222,11 +227,12 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     else:
         # Decoding is memory-bound: layers unrolled, each with its own cache buffers updated in place
         # (docs/training.md); the weights come split per layer (`decoding_layout`).
-        kv = []
+        kv, start = [], cache["length"]
         for i, p in enumerate(params["layers"]):
-            x, kv_i = block(x, p, past_kv=(cache["k"][i], cache["v"][i], start))
+            x, kv_i = block(x, p, past_kv=(cache["k"][i], cache["v"][i], cache["valid"], start))
             kv.append(kv_i)
-        cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv], "valid": key_valid_BS,
+        cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv],
+                 "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start)),
                  "pos": seen + valid_BT.sum(1, dtype=jnp.int32), "length": start + T}
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 

@@ -266,7 +266,13 @@ def _laid_out(state):
     return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state)) if meshed else state
 
 
-@partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("state",))
+# XLA:CPU writes each layer's new keys and values into its cache buffers in place only when its copy
+# insertion analyses the loop body region by region; otherwise it copies the buffers every step
+# (docs/training.md, "Decoding"). Other backends ignore the option.
+IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+@partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("state",), compiler_options=IN_PLACE)
 def _decode(params, state, limit, key, knobs, *, config, mode):
     """Decode until `n == limit` or every row is done; the state's buffers are reused in place."""
     def not_finished(s):
@@ -431,7 +437,8 @@ def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, devi
              f"    parameters       {tpu.human_size(tpu.bytes_per_device(params))}",
              f"    KV cache         {tpu.human_size(tpu.bytes_per_device(state['cache']))}  (heads over model)"]
     for name, fn, args in (("prefill", prefill, (params, *prompt, key, knobs)),
-                           ("decode", partial(_decode, config=config, mode=mode), (params, state, limit, key, knobs))):
+                           ("decode", partial(_decode.__wrapped__, config=config, mode=mode),  # unjitted: compile_plan
+                            (params, state, limit, key, knobs))):                                # jits it for the mesh
         _, seconds, used = tpu.compile_plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
         lines += [f"  {name}: compiled by XLA:{platform.upper()} in {seconds:.0f} s",
                   *tpu.memory_lines(used, hbm_b, platform, "parameters and prompts or decode state",

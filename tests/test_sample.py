@@ -115,6 +115,21 @@ def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
     assert rows == [len(PROMPTS)]                                       # 2 prefill rows for 6 samples
 
 
+def test_decode_writes_the_kv_cache_in_place():
+    """The compiled decode loop holds no copy of a (B, H, S, hd) cache buffer, for one row (where
+    XLA:CPU copies each buffer several times a step without sample.IN_PLACE) and for two."""
+    params, knobs = sample.prepare(tiny()), (jnp.float32(1), jnp.asarray(sample._split_p(1.0)))
+    for B in (1, 2):
+        prompt_BT = np.ones((B, 64), np.int32)
+        state = sample._prefill(params, prompt_BT, prompt_BT > 0, jax.random.PRNGKey(0), knobs, config=TINY,
+                                new_bucket=64, num_samples=1, mode=("greedy",))
+        assert state["cache"]["k"][0].shape == (B, TINY.n_head, 128, TINY.head_dim)
+        hlo = sample._decode.lower(params, state, jnp.int32(64), jax.random.PRNGKey(0), knobs, config=TINY,
+                                   mode=("greedy",)).compile().as_text()
+        cache_shape = f"f32[{B},{TINY.n_head},128,{TINY.head_dim}]"
+        assert [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line] == []
+
+
 # ----------------------------------------------------------------------------- token filters
 
 
