@@ -193,8 +193,10 @@ def init_cache(config, batch, max_len, dtype=jnp.float32):
     """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid`: slots holding real tokens
     (not left padding); `pos`: each row's next rotary position; `length`: the next free slot."""
     empty = [jnp.zeros((batch, config.n_head, max_len, config.head_dim), dtype) for _ in range(2 * config.n_layer)]
-    return {"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
-            "pos": jnp.zeros(batch, jnp.int32), "length": jnp.zeros((), jnp.int32)}
+    # Inside a jit the barrier hides that the cache is all zeros, or XLA would spend seconds of compile time
+    # folding the (all masked) attention over it into constants.
+    return jax.lax.optimization_barrier({"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
+                                         "pos": jnp.zeros(batch, jnp.int32), "length": jnp.zeros((), jnp.int32)})
 
 
 def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):

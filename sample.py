@@ -54,6 +54,7 @@ BUCKET = 64         # prompt and output lengths are rounded up to a multiple of 
 CHUNK = 32          # decode steps between host-side stop-string checks
 W = 128             # vocabulary block width of the two-level searches in `_pick`
 CANDIDATES = 2      # nucleus draws tested per rejection round
+IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}  # else XLA:CPU copies the KV cache each step
 
 
 def _bucket(n):
@@ -264,12 +265,6 @@ def _laid_out(state):
     """Under generate's mesh (jax.set_mesh), the decode state split as tpu.decode_specs says."""
     meshed = jax.sharding.get_abstract_mesh().axis_names
     return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state)) if meshed else state
-
-
-# XLA:CPU writes each layer's new keys and values into its cache buffers in place only when its copy
-# insertion analyses the loop body region by region; otherwise it copies the buffers every step
-# (docs/training.md, "Decoding"). Other backends ignore the option.
-IN_PLACE = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("state",), compiler_options=IN_PLACE)
