@@ -95,7 +95,8 @@ def decode_rates(engines, prompt_len, new_tokens, reps):
             print(f"decode batch {b}: {'warm-up' if rep == 0 else f'repetition {rep}/{reps}'} done", flush=True)
         for (name, mode), (prefill, full, produced) in times.items():
             prefill, full = statistics.median(prefill), statistics.median(full)
-            out[name].setdefault(b, {})[mode] = (prefill * 1e3, (statistics.median(produced) - b) / max(full - prefill, 1e-9))
+            rate = (statistics.median(produced) - b) / max(full - prefill, 1e-9)
+            out[name].setdefault(b, {})[mode] = (prefill * 1e3, rate)
     return out
 
 

@@ -193,8 +193,7 @@ def init_cache(config, batch, max_len, dtype=jnp.float32):
     """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid`: slots holding real tokens
     (not left padding); `pos`: each row's next rotary position; `length`: the next free slot."""
     empty = [jnp.zeros((batch, config.n_head, max_len, config.head_dim), dtype) for _ in range(2 * config.n_layer)]
-    # Inside a jit the barrier hides that the cache is all zeros, or XLA would spend seconds of compile time
-    # folding the (all masked) attention over it into constants.
+    # The barrier hides these zeros from XLA inside a jit: it would fold the all-masked attention over them (seconds)
     return jax.lax.optimization_barrier({"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
                                          "pos": jnp.zeros(batch, jnp.int32), "length": jnp.zeros((), jnp.int32)})
 
@@ -244,10 +243,15 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
 TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out", "head_w")
 
 
+def in_decoding_layout(params):
+    """Whether `params` are decoding_layout's output (their layers a per-layer list), not stacked."""
+    return isinstance(params.get("layers"), list)
+
+
 def decoding_layout(params):
     """`params` as a cached forward uses them: the stacked (L, ...) layer weights split into L
     per-layer dicts (see `_trunk`) and the matrices above stored [out, in]; a no-op on its output."""
-    if isinstance(params["layers"], list):
+    if in_decoding_layout(params):
         return params
 
     def flip(tree):  # .copy(): numpy's transpose is a strided view; make it a contiguous array

@@ -136,7 +136,7 @@ def param_shardings(params, mesh):
     """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES. Layer weights
     may be stacked (L, ...) or in model.decoding_layout (as sample.load returns them): there a
     per-layer weight takes its rule without the L axis, and a matrix stored [out, in] reversed."""
-    decoding = isinstance(params.get("layers"), list)
+    decoding = model.in_decoding_layout(params)
 
     def rule(path, leaf):
         name, spec = path[-1].key, RULES.get(path[-1].key)
