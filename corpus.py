@@ -78,12 +78,17 @@ def language_of(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- sources
 
+# Where a record keeps its source file's path: most code datasets say `path`; The Stack
+# (huggingface.co/datasets/bigcode/the-stack) says `max_stars_repo_path`.
+PATH_FIELDS = ("path", "max_stars_repo_path")
+
+
 class SourceFile:
     """One file of the corpus: the unit of shuffling, sharing out between hosts and resuming.
 
     `docs(first, wanted, skip)` yields (doc_index, text, name) for its non-empty documents
     with index >= first and wanted(index) true; `name` is what the language is read from
-    (the record's `path` field, else the file's key). Records (jsonl lines, parquet rows)
+    (a record's file path, PATH_FIELDS, else the file's key). Records (jsonl lines, parquet rows)
     are streamed: a file is never in memory whole, and parquet skips row groups before
     `first`. `skip(key, reason)` records unreadable input.
     """
@@ -141,8 +146,7 @@ class SourceFile:
             skip(f"{self.key}:{i}", "not valid unicode")
             return
         if text:
-            path = record.get("path")
-            yield i, text, path if isinstance(path, str) else self.key
+            yield i, text, next((record[f] for f in PATH_FIELDS if isinstance(record.get(f), str)), self.key)
 
     def _parquet(self, first: int, wanted):
         pq = _library("pyarrow.parquet", self.path)
@@ -155,7 +159,7 @@ class SourceFile:
         if column not in names:
             raise ValueError(f"{self.path}: no column {column or 'content or text'} (columns: "
                              f"{', '.join(names)}); choose one with --field")
-        columns = [column] + (["path"] if "path" in names and column != "path" else [])
+        columns = [column] + [f for f in PATH_FIELDS if f in names and f != column][:1]
         row = 0
         for group in range(pf.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows

@@ -404,6 +404,27 @@ def test_mtpb_prompts_and_languages(tmp_path):
     assert plain.counts["kept"] == 4, "MTPB is looked for only when its file is named"
 
 
+def test_records_give_their_language_by_path_field(tmp_path):
+    """A record's language comes from its file path (`path`, or The Stack's
+    `max_stars_repo_path`); a record without one has only its file's name, here no language."""
+    import pyarrow
+    import pyarrow.parquet
+    records = [{"content": "class J { int x = 1; }\n", "path": "src/J.java"},
+               {"content": "def f(x):\n    return x\n", "max_stars_repo_path": "pkg/f.py"},
+               {"content": "package main\n", "max_stars_repo_path": "cmd/main.go"},
+               {"content": "print('no path')\n"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = pyarrow.table({"content": [r["content"] for r in records],
+                           "max_stars_repo_path": [r.get("max_stars_repo_path", r.get("path")) for r in records[:3]] + [None]})
+    pyarrow.parquet.write_table(table, tmp_path / "s.parquet")
+    clean = Cleaning(languages=("python", "java"), language_tags=True)
+    for name in ("s.jsonl", "s.parquet"):
+        stream = data.TokenStream(str(tmp_path / name), 1, 7, val_fraction=0.0, cleaning=clean)
+        assert stream.counts["dropped"]["language"] == 2, name              # the Go record and the path-less one
+        assert set(epochs_of(stream, 80, n_epochs=1)) == {"<|java|>\nclass J { int x = 1; }\n",
+                                                         "<|python|>\ndef f(x):\n    return x\n"}, name
+
+
 def test_paper_filter_thresholds():
     assert paper_filter("x" * 100 + "\n" + "y" * 100) is None
     assert paper_filter("x" * 101 + "\n" + "y" * 101) == "avg_line_length"
