@@ -124,6 +124,23 @@ allgather(obj) -> [obj of process 0, obj of process 1, ...], a JSON-able value f
 (tpu.process_share builds one from JAX's multi-host collectives)."""
 
 
+def _together(share, compute):
+    """[compute() of every process], through share.allgather. A process that raised still takes
+    part in the exchange, so the others hear of it instead of waiting in a collective for it:
+    it raises its own error, every other process one line naming it."""
+    try:
+        mine, error = {"value": compute()}, None
+    except Exception as e:
+        mine, error = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}, e
+    everyone = share.allgather(mine)
+    if error is not None:
+        raise error
+    failed = next((i for i, got in enumerate(everyone) if "error" in got), None)
+    if failed is not None:
+        raise ValueError(f"process {failed} of {share.count} failed: {everyone[failed]['error']}")
+    return [got["value"] for got in everyone]
+
+
 def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: None, unit="samples",
                    what="samples file", share=None):
     """Append to the jsonl file `path` the rows it lacks, so a killed run picks up where it stopped.
@@ -140,25 +157,26 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
     every process's rows in batch order. Batches and `first`s are those of a one-process run.
     """
     main = share is None or share.index == 0
-    rows = resume_jsonl(path, what) if main else []
-    have = collections.Counter()
-    for number, row in enumerate(rows, 1):
-        try:
-            have[key(row)] += 1
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: row {number} lacks {e}; pass another output file") from None
-    todo = []
-    for i, k in enumerate(wanted):
-        if have[k]:
-            have[k] -= 1
-        else:
-            todo.append(i)
-    if share is not None:  # process 0's file decides
-        n_rows, todo = share.allgather([len(rows), todo])[0]
-    else:
-        n_rows = len(rows)
-    if rows:
-        print(f"{path}: {len(rows)} rows there already, {len(todo)} to make")
+
+    def missing():  # (rows in the file, indices into `wanted` of the rows it lacks)
+        rows = resume_jsonl(path, what) if main else []
+        have = collections.Counter()
+        for number, row in enumerate(rows, 1):
+            try:
+                have[key(row)] += 1
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{path}: row {number} lacks {e}; pass another output file") from None
+        todo = []
+        for i, k in enumerate(wanted):
+            if have[k]:
+                have[k] -= 1
+            else:
+                todo.append(i)
+        if rows:
+            print(f"{path}: {len(rows)} rows there already, {len(todo)} to make")
+        return len(rows), todo
+
+    n_rows, todo = missing() if share is None else _together(share, missing)[0]  # process 0's file decides
     batches, firsts = [], [n_rows]                             # firsts[j]: rows in the file before batch j
     for _, keys in itertools.groupby((wanted[i] for i in todo), group):
         keys = list(keys)
@@ -170,8 +188,9 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
     with contextlib.ExitStack() as stack:
         f = None
         for r in range(0, len(batches), count):
-            new = produce(batches[r + index], firsts[r + index]) if r + index < len(batches) else []
-            everyone = [new] if share is None else share.allgather(new)
+            def mine():
+                return produce(batches[r + index], firsts[r + index]) if r + index < len(batches) else []
+            everyone = [mine()] if share is None else _together(share, mine)
             if main:
                 f = f or stack.enter_context(open(path, "a", encoding="utf-8"))
                 for got in everyone:

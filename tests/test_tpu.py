@@ -408,9 +408,10 @@ def test_ensure_fake_devices_reexecs_with_enough_cpu_devices():
 def _threads_as_processes(count, job):
     """Run job(share) on `count` threads that stand for the processes of a multi-host job, each
     with a common.Share whose allgather is an exchange through a barrier, as tpu.allgather is
-    through JAX's collectives. Returns the jobs' results in process order."""
+    through JAX's collectives. Returns the jobs' results (or what they raised) in process order;
+    a process left waiting for the others breaks the barrier after 30 s instead of hanging."""
     import threading
-    slots, barrier, results = [None] * count, threading.Barrier(count), [None] * count
+    slots, barrier, results = [None] * count, threading.Barrier(count, timeout=30), [None] * count
 
     def allgather_for(i):
         def allgather(obj):
@@ -422,8 +423,11 @@ def _threads_as_processes(count, job):
         return allgather
 
     def run(i):
-        results[i] = job(common.Share(i, count, allgather_for(i)))
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        try:
+            results[i] = job(common.Share(i, count, allgather_for(i)))
+        except Exception as e:
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
@@ -461,6 +465,36 @@ def test_processes_share_the_samples_and_process_0_writes_them(tmp_path, capsys)
     rows = [json.loads(line) for line in three.read_text().splitlines()]
     assert len(rows) == len(wanted) and sorted(map(key, rows)) == sorted(wanted)
     assert 0 < len(made_by) < 22 and set(made_by.values()) == {0, 1}
+    capsys.readouterr()
+
+
+def test_a_process_that_fails_stops_every_process(tmp_path, capsys):
+    """One process raising (its sampling, or process 0 reading a corrupt file) makes every process
+    raise, none waiting for it in a collective; rounds finished before it stay in the file."""
+    wanted = [(f"p{i}", 0.2) for i in range(12)]
+    key = lambda row: (row["task_id"], row["temperature"])  # noqa: E731
+
+    def produce_on(who):
+        def produce(keys, first):
+            if who == 1 and first >= 6:          # process 1's second batch: the second round
+                raise ValueError("out of memory\nmore detail")
+            return [{"task_id": t, "temperature": temp} for t, temp in keys]
+        return produce
+    out = tmp_path / "s.jsonl"
+    got = _threads_as_processes(3, lambda share: common.generate_jsonl(
+        out, wanted, key, produce_on(share.index), 2, share=share))
+    assert [type(e) for e in got] == [ValueError] * 3
+    assert str(got[1]) == "out of memory\nmore detail"  # its own error, whole
+    assert str(got[0]) == str(got[2]) == "process 1 of 3 failed: out of memory"
+    assert [key(json.loads(line)) for line in out.read_text().splitlines()] == wanted[:6]  # round 1 kept
+
+    out.write_text('{"task_id": "p0", "temperature": 0.2}\nnot json\n{"task_id": "p1"}\n')
+    before = out.read_text()
+    got = _threads_as_processes(2, lambda share: common.generate_jsonl(
+        out, wanted, key, produce_on(None), 2, share=share))
+    assert [type(e) for e in got] == [ValueError] * 2 and str(got[1]).startswith("process 0 of 2 failed: ")
+    assert str(got[1]).removeprefix("process 0 of 2 failed: ") == str(got[0]).splitlines()[0]
+    assert out.read_text() == before
     capsys.readouterr()
 
 
