@@ -149,8 +149,9 @@ def _rotary(x_BTHd, sin_BTr, cos_BTr):
 
 def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
     """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, cache_valid_BS,
-    start): the T tokens attend to the cache as it was (its valid slots, all earlier) and to each
-    other; then their keys/values are written into it at slot `start`."""
+    start): the T tokens attend to the cache as it was (its valid slots, all earlier; nothing if
+    it is fresh, `start` the Python 0 of init_cache) and to each other; then their keys/values
+    are written into it at slot `start`."""
     (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
     mm = jnp.matmul if past_kv is None else _times                 # decoding: weights [out, in]
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
@@ -162,15 +163,16 @@ def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
     def scores(keys, mask):  # fp32 q·k / sqrt(hd), hidden where mask (B, T|1, keys) is False
         s = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(hd)
         return jnp.where(mask[:, None], s, jnp.finfo(jnp.float32).min)
-    if past_kv is None:
+    k_cache, v_cache, cache_valid_BS, start = past_kv or (None,) * 4              # caches (B, H, S, hd)
+    if k_cache is None or isinstance(start, int):                                # no cache, or a fresh one
         probs = jax.nn.softmax(scores(k, mask_BTT), axis=-1).astype(v.dtype)       # (B, H, T, T), fp32 softmax
         o = jnp.einsum("bhts,bhsd->bthd", probs, v)
     else:
-        k_cache, v_cache, cache_valid_BS, start = past_kv                         # (B, H, S, hd)
         S = k_cache.shape[2]
         probs = jax.nn.softmax(jnp.concatenate([scores(k_cache, cache_valid_BS[:, None]), scores(k, mask_BTT)], -1),
                                axis=-1).astype(v.dtype)                          # (B, H, T, S + T)
         o = jnp.einsum("bhts,bhsd->bthd", probs[..., :S], v_cache) + jnp.einsum("bhts,bhsd->bthd", probs[..., S:], v)
+    if k_cache is not None:
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
     attn = mm(o.reshape(B, T, D), p["wo"])
@@ -191,11 +193,12 @@ def _split_batch(x_BTD):
 
 def init_cache(config, batch, max_len, dtype=jnp.float32):
     """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid`: slots holding real tokens
-    (not left padding); `pos`: each row's next rotary position; `length`: the next free slot."""
+    (not left padding); `pos`: each row's next rotary position; `length`: the next free slot, here
+    the Python 0, so the forward that fills it knows while tracing that it holds nothing to attend to."""
     empty = [jnp.zeros((batch, config.n_head, max_len, config.head_dim), dtype) for _ in range(2 * config.n_layer)]
-    # The barrier hides these zeros from XLA inside a jit: it would fold the all-masked attention over them (seconds)
+    # Behind a barrier: seeing these zeros as constants, XLA:TPU planned twice the prefill's temporaries
     return jax.lax.optimization_barrier({"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
-                                         "pos": jnp.zeros(batch, jnp.int32), "length": jnp.zeros((), jnp.int32)})
+                                         "pos": jnp.zeros(batch, jnp.int32)}) | {"length": 0}
 
 
 def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):
@@ -234,7 +237,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
             kv.append(kv_i)
         cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv],
                  "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start)),
-                 "pos": seen + valid_BT.sum(1, dtype=jnp.int32), "length": start + T}
+                 "pos": seen + valid_BT.sum(1, dtype=jnp.int32), "length": jnp.asarray(start + T, jnp.int32)}
     return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
 
 

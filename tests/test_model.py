@@ -91,6 +91,25 @@ def test_cached_decoding_equals_full_forward():
         assert int(cache["length"]) == 12
 
 
+def test_a_fresh_cache_is_not_attended_to():
+    """Filling init_cache's fresh cache (the prefill) scores the T tokens against each other only,
+    not also against the S empty slots; once it holds tokens, a step scores S + T keys. (The
+    Python 0 that marks a fresh cache must be seen while tracing: model.forward, not a jit of it.)"""
+    raw, H = random_params(TINY), TINY.n_head
+    params = model.decoding_layout(raw)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 6), 0, TINY.vocab_size)
+
+    def score_shapes(cache, T):
+        jaxpr = jax.make_jaxpr(lambda: model.forward(params, tokens[:, :T], TINY, cache=cache))()
+        return {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars} & {
+            (2, H, T, n) for n in (T, 16, 16 + T)}
+    fresh = model.init_cache(TINY, 2, 16)
+    assert score_shapes(fresh, 5) == {(2, H, 5, 5)}
+    logits, filled = model.forward(params, tokens[:, :5], TINY, cache=fresh)
+    np.testing.assert_allclose(logits, forward(raw, tokens[:, :5], TINY), atol=1e-5, rtol=1e-5)
+    assert score_shapes(filled, 1) == {(2, H, 1, 1), (2, H, 1, 16), (2, H, 1, 17)}
+
+
 def test_left_padding_gives_the_same_logits_as_the_unpadded_row():
     params = random_params(TINY)
     row = jnp.array([[5, 9, 2, 7, 1]])
