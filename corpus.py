@@ -83,6 +83,11 @@ def language_of(name: str) -> str | None:
 PATH_FIELDS = ("path", "max_stars_repo_path")
 
 
+def _name_of(record: dict, key: str) -> str:
+    """What a record's language is read from: the first of its PATH_FIELDS that holds text, else `key`."""
+    return next((record[f] for f in PATH_FIELDS if isinstance(record.get(f), str)), key)
+
+
 class SourceFile:
     """One file of the corpus: the unit of shuffling, sharing out between hosts and resuming.
 
@@ -146,7 +151,7 @@ class SourceFile:
             skip(f"{self.key}:{i}", "not valid unicode")
             return
         if text:
-            yield i, text, next((record[f] for f in PATH_FIELDS if isinstance(record.get(f), str)), self.key)
+            yield i, text, _name_of(record, self.key)
 
     def _parquet(self, first: int, wanted):
         pq = _library("pyarrow.parquet", self.path)
@@ -159,7 +164,7 @@ class SourceFile:
         if column not in names:
             raise ValueError(f"{self.path}: no column {column or 'content or text'} (columns: "
                              f"{', '.join(names)}); choose one with --field")
-        columns = [column] + [f for f in PATH_FIELDS if f in names and f != column][:1]
+        columns = [column] + [f for f in PATH_FIELDS if f in names and f != column]
         row = 0
         for group in range(pf.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows
@@ -167,13 +172,13 @@ class SourceFile:
                 row += rows
                 continue
             for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
-                paths = batch.column(1).to_pylist() if len(columns) > 1 else [None] * batch.num_rows
-                for text, path in zip(batch.column(0).to_pylist(), paths):
+                for record in batch.to_pylist():
+                    text = record[column]
                     if row >= first and wanted(row) and text:
                         if not isinstance(text, str):
                             raise ValueError(f"{self.path}: column {column} holds {type(text).__name__}, "
                                              "not text; choose another with --field")
-                        yield row, text, path or self.key
+                        yield row, text, _name_of(record, self.key)
                     row += 1
 
 
