@@ -477,11 +477,11 @@ def _main(argv):
     out_path = args.out if args.samples and args.out else results_path(samples_path)
     png = beside(out_path if args.samples and args.out else samples_path, "_perplexity.png")
     generating = records is None and not args.chat
-    outputs = [] if args.chat else [out_path]
+    outputs = [samples_path, made_by_path(samples_path)] if generating else []
+    if not args.chat:
+        outputs.append(out_path)
     if args.perplexity:
         outputs.append(png)
-    if generating:
-        outputs += [samples_path, made_by_path(samples_path)]
 
     def prepare():  # process 0, before the model is loaded: every output, and what made the file
         check_writable(outputs)
