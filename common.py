@@ -317,8 +317,9 @@ def checkpoint_identity(path):
 
 def _shown(value):
     """A setting's value, short enough for one line."""
-    text = json.dumps(value)
-    return text if len(text) <= 24 else text[:20] + "..."
+    text = json.dumps(value)                       # escapes: one line
+    text = text[1:-1] if isinstance(value, str) else text
+    return text if len(text) <= 24 else text[:16] + "..."
 
 
 def check_made_by(path, made_by):

@@ -338,7 +338,7 @@ def test_a_checkpoint_trained_further_is_not_scored_with_old_samples(problems, t
     (["--n", "3"], "n 2 -> 3"),
     (["--temperature", "0.2"], "temperatures [0.2, 0.8] -> [0.2]"),
     (["--seed", "7"], "seed 0 -> 7"),
-    (["--dtype", "bfloat16"], 'dtype "float32" -> "bfloat16"'),
+    (["--dtype", "bfloat16"], "dtype float32 -> bfloat16"),
     (["--limit", "4"], "problems 3 -> 4; prompts_sha256 "),
 ])
 def test_other_generation_settings_are_refused_naming_each(problems, tmp_path, monkeypatch, capsys, flags, message):
