@@ -1,6 +1,7 @@
 """The chores every script shares, each written once: one-line errors for the user's
 mistakes, jsonl files (read, written atomically, appended to and resumed after a kill),
-and progress lines with rate and ETA.
+what made a samples file (checkpoint identity and settings, kept beside it), output
+paths checked before any work, and progress lines with rate and ETA.
 
 Standard library only, so every other file may import it (it sits on the ground floor
 with model.py, data.py and sandbox.py).

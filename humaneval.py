@@ -9,7 +9,8 @@ The prompt is given as it is; sampling stops at the first of STOP (Codex, Chen e
 §3.2), looked for in the completion only; n samples per problem at each temperature, top-p
 0.95; the program run is openai's (`program`), 3 s each; pass@k is the unbiased estimator,
 per temperature and best over temperatures. Files use openai human-eval's format, and
-generation resumes where an interrupted run stopped. The details: docs/evaluation.md.
+generation resumes where an interrupted run stopped, when it is the same generation (the
+same checkpoint and settings, recorded beside the samples). The details: docs/evaluation.md.
 """
 import argparse
 import json
@@ -264,6 +265,8 @@ def _main(argv):
     problems = load_problems(args.problems)
     if args.init_from is None:
         out = args.out or results_path(args.samples)
+        if os.path.abspath(out) == os.path.abspath(args.samples):
+            parser.error("--out names the results file and must not be the --samples file")
         return score_file(args.samples, problems, args.k, args.timeout, args.workers, out)
     samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
     todo = dict(list(problems.items())[:args.limit])

@@ -465,6 +465,8 @@ def _main(argv):
     ids = [i.strip() for i in args.ids.split(",") if i.strip()] if args.ids is not None else None
     if ids == []:
         ap.error(f"--ids {args.ids!r} names no problem; give ids like 1,2,5")
+    if args.samples and args.out and os.path.abspath(args.out) == os.path.abspath(args.samples):
+        ap.error("--out names the results file and must not be the --samples file")
     if not (args.samples or args.chat or (args.problems and args.init_from)):
         raise ValueError("give --init-from DIR and --problems FILE to generate, or --samples FILE to score "
                          "(or --compare A B, or --init-from DIR --chat)")

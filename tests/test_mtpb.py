@@ -1,6 +1,7 @@
 """Tests for mtpb.py and mtpb_check.py: loading, the reference truncation and history assembly,
 early stops, the chat, sandboxed scoring under both semantics, reports, prompt perplexity, the
-command line with a tiny random checkpoint, and the real MTPB file."""
+command line with a tiny random checkpoint, the record of what made a samples file, outputs
+that cannot be written, and the real MTPB file."""
 import dataclasses
 import io
 import json
@@ -442,6 +443,7 @@ def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_fil
                            "unknown problem id(s) 99"),
                           (["--problems", problems_file], "give --init-from DIR and --problems FILE"),
                           (["--samples", bad, "--n", "0"], "--n 0 is out of range"),
+                          (["--samples", bad, "--out", bad], "--out names the results file"),
                           (["--samples", empty], "empty.jsonl: no samples"),
                           (["--chat"], "--chat needs the model"),
                           (["--samples", bad, "--perplexity"], "--perplexity needs the model"),
