@@ -285,7 +285,7 @@ def file_sha256(path, piece=1 << 24):
 
 
 def checkpoint_dir(path):
-    """The directory of the weights that `path` names, as model.load_hf reads it: `path`
+    """The directory of the weights that `path` names, as load_hf reads it: `path`
     itself, or the newest ckpt-* of a train.py output directory."""
     path = os.fspath(path)
     if not os.path.isdir(path):

@@ -487,9 +487,10 @@ def _main(argv):
 
     def prepare():  # process 0, before the model is loaded: every output, and what made the file
         check_writable(outputs)
-        made_by = describe(args.init_from, problems, args) if generating else None
-        if generating:
-            check_made_by(samples_path, made_by)
+        if not generating:
+            return None
+        made_by = describe(args.init_from, problems, args)
+        check_made_by(samples_path, made_by)
         return made_by
     if args.init_from and (args.chat or args.perplexity or not args.samples):
         checkpoint_dir(args.init_from)                              # a missing checkpoint is said first
