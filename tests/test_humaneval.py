@@ -395,6 +395,18 @@ def test_processes_refuse_together_and_process_0_writes_what_made_the_file(tmp_p
     assert "made otherwise: n 2 -> 4" in str(got[0]) and str(got[1]).startswith("process 0 of 2 failed: ")
     assert len(path.read_text().splitlines()) == 2
 
+    ran = []                                        # the checks before the model loads: process 0 only
+
+    def check(share):
+        def compute():
+            ran.append(share.index)
+            return {"on": share.index}
+        return common.on_first_process(share, compute)
+    assert _threads_as_processes(3, check) == [{"on": 0}] * 3 and ran == [0]
+    got = _threads_as_processes(2, lambda share: common.on_first_process(
+        share, lambda: common.check_writable([path / "x"])))
+    assert [type(e) for e in got] == [ValueError] * 2 and str(got[1]).startswith("process 0 of 2 failed: cannot write")
+
 
 # ----------------------------------------------------------------------------- outputs that cannot be written
 
