@@ -1,6 +1,7 @@
 """The chores every script shares, each written once: one-line errors for the user's
 mistakes, jsonl files (read, written atomically, appended to and resumed after a kill),
-and progress lines with rate and ETA.
+what made a samples file (checkpoint identity and settings, kept beside it), output
+paths checked before any work, and progress lines with rate and ETA.
 
 Standard library only, so every other file may import it (it sits on the ground floor
 with model.py, data.py and sandbox.py).
@@ -14,11 +15,13 @@ import argparse
 import collections
 import contextlib
 import gzip
+import hashlib
 import importlib.resources
 import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 
 
@@ -90,13 +93,41 @@ def read_humaneval():
         yield from read_jsonl(path, "HumanEval problems")
 
 
-def write_jsonl(path, rows):
-    """Write one JSON object per line to a temporary name, then rename it to `path`:
-    a kill never leaves half a file."""
+def write_atomic(path, lines):
+    """Write text lines to a temporary name, then rename it to `path`: a kill never
+    leaves half a file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.writelines(lines)
     os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    """Write one JSON object per line, atomically (write_atomic)."""
+    write_atomic(path, (json.dumps(row) + "\n" for row in rows))
+
+
+def check_writable(paths):
+    """Before any work: each file in `paths` can be created or replaced (a probe file,
+    created in its directory and gone at once, asks the file system itself, so a read-only
+    mount refuses root too) and, when it exists, appended to. One ValueError line."""
+    for path in map(str, paths):
+        folder = os.path.dirname(path) or "."
+        why = None
+        if os.path.isdir(path):
+            why = "it is a directory"
+        elif not os.path.isdir(folder):
+            why = f"{folder} is not a directory"
+        elif os.path.exists(path) and not os.access(path, os.W_OK):
+            why = "the file is read-only"
+        else:
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                why = f"{folder}: {e.strerror}"
+        if why:
+            raise ValueError(f"cannot write {path} ({why}); pass --out FILE "
+                             f"in a directory you can write")
 
 
 def resume_jsonl(path, what="file"):
@@ -142,7 +173,7 @@ def _together(share, compute):
 
 
 def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: None, unit="samples",
-                   what="samples file", share=None):
+                   what="samples file", share=None, made_by=None):
     """Append to the jsonl file `path` the rows it lacks, so a killed run picks up where it stopped.
 
     `wanted` lists the keys of the rows the file should hold (a key repeated once per row it needs);
@@ -155,10 +186,16 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
     the batches together, batch j on process j % count, in rounds of `count` batches. Only process 0
     reads and writes `path`: it tells the others what is missing, and after each round it appends
     every process's rows in batch order. Batches and `first`s are those of a one-process run.
+
+    `made_by` (a JSON-able dict: the checkpoint and every generation setting) is written to
+    made_by_path(path) before the first row; a file whose rows were made otherwise is refused
+    (check_made_by) before anything is read or made.
     """
     main = share is None or share.index == 0
 
     def missing():  # (rows in the file, indices into `wanted` of the rows it lacks)
+        if main and made_by is not None:
+            check_made_by(path, made_by)
         rows = resume_jsonl(path, what) if main else []
         have = collections.Counter()
         for number, row in enumerate(rows, 1):
@@ -191,20 +228,122 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
             def mine():
                 return produce(batches[r + index], firsts[r + index]) if r + index < len(batches) else []
             everyone = [mine()] if share is None else _together(share, mine)
+            if main and f is None:
+                if made_by is not None and n_rows == 0:  # what made the rows, before the first
+                    write_atomic(made_by_path(path), [json.dumps(made_by, indent=1) + "\n"])
+                f = stack.enter_context(open(path, "a", encoding="utf-8"))
             if main:
-                f = f or stack.enter_context(open(path, "a", encoding="utf-8"))
                 for got in everyone:
                     append_jsonl(f, got)
                 progress(firsts[min(r + count, len(batches))] - n_rows)
 
 
-def results_path(samples_path):
-    """FILE.jsonl (or FILE.jsonl.gz) -> FILE_results.jsonl, beside it."""
+def beside(samples_path, ending):
+    """FILE.jsonl (or FILE.jsonl.gz) -> FILE + ending, beside it."""
     name = str(samples_path)
     for suffix in (".jsonl.gz", ".jsonl"):
         if name.endswith(suffix):
-            return name[:-len(suffix)] + "_results.jsonl"
-    return name + "_results.jsonl"
+            return name[:-len(suffix)] + ending
+    return name + ending
+
+
+def results_path(samples_path):
+    """FILE.jsonl (or FILE.jsonl.gz) -> FILE_results.jsonl, beside it."""
+    return beside(samples_path, "_results.jsonl")
+
+
+def on_first_process(share, compute):
+    """compute() on process 0 only (here, without a share); every process gets its value,
+    or its error as one line (no process is left waiting in a collective)."""
+    if share is None:
+        return compute()
+    return _together(share, lambda: compute() if share.index == 0 else None)[0]
+
+
+# ----------------------------------------------------------------------------- what made a samples file
+# A samples file is one generation: one checkpoint, one set of settings. What made it is a
+# dict beside it, FILE_made_by.json, written before its first row; a run that would add rows
+# made otherwise is refused, naming what differs. The samples file keeps its own format.
+
+def made_by_path(samples_path):
+    """FILE.jsonl -> FILE_made_by.json, beside it."""
+    return beside(samples_path, "_made_by.json")
+
+
+def sha256_of(value):
+    """Hex SHA-256 of a JSON-able value, keys sorted: a stable name for a problem set."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path, piece=1 << 24):
+    """Hex SHA-256 of a file, read in 16 MiB pieces (weights files are tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(piece):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(path):
+    """The directory of the weights that `path` names, as load_hf reads it: `path`
+    itself, or the newest ckpt-* of a train.py output directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
+    newest = sorted(d for d in os.listdir(path) if d.startswith("ckpt-"))
+    if newest and not os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.join(path, newest[-1])
+    return path
+
+
+def checkpoint_identity(path):
+    """{"step", "weights_sha256"} of a checkpoint: the training step (None for a released
+    Hugging Face directory, which has no train_state.json) and one SHA-256 over config.json
+    and every weights file (model*.safetensors / pytorch_model*.bin, shards and index)."""
+    folder = checkpoint_dir(path)
+    names = sorted(n for n in os.listdir(folder) if n == "config.json" or (
+        n.startswith(("model", "pytorch_model")) and n.endswith((".safetensors", ".bin", ".json"))))
+    digest = hashlib.sha256()
+    step = None
+    try:
+        for name in names:
+            digest.update(f"{name} {file_sha256(os.path.join(folder, name))}\n".encode())
+        if os.path.exists(os.path.join(folder, "train_state.json")):
+            with open(os.path.join(folder, "train_state.json"), encoding="utf-8") as f:
+                step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read checkpoint {folder} ({e})") from None
+    return {"step": step, "weights_sha256": digest.hexdigest()}
+
+
+def _shown(value):
+    """A setting's value, short enough for one line."""
+    text = json.dumps(value)                       # escapes: one line
+    text = text[1:-1] if isinstance(value, str) else text
+    return text if len(text) <= 24 else text[:16] + "..."
+
+
+def check_made_by(path, made_by):
+    """Nothing when the samples file `path` is absent or empty, or was made as `made_by`
+    says; else a ValueError line naming each setting that differs (old -> new)."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    meta = made_by_path(path)
+    restart = f"pass another --out, or delete {path} and {meta} to start over"
+    if not os.path.exists(meta):
+        raise ValueError(f"{path} holds samples but no {meta} saying what made them; {restart}")
+    try:
+        with open(meta, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {meta} ({e}); {restart}") from None
+    new = json.loads(json.dumps(made_by))          # as it reads back: tuples are lists
+    old = old if isinstance(old, dict) else {}
+    names = list(new) + [k for k in old if k not in new]
+    differ = [f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}"
+              for k in names if old.get(k) != new.get(k)]
+    if differ:
+        raise ValueError(f"{path} was made otherwise: {'; '.join(differ)}; {restart}")
 
 
 # ----------------------------------------------------------------------------- progress

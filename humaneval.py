@@ -9,16 +9,21 @@ The prompt is given as it is; sampling stops at the first of STOP (Codex, Chen e
 §3.2), looked for in the completion only; n samples per problem at each temperature, top-p
 0.95; the program run is openai's (`program`), 3 s each; pass@k is the unbiased estimator,
 per temperature and best over temperatures. Files use openai human-eval's format, and
-generation resumes where an interrupted run stopped. The details: docs/evaluation.md.
+generation resumes where an interrupted run stopped, when it is the same generation (the
+same checkpoint and settings, recorded beside the samples). The details: docs/evaluation.md.
 """
 import argparse
+import json
 import os
 from collections import Counter, defaultdict
 
 import sandbox
-from common import ArgumentParser, Progress, generate_jsonl, read_humaneval, read_jsonl, results_path, run_main, write_jsonl
+from common import (ArgumentParser, Progress, check_made_by, check_writable, checkpoint_dir, checkpoint_identity,
+                    generate_jsonl, made_by_path, on_first_process, read_humaneval, read_jsonl, results_path,
+                    run_main, sha256_of, write_jsonl)
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
+TOP_K = 0                                                  # off: nucleus sampling only
 
 
 # ----------------------------------------------------------------------------- files
@@ -45,6 +50,8 @@ def load_samples(path, problems):
         missing = [key for key in ("task_id", "completion") if key not in s]
         if missing:
             raise ValueError(f"{path}:{number}: sample without {', '.join(missing)}")
+        if not isinstance(s["task_id"], str):
+            raise ValueError(f"{path}:{number}: task_id is not a string (got {json.dumps(s['task_id'])[:40]})")
         if s["task_id"] not in problems:
             raise ValueError(f"{path}:{number}: unknown task_id {s['task_id']!r}")
         if not isinstance(s["completion"], str):
@@ -128,14 +135,14 @@ def format_table(table, ks):
     return "\n".join(lines)
 
 
-def score_file(samples_path, problems, ks, timeout, workers):
-    """Score a samples file, write FILE_results.jsonl, print and return the pass@k table."""
+def score_file(samples_path, problems, ks, timeout, workers, out):
+    """Score a samples file, write the results to `out`, print and return the pass@k table."""
     samples = load_samples(samples_path, problems)
+    check_writable([out])
     print(f"scoring {len(samples)} samples of {len({s['task_id'] for s in samples})} problems "
           f"with {workers} workers, {timeout:g} s each (sandbox: {sandbox.isolation()})")
     progress = Progress("scored", "programs", len(samples))
     results = score(samples, problems, timeout, workers, lambda done, total: progress(done))
-    out = results_path(samples_path)
     write_jsonl(out, results)
     common = Counter(r["result"] for r in results if not r["passed"]).most_common(3)
     if common:   # a glance at why samples fail (and a broken sandbox would show here)
@@ -147,12 +154,13 @@ def score_file(samples_path, problems, ks, timeout, workers):
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0, share=None):
+def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0, share=None, made_by=None):
     """Append n completions per (problem, temperature) to `out_path` as jsonl lines
     {task_id, completion, temperature}, `batch_size` prompts per call of
     `complete(prompts, temperature, seed) -> completions`. Samples already in the file
     count: a rerun makes only the missing ones, each call with a seed never used before.
-    `share` (tpu.process_share): the processes of a multi-host job split the calls."""
+    `share` (tpu.process_share): the processes of a multi-host job split the calls.
+    `made_by` (describe): a file made otherwise is refused (common.check_made_by)."""
     def produce(keys, first):
         t = keys[0][1]
         completions = complete([problems[task_id]["prompt"] for task_id, _ in keys], t, seed + first)
@@ -160,7 +168,18 @@ def generate(problems, complete, out_path, n, temperatures, batch_size, seed=0, 
                 for (task_id, _), c in zip(keys, completions, strict=True)]
     wanted = [(task_id, t) for t in temperatures for task_id in problems for _ in range(n)]
     generate_jsonl(out_path, wanted, lambda s: (s["task_id"], s["temperature"]), produce, batch_size,
-                   group=lambda key: key[1], share=share)
+                   group=lambda key: key[1], share=share, made_by=made_by)
+
+
+def describe(init_from, problems, n, temperatures, top_p, max_new_tokens, seed, dtype):
+    """What makes a samples file: the checkpoint (step, weights digest) and every setting
+    of the generation, the problems' prompts included (common.check_made_by)."""
+    prompts = [[task_id, p["prompt"]] for task_id, p in problems.items()]
+    return {**checkpoint_identity(init_from), "dtype": dtype,
+            "problems": len(prompts), "prompts_sha256": sha256_of(prompts),
+            "prompt": "as given, single turn", "stop": list(STOP),
+            "n": n, "temperatures": temperatures, "top_p": top_p, "top_k": TOP_K,
+            "max_new_tokens": max_new_tokens, "seed": seed}
 
 
 def model_completer(init_from, problems, top_p, max_new_tokens, dtype, mesh=None):
@@ -186,7 +205,7 @@ def model_completer(init_from, problems, top_p, max_new_tokens, dtype, mesh=None
 
     def complete(prompts, temperature, seed):
         return sample.complete(params, config, prompts, min(max_new_tokens, room), stop=STOP,
-                               temperature=temperature, top_p=top_p, seed=seed, mesh=mesh)
+                               temperature=temperature, top_p=top_p, top_k=TOP_K, seed=seed, mesh=mesh)
     return complete
 
 
@@ -213,8 +232,10 @@ def _main(argv):
                                             "or one of ours), then score")
     parser.add_argument("--problems", help="problems file (jsonl or jsonl.gz); None: the human-eval "
                                            "package's HumanEval.jsonl.gz")
-    parser.add_argument("--out", help="generation: samples file to append to; None: "
-                                      "INIT_FROM/humaneval_samples.jsonl")
+    parser.add_argument("--out", metavar="FILE",
+                        help="generation: samples file to append to (results beside it, FILE_results.jsonl); "
+                             "None: INIT_FROM/humaneval_samples.jsonl. With --samples: the results file; "
+                             "None: beside the samples")
     parser.add_argument("--n", type=int, default=200, help="generation: samples per problem and temperature")
     parser.add_argument("--temperature", type=_numbers(float), default="0.2,0.6,0.8",
                         help="generation: temperatures, comma-separated")
@@ -242,18 +263,30 @@ def _main(argv):
         parser.error(f"--timeout must be > 0 (got {args.timeout:g})" if args.timeout <= 0 else
                      f"--top-p must be in (0, 1], got {args.top_p:g}")
     problems = load_problems(args.problems)
-    samples_path = args.samples
-    if args.init_from is not None:
-        samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
-        todo = dict(list(problems.items())[:args.limit])
-        import tpu      # imported here: scoring alone needs no JAX
-        tpu.init_distributed()
-        share = tpu.process_share()
-        complete = model_completer(args.init_from, todo, args.top_p, args.max_new_tokens, args.dtype, args.mesh)
-        generate(todo, complete, samples_path, args.n, args.temperature, args.batch_size, args.seed, share)
-        if share is not None and share.index > 0:  # process 0 scores what every process sampled
-            return None
-    return score_file(samples_path, problems, args.k, args.timeout, args.workers)
+    if args.init_from is None:
+        out = args.out or results_path(args.samples)
+        if os.path.abspath(out) == os.path.abspath(args.samples):
+            parser.error("--out names the results file and must not be the --samples file")
+        return score_file(args.samples, problems, args.k, args.timeout, args.workers, out)
+    samples_path = args.out or os.path.join(args.init_from, "humaneval_samples.jsonl")
+    todo = dict(list(problems.items())[:args.limit])
+    checkpoint_dir(args.init_from)      # a missing checkpoint is the first thing to say
+    import tpu      # imported here: scoring alone needs no JAX
+    tpu.init_distributed()
+    share = tpu.process_share()
+
+    def prepare():  # process 0, before the model is loaded: its outputs, and what made the file
+        check_writable([samples_path, made_by_path(samples_path), results_path(samples_path)])
+        made_by = describe(args.init_from, todo, args.n, args.temperature, args.top_p, args.max_new_tokens,
+                           args.seed, args.dtype)
+        check_made_by(samples_path, made_by)
+        return made_by
+    made_by = on_first_process(share, prepare)
+    complete = model_completer(args.init_from, todo, args.top_p, args.max_new_tokens, args.dtype, args.mesh)
+    generate(todo, complete, samples_path, args.n, args.temperature, args.batch_size, args.seed, share, made_by)
+    if share is not None and share.index > 0:  # process 0 scores what every process sampled
+        return None
+    return score_file(samples_path, problems, args.k, args.timeout, args.workers, results_path(samples_path))
 
 
 def main(argv=None):

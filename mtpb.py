@@ -30,7 +30,9 @@ import zlib
 from pathlib import Path
 
 import sandbox
-from common import ArgumentParser, Progress, generate_jsonl, read_jsonl, results_path, run_main, write_jsonl
+from common import (ArgumentParser, Progress, beside, check_made_by, check_writable, checkpoint_dir,
+                    checkpoint_identity, generate_jsonl, made_by_path, on_first_process, read_jsonl, results_path,
+                    run_main, sha256_of, write_jsonl)
 from mtpb_check import REFERENCE_GRACE, format_compare, format_report, missing_requirement, program_for, summarize
 
 # ----------------------------------------------------------------------------- the protocol
@@ -142,8 +144,9 @@ def generate_problem(problem, complete, n, single_turn=False, seed=16):
              "category": problem.category} for r, pieces in enumerate(rows)]
 
 
-def generate(problems, complete, out_path, n=1, single_turn=False, seed=16, share=None):
-    """Append to `out_path` the programs it lacks, a problem at a time (resumable; `share`: each process its own)."""
+def generate(problems, complete, out_path, n=1, single_turn=False, seed=16, share=None, made_by=None):
+    """Append to `out_path` the programs it lacks, a problem at a time (resumable; `share`: each process its own;
+    `made_by` (describe): a file made otherwise is refused, common.check_made_by)."""
     mode, by_id = "single" if single_turn else "multi", {p.id: p for p in problems}
 
     def key(row):
@@ -155,7 +158,18 @@ def generate(problems, complete, out_path, n=1, single_turn=False, seed=16, shar
     def produce(keys, first):
         return [r for r in generate_problem(by_id[keys[0][0]], complete, n, single_turn, seed) if key(r) in keys]
     wanted = [(p.id, c, s) for p in problems for c in range(len(p.cases)) for s in range(n)]
-    generate_jsonl(out_path, wanted, key, produce, len(wanted), group=lambda k: k[0], unit="programs", share=share)
+    generate_jsonl(out_path, wanted, key, produce, len(wanted), group=lambda k: k[0], unit="programs", share=share,
+                   made_by=made_by)
+
+
+def describe(init_from, problems, args):
+    """What makes a samples file: the checkpoint (step, weights digest), the problems (their filled
+    prompts, cases and budgets) and every sampling flag (common.check_made_by)."""
+    return {**checkpoint_identity(init_from), "dtype": args.dtype,
+            "problems": len(problems), "problems_sha256": sha256_of(problems),
+            "turns": "single" if args.single_turn else "multi", "prefix": PREFIX, "stop": list(STOPS),
+            "n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "seed": args.seed}
 
 
 # ----------------------------------------------------------------------------- chat
@@ -418,7 +432,8 @@ def _main(argv):
     arg("--init-from", metavar="DIR", help="Hugging Face CodeGen dir or ours (to generate, --perplexity, --chat)")
     arg("--problems", metavar="FILE", help="MTPB problems (codegen1/benchmark/mtpb.jsonl); with --samples: categories")
     arg("--ids", help="comma-separated problem ids, e.g. 1,2,5; None: all")
-    arg("--out", help="samples jsonl to write (resumable); None: INIT_FROM/mtpb_multi.jsonl (or _single)")
+    arg("--out", metavar="FILE", help="generation: samples jsonl to write (resumable; results beside it); None: "
+                                      "INIT_FROM/mtpb_multi.jsonl (or _single). With --samples: the results file")
     arg("--single-turn", action="store_true", help="all turn prompts at once, one generation of the summed budgets")
     arg("--n", type=int, default=1, help="programs per test case")
     arg("--temperature", type=float, default=0.2, help="mtpb_sample.py --t; 0 = greedy")
@@ -450,6 +465,8 @@ def _main(argv):
     ids = [i.strip() for i in args.ids.split(",") if i.strip()] if args.ids is not None else None
     if ids == []:
         ap.error(f"--ids {args.ids!r} names no problem; give ids like 1,2,5")
+    if args.samples and args.out and os.path.abspath(args.out) == os.path.abspath(args.samples):
+        ap.error("--out names the results file and must not be the --samples file")
     if not (args.samples or args.chat or (args.problems and args.init_from)):
         raise ValueError("give --init-from DIR and --problems FILE to generate, or --samples FILE to score "
                          "(or --compare A B, or --init-from DIR --chat)")
@@ -457,18 +474,39 @@ def _main(argv):
         raise ValueError(f"--{'chat' if args.chat else 'perplexity'} needs the model: add --init-from DIR")
     problems = load_problems(args.problems, ids) if args.problems else None
     records = read_samples(args.samples) if args.samples else None
-    if args.init_from and (args.chat or args.perplexity or not args.samples):
-        import data, jax, sample, tpu  # noqa: E401  (scoring alone needs no JAX)
-        tpu.init_distributed()
-        mesh, share = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None, tpu.process_share()
-        (config, params), tokenizer = sample.load(args.init_from, args.dtype, mesh), data.get_tokenizer()
-        complete = model_completer(params, config, tokenizer, args, mesh)
-    if args.chat:
-        return run_chat(complete, config, tokenizer, args)
     mode = "single" if args.single_turn else "multi"
     samples_path = args.samples or args.out or os.path.join(args.init_from, f"mtpb_{mode}.jsonl")
+    out_path = args.out if args.samples and args.out else results_path(samples_path)
+    png = beside(out_path if args.samples and args.out else samples_path, "_perplexity.png")
+    generating = records is None and not args.chat
+    outputs = [samples_path, made_by_path(samples_path)] if generating else []
+    if not args.chat:
+        outputs.append(out_path)
+    if args.perplexity:
+        outputs.append(png)
+
+    def prepare():  # process 0, before the model is loaded: every output, and what made the file
+        check_writable(outputs)
+        if not generating:
+            return None
+        made_by = describe(args.init_from, problems, args)
+        check_made_by(samples_path, made_by)
+        return made_by
+    if args.init_from and (args.chat or args.perplexity or not args.samples):
+        checkpoint_dir(args.init_from)                              # a missing checkpoint is said first
+        import data, jax, sample, tpu  # noqa: E401  (scoring alone needs no JAX)
+        tpu.init_distributed()
+        share = tpu.process_share()
+        made_by = on_first_process(share, prepare)
+        mesh = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None
+        (config, params), tokenizer = sample.load(args.init_from, args.dtype, mesh), data.get_tokenizer()
+        complete = model_completer(params, config, tokenizer, args, mesh)
+    else:
+        prepare()
+    if args.chat:
+        return run_chat(complete, config, tokenizer, args)
     if records is None:
-        generate(problems, complete, samples_path, args.n, args.single_turn, args.seed, share)
+        generate(problems, complete, samples_path, args.n, args.single_turn, args.seed, share, made_by)
         if share is not None and share.index > 0:
             return None                                             # process 0 scores what all sampled
         records = read_samples(samples_path)
@@ -477,7 +515,7 @@ def _main(argv):
         if unknown:
             raise ValueError(f"problem id(s) {', '.join(unknown)} not in {samples_path}")
         records = [r for r in records if r["id"] in ids]
-    semantics, out_path = "reference" if args.reference_semantics else "fixed", results_path(samples_path)
+    semantics = "reference" if args.reference_semantics else "fixed"
     results = score(records, args.reference_semantics, args.timeout, args.workers, args.memory_mb,
                     _earlier_verdicts(out_path, semantics))
     write_jsonl(out_path, results)
@@ -487,7 +525,6 @@ def _main(argv):
                                  f"programs) -> {out_path}"))
     if args.perplexity:
         ppl = perplexities(records, params, config, tokenizer, args.batch_size)
-        png = re.sub(r"(\.jsonl)?$", "_perplexity.png", str(samples_path), count=1)
         print(format_perplexity(ppl, summary, mode))
         print(f"plot: {png}" if plot_perplexity(ppl, summary, mode, png) else "(install matplotlib for a plot)")
 

