@@ -49,7 +49,7 @@ NEAR_DUP_JACCARD = 0.85
 # Paper section 2.1: BigQuery's six languages, picked by file extension.
 LANGUAGES = {"c": (".c", ".h"), "cpp": (".cpp", ".cc", ".cxx", ".hpp", ".hh", ".hxx"), "go": (".go",),
              "java": (".java",), "javascript": (".js", ".jsx", ".mjs"), "python": (".py",)}
-REASONS = ("language", "avg_line_length", "max_line_length", "hex_digits", "duplicate",
+REASONS = ("empty", "not_utf8", "language", "avg_line_length", "max_line_length", "hex_digits", "duplicate",
            "contaminated", "near_duplicate")
 PREPARED_FORMAT = "nanocodegen-tokens-v2"  # data.py --prepare output, read here as a source
 
@@ -88,14 +88,20 @@ def _name_of(record: dict, key: str) -> str:
     return next((record[f] for f in PATH_FIELDS if isinstance(record.get(f), str)), key)
 
 
+RECORD_FILES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
 class SourceFile:
     """One file of the corpus: the unit of shuffling, sharing out between hosts and resuming.
 
-    `docs(first, wanted, skip)` yields (doc_index, text, name) for its non-empty documents
-    with index >= first and wanted(index) true; `name` is what the language is read from
-    (a record's file path, PATH_FIELDS, else the file's key). Records (jsonl lines, parquet rows)
-    are streamed: a file is never in memory whole, and parquet skips row groups before
-    `first`. `skip(key, reason)` records unreadable input.
+    `docs(first, wanted, skip)` yields (doc_index, text, name) for its documents with
+    index >= first and wanted(index) true; `name` is what the language is read from (a
+    record's file path, PATH_FIELDS, else the file's key). Every record read is yielded:
+    an empty one (or a parquet null) as "", one that is not UTF-8 text as None, after
+    `skip(key, reason)` has named it; `skip` also names a file that cannot be opened.
+    Records (jsonl lines, parquet rows) are streamed: a file is never in memory whole,
+    and parquet skips row groups before `first`. A compressed file that is damaged or
+    cut short is a ValueError naming the line: its records are not all there.
     """
 
     def __init__(self, key: str, path: Path, field: str | None = None):
@@ -105,40 +111,49 @@ class SourceFile:
         name = self.path.name
         if name.endswith(".parquet"):
             yield from self._parquet(first, wanted)
-        elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        elif name.endswith(RECORD_FILES):
             yield from self._jsonl(first, wanted, skip)
         elif first == 0 and wanted(0):
             try:
-                text = self.path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as e:
-                skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
-                return
+                raw = self.path.read_bytes()
             except OSError as e:
                 skip(self.key, f"cannot be read ({e.strerror or e})")
                 return
-            if text:
-                yield 0, text, self.key
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
+                text = None
+            yield 0, text, self.key
 
     def _jsonl(self, first: int, wanted, skip):
         zstd = _library("zstandard", self.path) if self.path.name.endswith(".zst") else None
         try:
-            with open(self.path, "rb") as raw:
-                if zstd:
-                    lines = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw))
-                else:
-                    lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
+            raw = open(self.path, "rb")
+        except OSError as e:
+            skip(self.key, f"cannot be read ({e.strerror or e})")
+            return
+        with raw:
+            if zstd:
+                lines = io.BufferedReader(_ZstdFrames(raw, zstd), 1 << 20)
+            else:
+                lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
+            i = -1
+            try:
                 for i, line in enumerate(lines):
                     if i >= first and wanted(i) and line.strip():  # a blank line carries nothing
-                        yield from self._record(i, line, skip)
-        except (OSError, EOFError, *([zstd.ZstdError] if zstd else [])) as e:  # unreadable, corrupt, truncated
-            skip(self.key, f"cannot be read ({e})")
+                        yield self._record(i, line, skip)
+            except (OSError, EOFError, zlib.error, *([zstd.ZstdError] if zstd else [])) as e:
+                raise ValueError(f"{self.path}:{i + 2}: the file is damaged or cut short here ({e}); "
+                                 "fetch or write it again, or leave it out of --data") from None
 
     def _record(self, i: int, line: bytes, skip):
         where = f"{self.path}:{i + 1}"
         try:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: line is not JSON ({e})") from None
+            cut = "" if line.endswith(b"\n") else "; the file ends inside it: it is cut short"
+            raise ValueError(f"{where}: line is not JSON ({e}){cut}") from None
         if not isinstance(record, dict):
             record = {}
         text = record.get(self.field or ("content" if "content" in record else "text"))
@@ -149,9 +164,8 @@ class SourceFile:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: not text we can tokenize
             skip(f"{self.key}:{i}", "not valid unicode")
-            return
-        if text:
-            yield i, text, _name_of(record, self.key)
+            text = None
+        return i, text, _name_of(record, self.key)
 
     def _parquet(self, first: int, wanted):
         pq = _library("pyarrow.parquet", self.path)
@@ -173,13 +187,45 @@ class SourceFile:
                 continue
             for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
                 for record in batch.to_pylist():
-                    text = record[column]
-                    if row >= first and wanted(row) and text:
+                    text = record[column] or ""  # a null is an empty document
+                    if row >= first and wanted(row):
                         if not isinstance(text, str):
                             raise ValueError(f"{self.path}: column {column} holds {type(text).__name__}, "
                                              "not text; choose another with --field")
                         yield row, text, _name_of(record, self.key)
                     row += 1
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. zstandard's stream reader
+    ends quietly where a cut file ends; here a file that stops inside a frame raises
+    EOFError, as gzip does."""
+
+    def __init__(self, raw, zstd):
+        self.raw, self.zstd = raw, zstd
+        self.frame = None
+        self.out, self.at = b"", 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while self.at == len(self.out):
+            compressed = self.raw.read(1 << 16)
+            if not compressed:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("the last zstd frame has no end")
+                return 0
+            self.out, self.at = b"", 0
+            while compressed:  # a frame may end inside this chunk, and the next begin
+                if self.frame is None or self.frame.eof:
+                    self.frame = self.zstd.ZstdDecompressor().decompressobj()
+                self.out += self.frame.decompress(compressed)
+                compressed = self.frame.unused_data if self.frame.eof else b""
+        n = min(len(buffer), len(self.out) - self.at)
+        buffer[:n] = self.out[self.at:self.at + n]
+        self.at += n
+        return n
 
 
 def _library(module: str, path: Path):
@@ -222,6 +268,8 @@ class _PreparedFile:
         self.key, self._shard, self._rows = key, shard, rows
 
     def docs(self, first: int, wanted, skip):
+        if not len(self._rows):  # a file none of whose documents was kept
+            return
         tokens = self._shard.tokens()
         for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
             if wanted(doc_index):
@@ -234,11 +282,14 @@ class _Shard:
 
     def tokens(self) -> np.ndarray:
         if self._tokens is None:  # opened on first use: a host may never touch most shards
-            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+            try:
+                self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path}: cannot be read as tokens ({e}); run --prepare again") from None
         return self._tokens
 
 
-def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
+def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict]:
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != PREPARED_FORMAT:
         raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index; run --prepare again")
@@ -250,22 +301,21 @@ def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dic
     for f in index["files"]:
         tokens, rows = shards[f["shard"]]
         files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
-    return files, dict(index["skipped"]), index["counts"]
+    return files, {**index["counts"], "skipped": dict(index["skipped"])}
 
 
-def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, str], list[dict]]:
-    """Source spec(s) -> all files of the corpus sorted by key, skips known in advance, and
-    the cleaning counts of --prepare outputs among them."""
+def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, list[dict]]:
+    """Source spec(s) -> all files of the corpus sorted by key, and the cleaning counts
+    of the --prepare outputs among them."""
     specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
-    files, skipped, prepared = [], {}, []
+    files, prepared = [], []
     for spec in filter(None, specs):
         path = Path(spec)
         if spec != "stdlib" and not path.exists():
             raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, a .jsonl, "
                              ".jsonl.gz, .jsonl.zst or .parquet file, or a --prepare output directory)")
         if (path / "index.json").is_file():
-            found, known, counts = _load_prepared(path)
-            skipped.update(known)
+            found, counts = _load_prepared(path)
             prepared.append(counts)
         else:
             found = source_files(spec, exts, field)
@@ -274,21 +324,25 @@ def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, 
         files += found
     if not files:
         raise ValueError("no data sources given")
+    if field and not any(f.path.name.endswith(RECORD_FILES) for f in files if isinstance(f, SourceFile)):
+        raise ValueError(f"--field {field} names a field of .jsonl or .parquet records, and {sources} "
+                         "has none; leave --field out")
     files.sort(key=lambda f: f.key)
     for a, b in zip(files, files[1:]):
         if a.key == b.key:
             raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
-    return files, skipped, prepared
+    return files, prepared
 
 
-def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], skip) -> tuple[dict, dict]:
+def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], report) -> tuple[dict, dict]:
     """`scan` of the raw files, with the counts of the --prepare outputs among them added."""
-    dropped, counts = scan([f for f in every if isinstance(f, SourceFile)], cleaning, skip)
+    dropped, counts = scan([f for f in every if isinstance(f, SourceFile)], cleaning, report)
     for more in prepared:
         counts["documents_in"] += more["documents_in"]
         counts["kept"] += more["kept"]
         for reason, n in more["dropped"].items():
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+        counts["skipped"].update(more["skipped"])
     return dropped, counts
 
 
@@ -443,22 +497,22 @@ class Cleaning:
 SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
 
 
-def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict[str, set[int]], dict]:
+def scan(source_files: list[SourceFile], cleaning: Cleaning, report) -> tuple[dict[str, set[int]], dict]:
     """Decide every document of `source_files` (all of them, in the given stable order, so
     that every host and every run decides the same): -> ({file key: dropped doc indices},
-    {"documents_in", "kept", "dropped": {reason: n}}). Cached while the files are unchanged."""
+    {"documents_in", "kept", "dropped": {reason: n}, "skipped": {key: why}}). Every record
+    read is in documents_in; `skipped` names the files and records that are not UTF-8
+    text or cannot be read, and `report(key, why)` is called for each when it is found.
+    Cached while the files are unchanged, so a process reports each skip once."""
     key = (cleaning, tuple((f.key, str(f.path), f.path.stat().st_mtime_ns if f.path.exists() else -1)
                            for f in source_files))  # a dangling link is skipped by the scan
     if key not in SCANS:
-        skipped = {}
-        SCANS[key] = (*_scan(source_files, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
-    dropped, counts, skipped = SCANS[key]
-    for k, why in skipped.items():
-        skip(k, why)
+        SCANS[key] = _scan(source_files, cleaning, report)
+    dropped, counts = SCANS[key]
     return dropped, json.loads(json.dumps(counts))
 
 
-def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
+def _scan(source_files: list[SourceFile], cleaning: Cleaning, report):
     unknown = set(cleaning.languages) - set(LANGUAGES)
     if unknown:
         raise ValueError(f"unknown language {', '.join(sorted(unknown))}; choose from {', '.join(LANGUAGES)}")
@@ -466,11 +520,20 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     near = NearDuplicates() if cleaning.near_dedup else None
     contamination = _contamination(cleaning.mtpb) if cleaning.decontaminate else None
     dropped: dict[str, set[int]] = {}
-    counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0)}
+    counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0), "skipped": {}}
+
+    def skip(key: str, why: str):
+        if key not in counts["skipped"]:
+            counts["skipped"][key] = why
+            report(key, why)
     for f in source_files:
         for d, text, name in f.docs(0, lambda d: True, skip):
             reason = None
-            if cleaning.languages and language_of(name) not in cleaning.languages:
+            if text is None:
+                reason = "not_utf8"
+            elif not text:
+                reason = "empty"
+            elif cleaning.languages and language_of(name) not in cleaning.languages:
                 reason = "language"
             elif cleaning.filters:
                 reason = paper_filter(text)

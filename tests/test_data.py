@@ -330,7 +330,7 @@ def planted(tmp_path_factory):
 
 
 def prepared_texts(out: Path) -> list[str]:
-    every, _, _ = expand(str(out), (".py",))
+    every, _ = expand(str(out), (".py",))
     return [decode(tokens[:-1].tolist()) for f in every for _, tokens, _ in f.docs(0, lambda d: True, None)]
 
 
@@ -449,6 +449,5 @@ def test_cleaning_cli(planted, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "none.jsonl").exists()
     (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd at all")
-    with pytest.raises(ValueError, match="has no documents .*1 skipped"):
+    with pytest.raises(ValueError, match=r"bad.jsonl.zst:1: the file is damaged or cut short here \(zstd"):
         data.TokenStream(str(tmp_path / "bad.jsonl.zst"), B, T)
-    assert "bad.jsonl.zst: cannot be read (zstd decompress error" in capsys.readouterr().err
