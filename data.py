@@ -362,9 +362,9 @@ def _started(out: Path, files: list, settings: dict, log) -> dict | None:
     if index.get("format") != corpus.PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
         raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
     if index.get("settings") != settings:
-        before = index.get("settings") or {}
+        before = _flat_settings(index.get("settings") or {})
         differ = [f"{k}={before.get(k)} not {v}" for k, v in _flat_settings(settings).items()
-                  if _flat_settings(before).get(k) != v]
+                  if before.get(k) != v]
         raise ValueError(f"{out} was started with other settings ({', '.join(differ) or 'unknown'}): rerun "
                          "with the flags it was started with, or choose another --out")
     if index["complete"]:

@@ -9,6 +9,7 @@ Run: python -m pytest -q tests/test_data.py
 """
 import gzip
 import importlib.resources
+import io
 import json
 import os
 import re
@@ -451,3 +452,140 @@ def test_cleaning_cli(planted, tmp_path, capsys):
     (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd at all")
     with pytest.raises(ValueError, match=r"bad.jsonl.zst:1: the file is damaged or cut short here \(zstd"):
         data.TokenStream(str(tmp_path / "bad.jsonl.zst"), B, T)
+
+
+# ----------------------------------------------------------------------------- the edges of input
+
+def records(n: int) -> bytes:
+    return "".join(json.dumps({"content": f"value_{i} = {i}\n"}) + "\n" for i in range(n)).encode()
+
+
+def prepare_fails(argv, capsys, out: Path, message: str):
+    """`data.py --prepare ...` on bad input: one line naming the problem, exit 2, no `out`."""
+    code, _, err = run_cli(data.main, ["--prepare", *argv, "--out", out], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not out.exists(), "nothing half written"
+
+
+def test_a_cut_compressed_file_is_an_error_naming_its_line(tmp_path, capsys):
+    zstandard = pytest.importorskip("zstandard")
+    whole = records(300)
+    sink = io.BytesIO()
+    writer = zstandard.ZstdCompressor().stream_writer(sink, closefd=False)
+    writer.write(whole[:whole.index(b'{"content": "value_120')])
+    writer.flush(zstandard.FLUSH_BLOCK)  # a writer killed here leaves 120 whole, readable records
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(sink.getvalue())
+    prepare_fails([cut], capsys, tmp_path / "a", rf"{re.escape(str(cut))}:121: the file is damaged or cut short")
+    frame = zstandard.ZstdCompressor().compress(whole)
+    cut.write_bytes(frame[:len(frame) // 2])  # ends inside a record
+    prepare_fails([cut], capsys, tmp_path / "b", r"cut.jsonl.zst:\d+: the file is damaged or cut short")
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(whole)[:600])
+    prepare_fails([gz], capsys, tmp_path / "c", r"cut.jsonl.gz:\d+: the file is damaged or cut short")
+    whole_zst = tmp_path / "two_frames.jsonl.zst"
+    whole_zst.write_bytes(frame + zstandard.ZstdCompressor().compress(records(5)))
+    assert data.prepare(str(whole_zst), tmp_path / "d", log=print)["counts"]["documents_in"] == 305
+    plain = tmp_path / "cut.jsonl"
+    plain.write_bytes(whole[:-7])
+    prepare_fails([plain], capsys, tmp_path / "e", r"cut.jsonl:300: line is not JSON .*the file ends inside it")
+
+
+def test_every_record_read_is_counted(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.table({"content": ["a = 1\n", None, "", "b = 2\n"]}), tmp_path / "t.parquet")
+    (tmp_path / "r.jsonl").write_text('{"content": ""}\n\n{"content": "c = 3\\n"}\n{"content": "\\ud800"}\n')
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "empty.py").write_text("")
+    (code / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    (code / "d.py").write_text("d = 4\n")
+    (code / "gone.py").symlink_to(code / "missing-target.py")
+    data.prepare(",".join(str(tmp_path / n) for n in ("t.parquet", "r.jsonl", "code")), tmp_path / "out", log=print)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["documents_in"] == 4 + 3 + 3 and stats["kept"] == 4
+    assert stats["kept"] + sum(stats["dropped"].values()) == stats["documents_in"]
+    assert {r: n for r, n in stats["dropped"].items() if n} == {"empty": 4, "not_utf8": 2}
+    assert stats["skipped"] == {"code/gone.py": "cannot be read (No such file or directory)",
+                                "code/latin1.py": "not UTF-8 (invalid continuation byte at byte 3)",
+                                "r.jsonl:3": "not valid unicode"}
+
+
+def test_each_skip_is_reported_once_per_process(tmp_path, capsys):
+    d = tmp_path / "code"
+    d.mkdir()
+    for i in range(30):
+        (d / f"m{i}.py").write_text(f"x{i} = {i}\n")
+    (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    SCANS.clear()
+    train = data.TokenStream(str(d), 1, 7, val_fraction=0.2)  # train.py builds these two
+    data.eval_batches(str(d), 1, 7, 2, val_fraction=0.2)
+    take(train, 20)
+    assert capsys.readouterr().err.count("latin1.py: not UTF-8") == 1
+    assert train.skipped == 1
+
+
+def test_an_empty_corpus_is_refused_and_a_file_with_no_kept_documents_reads_back(tmp_path, capsys):
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.py").write_text("")
+    (tmp_path / "blank" / "b.py").write_text("x = 1\n" * 30 + "y" * 2000 + "\n")  # a line > 1,000
+    prepare_fails([tmp_path / "blank"], capsys, tmp_path / "out", "no document of .*blank is kept "
+                  r"\(2 documents in, 0 kept; dropped: empty 1, max_line_length 1\); nothing written")
+    (tmp_path / "blank" / "0.py").write_text("z = 1\n")
+    data.prepare(str(tmp_path / "blank"), tmp_path / "out", shard_tokens=1, log=print)  # a shard per file
+    assert [s["tokens_count"] for s in json.loads((tmp_path / "out" / "index.json").read_text())["shards"]] == [5, 0]
+    stream = data.TokenStream(str(tmp_path / "out"), 1, 4, val_fraction=0.0)
+    assert decode(next(stream)[0].tolist()) == "z = 1\n<|endoftext|>"
+
+
+def test_field_without_record_files_is_refused(tmp_path, capsys):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "a.py").write_text("a = 1\n")
+    prepare_fails([tmp_path / "code", "--field", "nosuch"], capsys, tmp_path / "out",
+                  "--field nosuch names a field of .jsonl or .parquet records, and .*code has none")
+
+
+def interrupted_prepare(monkeypatch, src, out, after: int, **kwargs):
+    """data.prepare stopped by Ctrl-C after `after` documents are written."""
+    written = []
+    add = data._ShardWriter.add
+
+    def add_then_stop(self, doc_index, tokens):
+        if len(written) == after:
+            raise KeyboardInterrupt
+        written.append(doc_index)
+        add(self, doc_index, tokens)
+    with monkeypatch.context() as patch:
+        patch.setattr(data._ShardWriter, "add", add_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare(src, out, log=print, **kwargs)
+
+
+def test_an_interrupted_prepare_resumes_with_any_shard_size(corpus, tmp_path, monkeypatch):
+    sources, _ = corpus
+    data.prepare(sources, tmp_path / "whole", log=print)
+    for shard_tokens, after in ((1 << 27, 5), (300, 13)):
+        out = tmp_path / f"shards_{shard_tokens}"
+        interrupted_prepare(monkeypatch, sources, out, after, shard_tokens=shard_tokens)
+        assert not list(out.glob("*.tmp")), "an interrupted shard is not left behind"
+        assert not json.loads((out / "index.json").read_text())["complete"]
+        data.prepare(sources, out, shard_tokens=shard_tokens, log=print)
+        joined = b"".join(p.read_bytes() for p in sorted(out.glob("tokens_*.bin")))
+        assert joined == (tmp_path / "whole" / "tokens_00000.bin").read_bytes()
+        assert (out / "stats.json").read_text() == (tmp_path / "whole" / "stats.json").read_text()
+
+
+def test_a_resume_with_other_cleaning_flags_is_refused(planted, tmp_path, monkeypatch):
+    _, sources = planted
+    out = tmp_path / "out"
+    interrupted_prepare(monkeypatch, sources["dir"], out, 3, shard_tokens=1)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} was started with other settings "
+                                         r"\(near_dedup=False not True\): rerun with the flags"):
+        data.prepare(sources["dir"], out, cleaning=Cleaning(near_dedup=True), log=print)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    data.prepare(sources["dir"], out, log=print)
+    with pytest.raises(ValueError, match=r"was started with other settings \(filters=True not False"):
+        data.prepare(sources["dir"], out, cleaning=Cleaning(filters=False), log=print)
