@@ -386,10 +386,12 @@ class Contamination:
     Every ANCHOR_CHARS-long piece of the squashed benchmarks is indexed; a document is
     probed only every CONTAMINATION_CHARS - ANCHOR_CHARS + 1 characters, which is
     enough: a shared run that long covers one whole probe. A hit is extended both ways
-    to measure the run."""
+    to measure the run. A benchmark text shorter than the run squashed (a one-line
+    HumanEval solution with a short docstring) contaminates a document that holds it whole."""
 
     def __init__(self, texts: list[str]):
         self.texts = [squash(t) for t in texts]
+        self.short = [t for t in self.texts if ANCHOR_CHARS <= len(t) < CONTAMINATION_CHARS]
         self.pieces: dict[bytes, list[tuple[int, int]]] = {}
         for i, t in enumerate(self.texts):
             for j in range(len(t) - ANCHOR_CHARS + 1):
@@ -401,6 +403,8 @@ class Contamination:
         stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
         probes = [a[p:p + ANCHOR_CHARS] for p in range(0, len(a) - ANCHOR_CHARS + 1, stride)]
         hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
+        if any(t in a for t in self.short):
+            return True
         return any(piece in hits and any(self._run(a, k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
                                          for i, j in self.pieces[piece])
                    for k, piece in enumerate(probes))
