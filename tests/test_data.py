@@ -7,6 +7,7 @@ each epoch a permutation of the split's documents.
 
 Run: python -m pytest -q tests/test_data.py
 """
+import contextlib
 import gzip
 import importlib.resources
 import io
@@ -549,20 +550,25 @@ def test_field_without_record_files_is_refused(tmp_path, capsys):
                   "--field nosuch names a field of .jsonl or .parquet records, and .*code has none")
 
 
-def interrupted_prepare(monkeypatch, src, out, after: int, **kwargs):
-    """data.prepare stopped by Ctrl-C after `after` documents are written."""
+@contextlib.contextmanager
+def ctrl_c_after(monkeypatch, documents: int):
+    """Within it, a --prepare is stopped by Ctrl-C after writing `documents` documents."""
     written = []
     add = data._ShardWriter.add
 
     def add_then_stop(self, doc_index, tokens):
-        if len(written) == after:
+        if len(written) == documents:
             raise KeyboardInterrupt
         written.append(doc_index)
         add(self, doc_index, tokens)
     with monkeypatch.context() as patch:
         patch.setattr(data._ShardWriter, "add", add_then_stop)
-        with pytest.raises(KeyboardInterrupt):
-            data.prepare(src, out, log=print, **kwargs)
+        yield
+
+
+def interrupted_prepare(monkeypatch, src, out, after: int, **kwargs):
+    with ctrl_c_after(monkeypatch, after), pytest.raises(KeyboardInterrupt):
+        data.prepare(src, out, log=print, **kwargs)
 
 
 def test_an_interrupted_prepare_resumes_with_any_shard_size(corpus, tmp_path, monkeypatch):
