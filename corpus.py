@@ -124,6 +124,7 @@ class SourceFile:
             except UnicodeDecodeError as e:
                 skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
                 text = None
+            del raw  # a huge file is held once, as text
             yield 0, text, self.key
 
     def _jsonl(self, first: int, wanted, skip):

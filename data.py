@@ -25,6 +25,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,10 +99,31 @@ def _bulk_encoder():
     return tiktoken.Encoding("codegen-documents", pat_str=_PIECES, mergeable_ranks=ranks, special_tokens={})
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
-    """Documents -> int32 token arrays ending in EOS (ENCODER_THREADS of tiktoken's threads)."""
+def _encode(texts: list[str], ends: list[bool] | None = None) -> list[np.ndarray]:
+    """Documents -> int32 token arrays ending in EOS (ENCODER_THREADS of tiktoken's threads);
+    where ends[i] is False, texts[i] is a piece of a document that goes on: no EOS."""
     batch = _bulk_encoder().encode_ordinary_batch(texts, num_threads=ENCODER_THREADS)
-    return [np.array(ids + [EOS], np.int32) for ids in batch]
+    ends = [True] * len(texts) if ends is None else ends
+    return [np.array(ids + [EOS] if end else ids, np.int32) for ids, end in zip(batch, ends)]
+
+
+# Where the pre-tokenizer cuts a text whatever comes after: after a newline between two
+# visible ASCII characters, and before a space between one and a letter or digit. Pieces
+# cut there have, joined, exactly the tokens of the whole.
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[!-~])(?= [A-Za-z0-9])")
+
+
+def _pieces(text: str):
+    """(piece, last) of a text, pieces of about GROUP_CHARS cut at _SAFE_CUTs, so that a
+    huge document is encoded, and its tokens handed on, a bounded piece at a time."""
+    start = 0
+    while len(text) - start > GROUP_CHARS:
+        cut = _SAFE_CUT.search(text, start + GROUP_CHARS)
+        if cut is None:  # no safe cut in the rest of it: one piece
+            break
+        yield text[start:cut.start()], False
+        start = cut.start()
+    yield text[start:], True
 
 
 # ----------------------------------------------------------------------------- sources
@@ -119,21 +141,25 @@ def _batched_encode(items):
     """(tag, text | tokens | None) -> (tag, tokens | None) in the same order.
 
     Texts are gathered until GROUP_CHARS and tokenized together by the parallel encoder;
-    pre-tokenized payloads ride along in their place. None marks a point where the group
-    is encoded at once (an epoch's end: a tiny corpus must not gather many epochs)."""
+    pre-tokenized payloads ride along in their place. A text longer than GROUP_CHARS
+    comes out as several token arrays in a row, of its `_pieces`, only the last ending in
+    EOS. None marks a point where the group is encoded at once (an epoch's end: a tiny
+    corpus must not gather many epochs)."""
     group, chars = [], 0
     for tag, payload in items:
-        group.append((tag, payload))
-        chars += len(payload) if isinstance(payload, str) else 0
-        if chars >= GROUP_CHARS or payload is None:
-            yield from _flush(group)
-            group, chars = [], 0
+        for piece, last in _pieces(payload) if isinstance(payload, str) else [(payload, True)]:
+            group.append((tag, piece, last))
+            chars += len(piece) if isinstance(piece, str) else 0
+            if chars >= GROUP_CHARS or piece is None:
+                yield from _flush(group)
+                group, chars = [], 0
     yield from _flush(group)
 
 
 def _flush(group):
-    encoded = iter(_encode([p for _, p in group if isinstance(p, str)]))
-    for tag, payload in group:
+    texts = [(p, last) for _, p, last in group if isinstance(p, str)]
+    encoded = iter(_encode([p for p, _ in texts], [last for _, last in texts]))
+    for tag, payload, _ in group:
         yield tag, next(encoded) if isinstance(payload, str) else payload
 
 
@@ -187,12 +213,14 @@ class TokenStream:
                 raise ValueError("data state was saved for another corpus, seed, split, val_fraction "
                                  "or process share; resume with the original --data and flags")
             epoch, file, doc, offset = (int(state[k]) for k in ("epoch", "file", "doc", "offset"))
-        # Tokenized documents not yet fully handed out: [(epoch, file, doc), tokens].
-        # `_offset` tokens of the first one are already out (or, when it is empty, are to be
-        # dropped from the document at `_cursor`, the next one to arrive, right after a resume).
+        # Tokens not yet fully handed out: [(epoch, file, doc), start, tokens], a document's
+        # tokens from `start` on (a huge document comes in several pieces). `_offset` tokens
+        # of the first are already out (or, when it is empty, are to be dropped from the
+        # document at `_cursor`, the next to arrive, from `_cursor_start` on; right after a
+        # resume, the offset may reach past the document's first pieces).
         self._pending = collections.deque()
         self._offset, self._available = offset, -offset
-        self._cursor = (epoch, file, doc)
+        self._cursor, self._cursor_start = (epoch, file, doc), 0
         self._tokens = _batched_encode(self._documents(epoch, file, doc))
         self._fill(1)  # fail now, not in the training loop, on an empty split or a bad first file
 
@@ -236,11 +264,15 @@ class TokenStream:
             position, tokens = next(self._tokens)
             if tokens is None:
                 continue
-            if not self._pending and self._offset and position != self._cursor:
-                raise ValueError("data state points at a document this corpus does not have")
-            self._pending.append((position, tokens))
+            if position != self._cursor:  # a new document
+                if not self._pending and self._offset:
+                    raise ValueError("data state points at a document this corpus does not have")
+                self._cursor, self._cursor_start = position, 0
+            self._pending.append((position, self._cursor_start, tokens))
             self._available += len(tokens)
-            self._cursor = (position[0], position[1], position[2] + 1)
+            self._cursor_start += len(tokens)
+            if tokens[-1] == EOS:  # the document's last piece: the next arrival is another
+                self._cursor, self._cursor_start = (position[0], position[1], position[2] + 1), 0
 
     def __next__(self) -> np.ndarray:
         need = self.batch_size * (self.seq_len + 1)
@@ -248,21 +280,22 @@ class TokenStream:
         out = np.empty(need, np.int32)
         filled = 0
         while filled < need:
-            tokens = self._pending[0][1]
+            tokens = self._pending[0][2]
             piece = tokens[self._offset:self._offset + need - filled]
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             self._offset += len(piece)
-            if self._offset == len(tokens):
+            if self._offset >= len(tokens):  # beyond it: a resumed offset reaching further
                 self._pending.popleft()
-                self._offset = 0
+                self._offset -= len(tokens)
         self._available -= need
         return out.reshape(self.batch_size, self.seq_len + 1)  # (B, T+1)
 
     def state(self) -> dict:
         """Position of the next token to hand out: JSON-able, for checkpoints."""
-        epoch, file, doc = self._pending[0][0] if self._pending else self._cursor
-        return {"epoch": epoch, "file": file, "doc": doc, "offset": self._offset,
+        position, start = self._pending[0][:2] if self._pending else (self._cursor, self._cursor_start)
+        epoch, file, doc = position
+        return {"epoch": epoch, "file": file, "doc": doc, "offset": start + self._offset,
                 "fingerprint": self._fingerprint}
 
     @property
@@ -427,11 +460,17 @@ class _ShardWriter:
         self.tmp = self.out / f"tokens_{self.name}.bin.tmp"
         self.fh = open(self.tmp, "wb")  # overwrites one that a kill left
         self.rows, self.files, self.tokens, self.file_start = [], [], 0, 0
+        self.open_row = False
 
     def add(self, doc_index: int, tokens: np.ndarray):
+        """Append a document's tokens, or a piece of them (the last piece ends in EOS)."""
         if self.fh is None:
             self._open()
-        self.rows.append((doc_index, self.tokens, len(tokens)))
+        if self.rows and self.rows[-1][0] == doc_index and self.open_row:
+            self.rows[-1][2] += len(tokens)
+        else:
+            self.rows.append([doc_index, self.tokens, len(tokens)])
+        self.open_row = tokens[-1] != EOS
         tokens.astype(np.uint16).tofile(self.fh)
         self.tokens += len(tokens)
 
