@@ -46,6 +46,7 @@ ANCHOR_CHARS = 50          # benchmark pieces of 50 are indexed; a document is p
 NUM_PERM, BANDS = 128, 16  # MinHash signature of 128 values, LSH with 16 bands of 8 rows
 SHINGLE_WORDS = 5          # BigCode's near-dedup of The Stack: word 5-grams, Jaccard 0.85
 NEAR_DUP_JACCARD = 0.85
+BLOCK_CHARS = 1 << 20      # characters of a document the rules look at together
 # Paper section 2.1: BigQuery's six languages, picked by file extension.
 LANGUAGES = {"c": (".c", ".h"), "cpp": (".cpp", ".cc", ".cxx", ".hpp", ".hh", ".hxx"), "go": (".go",),
              "java": (".java",), "javascript": (".js", ".jsx", ".mjs"), "python": (".py",)}
@@ -69,7 +70,14 @@ def words(text: str) -> list[bytes]:
 
 def squash(text: str) -> bytes:
     """The word characters of `text` only, lowercased: 'def f(x):  # Sum' -> b'deffxsum'."""
-    return text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES, _NON_WORD)
+    return b"".join(raw.translate(_WORD_BYTES, _NON_WORD) for raw in utf8_blocks(text))
+
+
+def utf8_blocks(text: str):
+    """The UTF-8 of `text` (lone surrogates kept), BLOCK_CHARS characters at a time: what
+    the rules read, so that a huge document costs little memory beyond its text."""
+    for start in range(0, len(text), BLOCK_CHARS):
+        yield text[start:start + BLOCK_CHARS].encode("utf-8", "surrogatepass")
 
 
 def language_of(name: str) -> str | None:
@@ -350,19 +358,24 @@ def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], report) -> t
 # ----------------------------------------------------------------------------- the rules
 
 def paper_filter(text: str) -> str | None:
-    """The reason section 2.1's filters drop `text`, or None. Lines are split at '\\n';
-    the digit share is of the non-whitespace bytes of its UTF-8."""
-    raw = text.encode("utf-8", "surrogatepass")
-    newlines = raw.count(b"\n")
+    """The reason section 2.1's filters drop `text`, or None. Lines are split at '\\n' and
+    measured in characters; the digit share is of the non-whitespace bytes of its UTF-8."""
+    newlines = text.count("\n")
     if (len(text) - newlines) / (newlines + 1) > MAX_AVG_LINE:
         return "avg_line_length"
-    if len(raw) > MAX_LINE:  # line lengths in bytes first (numpy), in characters only when one is long
-        ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == ord("\n"))
-        if np.diff(ends, prepend=-1, append=len(raw)).max() - 1 > MAX_LINE \
-                and max(map(len, text.split("\n"))) > MAX_LINE:
-            return "max_line_length"
-    visible = len(raw.translate(None, _WHITESPACE))
-    hex_digits = len(raw) - len(raw.translate(None, _HEX_DIGITS))
+    longest, line_start, chars, visible, hex_digits = 0, 0, 0, 0, 0
+    for raw in utf8_blocks(text):
+        utf8 = np.frombuffer(raw, np.uint8)
+        one_per_char = utf8[(utf8 & 0xC0) != 0x80]  # a character's first byte; '\n' is one
+        ends = chars + np.flatnonzero(one_per_char == ord("\n"))  # in characters
+        if len(ends):
+            longest = max(longest, ends[0] - line_start, np.diff(ends).max(initial=1) - 1)
+            line_start = ends[-1] + 1
+        chars += len(one_per_char)
+        visible += len(raw.translate(None, _WHITESPACE))
+        hex_digits += len(raw) - len(raw.translate(None, _HEX_DIGITS))
+    if max(longest, len(text) - line_start) > MAX_LINE:
+        return "max_line_length"
     return "hex_digits" if visible and hex_digits > MAX_HEX_FRACTION * visible else None
 
 
@@ -401,14 +414,19 @@ class Contamination:
 
     def contains(self, text: str) -> bool:
         a = squash(text)
-        stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
-        probes = [a[p:p + ANCHOR_CHARS] for p in range(0, len(a) - ANCHOR_CHARS + 1, stride)]
-        hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
         if any(t in a for t in self.short):
             return True
-        return any(piece in hits and any(self._run(a, k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
+        stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
+        span = stride * (BLOCK_CHARS // stride)  # the probes of about BLOCK_CHARS characters at a time
+        for block in range(0, len(a) - ANCHOR_CHARS + 1, span):
+            ends = min(block + span, len(a) - ANCHOR_CHARS + 1)
+            probes = [a[p:p + ANCHOR_CHARS] for p in range(block, ends, stride)]
+            hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
+            if any(piece in hits and any(self._run(a, block + k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
                                          for i, j in self.pieces[piece])
-                   for k, piece in enumerate(probes))
+                   for k, piece in enumerate(probes)):
+                return True
+        return False
 
     @staticmethod
     def _run(a: bytes, p: int, b: bytes, j: int) -> int:
@@ -499,6 +517,14 @@ class Cleaning:
         return self.TAG.format(language) + text if language else text
 
 
+def _sha256(text: str) -> bytes:
+    """The first DIGEST_BYTES of the SHA-256 of text's UTF-8."""
+    sha = hashlib.sha256()
+    for raw in utf8_blocks(text):
+        sha.update(raw)
+    return sha.digest()[:DIGEST_BYTES]
+
+
 SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
 
 
@@ -543,7 +569,7 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, report):
             elif cleaning.filters:
                 reason = paper_filter(text)
             if reason is None and cleaning.dedup:
-                digest = hashlib.sha256(text.encode("utf-8")).digest()[:DIGEST_BYTES]
+                digest = _sha256(text)
                 if digest in digests:
                     reason = "duplicate"
                 digests.add(digest)
