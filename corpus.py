@@ -417,7 +417,7 @@ class Contamination:
         if any(t in a for t in self.short):
             return True
         stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
-        span = stride * (BLOCK_CHARS // stride)  # the probes of about BLOCK_CHARS characters at a time
+        span = stride * max(BLOCK_CHARS // stride, 1)  # the probes of about BLOCK_CHARS characters at a time
         for block in range(0, len(a) - ANCHOR_CHARS + 1, span):
             ends = min(block + span, len(a) - ANCHOR_CHARS + 1)
             probes = [a[p:p + ANCHOR_CHARS] for p in range(block, ends, stride)]

@@ -107,10 +107,11 @@ def _encode(texts: list[str], ends: list[bool] | None = None) -> list[np.ndarray
     return [np.array(ids + [EOS] if end else ids, np.int32) for ids, end in zip(batch, ends)]
 
 
-# Where the pre-tokenizer cuts a text whatever comes after: after a newline between two
-# visible ASCII characters, and before a space between one and a letter or digit. Pieces
-# cut there have, joined, exactly the tokens of the whole.
-_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[!-~])(?= [A-Za-z0-9])")
+# Where the pre-tokenizer cuts a text whatever comes after: after a newline that follows
+# a visible ASCII character and comes before one, before an indentation (two spaces or
+# tabs) or before one space or tab and one; and before a space between a visible ASCII
+# character and a letter or digit. Pieces cut there have, joined, the tokens of the whole.
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~]|  |\t\t|[ \t][!-~])|(?<=[!-~])(?= [A-Za-z0-9])")
 
 
 def _pieces(text: str):

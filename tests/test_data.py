@@ -624,3 +624,92 @@ def test_decontamination_catches_what_the_docs_say():
         turns.append("\n".join(f"# {p.format(**problem['inputs'][0])}" for p in problem["prompts"]))
     caught, claim = caught_as_documented(turns, Contamination(benchmark_texts(str(mtpb))), "MTPB")
     assert caught == claim
+
+
+# ----------------------------------------------------------------------------- a huge document
+
+def tricky_text(seed: int, n: int = 400) -> str:
+    """Code-like text with what the pre-tokenizer is sensitive to: runs of spaces and tabs,
+    blank lines, CRLF, contractions, digits, non-ASCII and a character beyond U+FFFF."""
+    rng = np.random.default_rng(seed)
+    bits = ["def", " f", "(x)", ":", "\n", "\n\n", "    ", "\t\t", " ", "  ", "\r\n", "'s", " don't", "1234",
+            " 56", "é", " ünïcode", "👍", "return", " x", "=", "#", " ", "\n    ", "<|endoftext|>", ".", "_y"]
+    return "".join(bits[i] for i in rng.integers(len(bits), size=n))
+
+
+def test_a_huge_document_is_encoded_in_bounded_pieces_with_the_same_tokens(monkeypatch):
+    texts = [tricky_text(seed) for seed in range(60)]
+    stdlib = Path(os.__file__).parent
+    texts += [(stdlib / name).read_text() for name in ("textwrap.py", "tokenize.py", "difflib.py", "inspect.py")]
+    whole = [a.tolist() for a in data._encode(texts)]
+    monkeypatch.setattr(data, "GROUP_CHARS", 40)
+    got = {}
+    for (i,), tokens in data._batched_encode(((i,), t) for i, t in enumerate(texts)):
+        got.setdefault(i, []).append(tokens)
+    assert len(got[len(texts) - 1]) > 1000, "a long document comes in many pieces"
+    for i, pieces in got.items():
+        if i >= 60:  # real code has a safe cut in every line or so
+            assert max(map(len, pieces)) <= 40 + 100, "each piece is about GROUP_CHARS"
+        assert [p[-1] == data.EOS for p in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert np.concatenate(pieces).tolist() == whole[i], f"text {i}: the pieces' tokens are the whole's"
+
+
+def test_pieces_of_a_document_prepare_and_resume_like_the_whole(corpus, tmp_path, monkeypatch):
+    sources, _ = corpus
+    data.prepare(sources, tmp_path / "whole", log=print)
+    full = take(data.TokenStream(sources, B, T), 30)
+    monkeypatch.setattr(data, "GROUP_CHARS", 16)
+    data.prepare(sources, tmp_path / "pieces", log=print)
+    for name in ("tokens_00000.bin", "docs_00000.npy"):
+        assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    stream = data.TokenStream(sources, B, T)
+    np.testing.assert_array_equal(take(stream, 30), full)
+    inside = 0
+    for k in range(1, 25, 2):
+        stream = data.TokenStream(sources, B, T)
+        take(stream, k)
+        state = stream.state()
+        inside += state["offset"] > 16  # past the first piece of a document
+        np.testing.assert_array_equal(take(data.TokenStream(sources, B, T, state=state), 5), full[k:k + 5])
+    assert inside >= 2
+
+
+def test_the_rules_read_a_document_in_blocks_with_the_same_verdicts(monkeypatch):
+    import corpus
+    texts = [tricky_text(seed, 300) for seed in range(40)]
+    texts += ["x\n" * 20 + "é" * 1000, "x\n" * 20 + "é" * 1001, "deadbeef 0123456789\nabcdef\n", "y" * 1001]
+    problem = next(p for _, p in common.read_humaneval())
+    texts.append("import os\n" * 9 + problem["prompt"] + problem["canonical_solution"])
+    contamination = corpus.Contamination(corpus.benchmark_texts())
+    want = [(paper_filter(t), corpus._sha256(t), corpus.squash(t), contamination.contains(t)) for t in texts]
+    monkeypatch.setattr(corpus, "BLOCK_CHARS", 7)
+    assert [(paper_filter(t), corpus._sha256(t), corpus.squash(t), contamination.contains(t)) for t in texts] == want
+    assert want[-1][3] and [w[0] for w in want[-5:-1]] == [None, "max_line_length", "hex_digits", "avg_line_length"]
+
+
+def test_a_huge_document_costs_little_memory_beyond_its_text(tmp_path, monkeypatch):
+    """Preparing and streaming a 4 MB document, read 64 KB at a time: the peak of Python's
+    allocations stays under three times its text's size in memory, not a Python int per token."""
+    import tracemalloc
+
+    import corpus
+    monkeypatch.setattr(corpus, "BLOCK_CHARS", 1 << 16, raising=False)
+    monkeypatch.setattr(data, "GROUP_CHARS", 1 << 16)
+    stdlib = Path(os.__file__).parent
+    text = "".join((stdlib / n).read_text() for n in ("typing.py", "inspect.py", "argparse.py"))
+    text = (text * (4_000_000 // len(text) + 1))[:4_000_000]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "huge.py").write_text(text[:text.rindex("\n") + 1])
+    data.TokenStream(str(tmp_path / "src"), 1, 7, val_fraction=0.0)  # the tokenizer and HumanEval, loaded
+    SCANS.clear()
+    tracemalloc.start()
+    try:
+        data.prepare(str(tmp_path / "src"), tmp_path / "out", log=print)
+        prepare_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        take(data.TokenStream(str(tmp_path / "src"), 4, 2047, val_fraction=0.0), 3)
+        stream_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sys.getsizeof(text)  # 1, 2 or 4 bytes per character
+    assert prepare_peak < 3 * size and stream_peak < 3 * size, (prepare_peak, stream_peak, size)
