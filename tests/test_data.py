@@ -209,12 +209,17 @@ def test_prepared_shards_give_the_same_stream(corpus, tmp_path):
         data.prepare(str(other), out, log=lambda *a: None)
 
 
-def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
-    d = tmp_path / "code"
+def unreadable_tree(d: Path) -> Path:
+    """A directory of one good file, one not UTF-8 and a dangling link."""
     d.mkdir()
     (d / "good.py").write_text("x = 1\n")
     (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
     (d / "gone.py").symlink_to(d / "missing-target.py")
+    return d
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
+    d = unreadable_tree(tmp_path / "code")
     stream = data.TokenStream(str(d), 1, 7)
     texts = [decode(p) for p in pieces(take(stream, 10))]
     assert set(texts) == {"x = 1\n"}
@@ -500,12 +505,7 @@ def test_every_record_read_is_counted(tmp_path):
     import pyarrow.parquet
     pyarrow.parquet.write_table(pyarrow.table({"content": ["a = 1\n", None, "", "b = 2\n"]}), tmp_path / "t.parquet")
     (tmp_path / "r.jsonl").write_text('{"content": ""}\n\n{"content": "c = 3\\n"}\n{"content": "\\ud800"}\n')
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "empty.py").write_text("")
-    (code / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
-    (code / "d.py").write_text("d = 4\n")
-    (code / "gone.py").symlink_to(code / "missing-target.py")
+    (unreadable_tree(tmp_path / "code") / "empty.py").write_text("")
     data.prepare(",".join(str(tmp_path / n) for n in ("t.parquet", "r.jsonl", "code")), tmp_path / "out", log=print)
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["documents_in"] == 4 + 3 + 3 and stats["kept"] == 4
