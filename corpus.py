@@ -220,7 +220,7 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, buffer):
         while self.at == len(self.out):
-            compressed = self.raw.read(1 << 16)
+            compressed = self.raw.read(1 << 13)  # small: what it decompresses to is held at once
             if not compressed:
                 if self.frame is not None and not self.frame.eof:
                     raise EOFError("the last zstd frame has no end")
