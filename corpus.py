@@ -8,7 +8,7 @@ evaluations (HumanEval, MTPB); data.py tokenizes and packs what is kept.
 
   expand(sources, exts, field)  specs -> files: stdlib, directories, .jsonl[.gz|.zst],
                                 .parquet, plain files, --prepare outputs
-  scan(files, cleaning, skip)   every document once, in the stable file order -> what is
+  scan(files, cleaning, report) every record once, in the stable file order -> what is
                                 dropped and why, and the counts of stats.json
   benchmark_texts(mtpb)         the evaluation texts that decontamination looks for
 
@@ -196,7 +196,7 @@ class SourceFile:
                 continue
             for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
                 for record in batch.to_pylist():
-                    text = record[column] or ""  # a null is an empty document
+                    text = "" if record[column] is None else record[column]  # a null: an empty document
                     if row >= first and wanted(row):
                         if not isinstance(text, str):
                             raise ValueError(f"{self.path}: column {column} holds {type(text).__name__}, "
