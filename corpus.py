@@ -8,7 +8,7 @@ evaluations (HumanEval, MTPB); data.py tokenizes and packs what is kept.
 
   expand(sources, exts, field)  specs -> files: stdlib, directories, .jsonl[.gz|.zst],
                                 .parquet, plain files, --prepare outputs
-  scan(files, cleaning, skip)   every document once, in the stable file order -> what is
+  scan(files, cleaning, report) every record once, in the stable file order -> what is
                                 dropped and why, and the counts of stats.json
   benchmark_texts(mtpb)         the evaluation texts that decontamination looks for
 
@@ -46,10 +46,11 @@ ANCHOR_CHARS = 50          # benchmark pieces of 50 are indexed; a document is p
 NUM_PERM, BANDS = 128, 16  # MinHash signature of 128 values, LSH with 16 bands of 8 rows
 SHINGLE_WORDS = 5          # BigCode's near-dedup of The Stack: word 5-grams, Jaccard 0.85
 NEAR_DUP_JACCARD = 0.85
+BLOCK_CHARS = 1 << 20      # characters of a document the rules look at together
 # Paper section 2.1: BigQuery's six languages, picked by file extension.
 LANGUAGES = {"c": (".c", ".h"), "cpp": (".cpp", ".cc", ".cxx", ".hpp", ".hh", ".hxx"), "go": (".go",),
              "java": (".java",), "javascript": (".js", ".jsx", ".mjs"), "python": (".py",)}
-REASONS = ("language", "avg_line_length", "max_line_length", "hex_digits", "duplicate",
+REASONS = ("empty", "not_utf8", "language", "avg_line_length", "max_line_length", "hex_digits", "duplicate",
            "contaminated", "near_duplicate")
 PREPARED_FORMAT = "nanocodegen-tokens-v2"  # data.py --prepare output, read here as a source
 
@@ -69,7 +70,14 @@ def words(text: str) -> list[bytes]:
 
 def squash(text: str) -> bytes:
     """The word characters of `text` only, lowercased: 'def f(x):  # Sum' -> b'deffxsum'."""
-    return text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES, _NON_WORD)
+    return b"".join(raw.translate(_WORD_BYTES, _NON_WORD) for raw in utf8_blocks(text))
+
+
+def utf8_blocks(text: str):
+    """The UTF-8 of `text` (lone surrogates kept), BLOCK_CHARS characters at a time: what
+    the rules read, so that a huge document costs little memory beyond its text."""
+    for start in range(0, len(text), BLOCK_CHARS):
+        yield text[start:start + BLOCK_CHARS].encode("utf-8", "surrogatepass")
 
 
 def language_of(name: str) -> str | None:
@@ -88,14 +96,20 @@ def _name_of(record: dict, key: str) -> str:
     return next((record[f] for f in PATH_FIELDS if isinstance(record.get(f), str)), key)
 
 
+RECORD_FILES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
 class SourceFile:
     """One file of the corpus: the unit of shuffling, sharing out between hosts and resuming.
 
-    `docs(first, wanted, skip)` yields (doc_index, text, name) for its non-empty documents
-    with index >= first and wanted(index) true; `name` is what the language is read from
-    (a record's file path, PATH_FIELDS, else the file's key). Records (jsonl lines, parquet rows)
-    are streamed: a file is never in memory whole, and parquet skips row groups before
-    `first`. `skip(key, reason)` records unreadable input.
+    `docs(first, wanted, skip)` yields (doc_index, text, name) for its documents with
+    index >= first and wanted(index) true; `name` is what the language is read from (a
+    record's file path, PATH_FIELDS, else the file's key). Every record read is yielded:
+    an empty one (or a parquet null) as "", one that is not UTF-8 text as None, after
+    `skip(key, reason)` has named it; `skip` also names a file that cannot be opened.
+    Records (jsonl lines, parquet rows) are streamed: a file is never in memory whole,
+    and parquet skips row groups before `first`. A compressed file that is damaged or
+    cut short is a ValueError naming the line: its records are not all there.
     """
 
     def __init__(self, key: str, path: Path, field: str | None = None):
@@ -105,40 +119,50 @@ class SourceFile:
         name = self.path.name
         if name.endswith(".parquet"):
             yield from self._parquet(first, wanted)
-        elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        elif name.endswith(RECORD_FILES):
             yield from self._jsonl(first, wanted, skip)
         elif first == 0 and wanted(0):
             try:
-                text = self.path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as e:
-                skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
-                return
+                raw = self.path.read_bytes()
             except OSError as e:
                 skip(self.key, f"cannot be read ({e.strerror or e})")
                 return
-            if text:
-                yield 0, text, self.key
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skip(self.key, f"not UTF-8 ({e.reason} at byte {e.start})")
+                text = None
+            del raw  # a huge file is held once, as text
+            yield 0, text, self.key
 
     def _jsonl(self, first: int, wanted, skip):
         zstd = _library("zstandard", self.path) if self.path.name.endswith(".zst") else None
         try:
-            with open(self.path, "rb") as raw:
-                if zstd:
-                    lines = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw))
-                else:
-                    lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
+            raw = open(self.path, "rb")
+        except OSError as e:
+            skip(self.key, f"cannot be read ({e.strerror or e})")
+            return
+        with raw:
+            if zstd:
+                lines = io.BufferedReader(_ZstdFrames(raw, zstd), 1 << 20)
+            else:
+                lines = gzip.GzipFile(fileobj=raw) if self.path.name.endswith(".gz") else raw
+            i = -1
+            try:
                 for i, line in enumerate(lines):
                     if i >= first and wanted(i) and line.strip():  # a blank line carries nothing
-                        yield from self._record(i, line, skip)
-        except (OSError, EOFError, *([zstd.ZstdError] if zstd else [])) as e:  # unreadable, corrupt, truncated
-            skip(self.key, f"cannot be read ({e})")
+                        yield self._record(i, line, skip)
+            except (OSError, EOFError, zlib.error, *([zstd.ZstdError] if zstd else [])) as e:
+                raise ValueError(f"{self.path}:{i + 2}: the file is damaged or cut short here ({e}); "
+                                 "fetch or write it again, or leave it out of --data") from None
 
     def _record(self, i: int, line: bytes, skip):
         where = f"{self.path}:{i + 1}"
         try:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: line is not JSON ({e})") from None
+            cut = "" if line.endswith(b"\n") else "; the file ends inside it: it is cut short"
+            raise ValueError(f"{where}: line is not JSON ({e}){cut}") from None
         if not isinstance(record, dict):
             record = {}
         text = record.get(self.field or ("content" if "content" in record else "text"))
@@ -149,9 +173,8 @@ class SourceFile:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: not text we can tokenize
             skip(f"{self.key}:{i}", "not valid unicode")
-            return
-        if text:
-            yield i, text, _name_of(record, self.key)
+            text = None
+        return i, text, _name_of(record, self.key)
 
     def _parquet(self, first: int, wanted):
         pq = _library("pyarrow.parquet", self.path)
@@ -173,13 +196,45 @@ class SourceFile:
                 continue
             for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
                 for record in batch.to_pylist():
-                    text = record[column]
-                    if row >= first and wanted(row) and text:
+                    text = "" if record[column] is None else record[column]  # a null: an empty document
+                    if row >= first and wanted(row):
                         if not isinstance(text, str):
                             raise ValueError(f"{self.path}: column {column} holds {type(text).__name__}, "
                                              "not text; choose another with --field")
                         yield row, text, _name_of(record, self.key)
                     row += 1
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. zstandard's stream reader
+    ends quietly where a cut file ends; here a file that stops inside a frame raises
+    EOFError, as gzip does."""
+
+    def __init__(self, raw, zstd):
+        self.raw, self.zstd = raw, zstd
+        self.frame = None
+        self.out, self.at = b"", 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while self.at == len(self.out):
+            compressed = self.raw.read(1 << 13)  # small: what it decompresses to is held at once
+            if not compressed:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("the last zstd frame has no end")
+                return 0
+            self.out, self.at = b"", 0
+            while compressed:  # a frame may end inside this chunk, and the next begin
+                if self.frame is None or self.frame.eof:
+                    self.frame = self.zstd.ZstdDecompressor().decompressobj()
+                self.out += self.frame.decompress(compressed)
+                compressed = self.frame.unused_data if self.frame.eof else b""
+        n = min(len(buffer), len(self.out) - self.at)
+        buffer[:n] = self.out[self.at:self.at + n]
+        self.at += n
+        return n
 
 
 def _library(module: str, path: Path):
@@ -222,6 +277,8 @@ class _PreparedFile:
         self.key, self._shard, self._rows = key, shard, rows
 
     def docs(self, first: int, wanted, skip):
+        if not len(self._rows):  # a file none of whose documents was kept
+            return
         tokens = self._shard.tokens()
         for doc_index, start, length in self._rows[np.searchsorted(self._rows[:, 0], first):].tolist():
             if wanted(doc_index):
@@ -234,11 +291,14 @@ class _Shard:
 
     def tokens(self) -> np.ndarray:
         if self._tokens is None:  # opened on first use: a host may never touch most shards
-            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+            try:
+                self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path}: cannot be read as tokens ({e}); run --prepare again") from None
         return self._tokens
 
 
-def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dict]:
+def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict]:
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != PREPARED_FORMAT:
         raise ValueError(f"{root / 'index.json'}: not a {PREPARED_FORMAT} index; run --prepare again")
@@ -250,22 +310,21 @@ def _load_prepared(root: Path) -> tuple[list[_PreparedFile], dict[str, str], dic
     for f in index["files"]:
         tokens, rows = shards[f["shard"]]
         files.append(_PreparedFile(f["key"], tokens, rows[f["rows"][0]:f["rows"][1]]))
-    return files, dict(index["skipped"]), index["counts"]
+    return files, {**index["counts"], "skipped": dict(index["skipped"])}
 
 
-def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, str], list[dict]]:
-    """Source spec(s) -> all files of the corpus sorted by key, skips known in advance, and
-    the cleaning counts of --prepare outputs among them."""
+def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, list[dict]]:
+    """Source spec(s) -> all files of the corpus sorted by key, and the cleaning counts
+    of the --prepare outputs among them."""
     specs = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources)]
-    files, skipped, prepared = [], {}, []
+    files, prepared = [], []
     for spec in filter(None, specs):
         path = Path(spec)
         if spec != "stdlib" and not path.exists():
             raise ValueError(f"data source not found: {spec} (give 'stdlib', a directory, a .jsonl, "
                              ".jsonl.gz, .jsonl.zst or .parquet file, or a --prepare output directory)")
         if (path / "index.json").is_file():
-            found, known, counts = _load_prepared(path)
-            skipped.update(known)
+            found, counts = _load_prepared(path)
             prepared.append(counts)
         else:
             found = source_files(spec, exts, field)
@@ -274,40 +333,49 @@ def expand(sources, exts: tuple[str, ...], field=None) -> tuple[list, dict[str, 
         files += found
     if not files:
         raise ValueError("no data sources given")
+    if field and not any(f.path.name.endswith(RECORD_FILES) for f in files if isinstance(f, SourceFile)):
+        raise ValueError(f"--field {field} names a field of .jsonl or .parquet records, and {sources} "
+                         "has none; leave --field out")
     files.sort(key=lambda f: f.key)
     for a, b in zip(files, files[1:]):
         if a.key == b.key:
             raise ValueError(f"two sources contain the same document name {a.key}; rename one of them")
-    return files, skipped, prepared
+    return files, prepared
 
 
-def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], skip) -> tuple[dict, dict]:
+def scan_all(every: list, cleaning: Cleaning, prepared: list[dict], report) -> tuple[dict, dict]:
     """`scan` of the raw files, with the counts of the --prepare outputs among them added."""
-    dropped, counts = scan([f for f in every if isinstance(f, SourceFile)], cleaning, skip)
+    dropped, counts = scan([f for f in every if isinstance(f, SourceFile)], cleaning, report)
     for more in prepared:
         counts["documents_in"] += more["documents_in"]
         counts["kept"] += more["kept"]
         for reason, n in more["dropped"].items():
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + n
+        counts["skipped"].update(more["skipped"])
     return dropped, counts
 
 
 # ----------------------------------------------------------------------------- the rules
 
 def paper_filter(text: str) -> str | None:
-    """The reason section 2.1's filters drop `text`, or None. Lines are split at '\\n';
-    the digit share is of the non-whitespace bytes of its UTF-8."""
-    raw = text.encode("utf-8", "surrogatepass")
-    newlines = raw.count(b"\n")
+    """The reason section 2.1's filters drop `text`, or None. Lines are split at '\\n' and
+    measured in characters; the digit share is of the non-whitespace bytes of its UTF-8."""
+    newlines = text.count("\n")
     if (len(text) - newlines) / (newlines + 1) > MAX_AVG_LINE:
         return "avg_line_length"
-    if len(raw) > MAX_LINE:  # line lengths in bytes first (numpy), in characters only when one is long
-        ends = np.flatnonzero(np.frombuffer(raw, np.uint8) == ord("\n"))
-        if np.diff(ends, prepend=-1, append=len(raw)).max() - 1 > MAX_LINE \
-                and max(map(len, text.split("\n"))) > MAX_LINE:
-            return "max_line_length"
-    visible = len(raw.translate(None, _WHITESPACE))
-    hex_digits = len(raw) - len(raw.translate(None, _HEX_DIGITS))
+    longest, line_start, chars, visible, hex_digits = 0, 0, 0, 0, 0
+    for raw in utf8_blocks(text):
+        utf8 = np.frombuffer(raw, np.uint8)
+        one_per_char = utf8[(utf8 & 0xC0) != 0x80]  # a character's first byte; '\n' is one
+        ends = chars + np.flatnonzero(one_per_char == ord("\n"))  # in characters
+        if len(ends):
+            longest = max(longest, ends[0] - line_start, np.diff(ends).max(initial=1) - 1)
+            line_start = ends[-1] + 1
+        chars += len(one_per_char)
+        visible += len(raw.translate(None, _WHITESPACE))
+        hex_digits += len(raw) - len(raw.translate(None, _HEX_DIGITS))
+    if max(longest, len(text) - line_start) > MAX_LINE:
+        return "max_line_length"
     return "hex_digits" if visible and hex_digits > MAX_HEX_FRACTION * visible else None
 
 
@@ -332,10 +400,12 @@ class Contamination:
     Every ANCHOR_CHARS-long piece of the squashed benchmarks is indexed; a document is
     probed only every CONTAMINATION_CHARS - ANCHOR_CHARS + 1 characters, which is
     enough: a shared run that long covers one whole probe. A hit is extended both ways
-    to measure the run."""
+    to measure the run. A benchmark text shorter than the run squashed (a one-line
+    HumanEval solution with a short docstring) contaminates a document that holds it whole."""
 
     def __init__(self, texts: list[str]):
         self.texts = [squash(t) for t in texts]
+        self.short = [t for t in self.texts if ANCHOR_CHARS <= len(t) < CONTAMINATION_CHARS]
         self.pieces: dict[bytes, list[tuple[int, int]]] = {}
         for i, t in enumerate(self.texts):
             for j in range(len(t) - ANCHOR_CHARS + 1):
@@ -344,12 +414,19 @@ class Contamination:
 
     def contains(self, text: str) -> bool:
         a = squash(text)
+        if any(t in a for t in self.short):
+            return True
         stride = CONTAMINATION_CHARS - ANCHOR_CHARS + 1
-        probes = [a[p:p + ANCHOR_CHARS] for p in range(0, len(a) - ANCHOR_CHARS + 1, stride)]
-        hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
-        return any(piece in hits and any(self._run(a, k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
+        span = stride * max(BLOCK_CHARS // stride, 1)  # the probes of about BLOCK_CHARS characters at a time
+        for block in range(0, len(a) - ANCHOR_CHARS + 1, span):
+            ends = min(block + span, len(a) - ANCHOR_CHARS + 1)
+            probes = [a[p:p + ANCHOR_CHARS] for p in range(block, ends, stride)]
+            hits = self.keys.intersection(probes)  # one C-speed set operation; usually empty
+            if any(piece in hits and any(self._run(a, block + k * stride, self.texts[i], j) >= CONTAMINATION_CHARS
                                          for i, j in self.pieces[piece])
-                   for k, piece in enumerate(probes))
+                   for k, piece in enumerate(probes)):
+                return True
+        return False
 
     @staticmethod
     def _run(a: bytes, p: int, b: bytes, j: int) -> int:
@@ -440,25 +517,33 @@ class Cleaning:
         return self.TAG.format(language) + text if language else text
 
 
+def _sha256(text: str) -> bytes:
+    """The first DIGEST_BYTES of the SHA-256 of text's UTF-8."""
+    sha = hashlib.sha256()
+    for raw in utf8_blocks(text):
+        sha.update(raw)
+    return sha.digest()[:DIGEST_BYTES]
+
+
 SCANS: dict = {}  # one scan per corpus and cleaning in a process: train and val streams share it
 
 
-def scan(source_files: list[SourceFile], cleaning: Cleaning, skip) -> tuple[dict[str, set[int]], dict]:
+def scan(source_files: list[SourceFile], cleaning: Cleaning, report) -> tuple[dict[str, set[int]], dict]:
     """Decide every document of `source_files` (all of them, in the given stable order, so
     that every host and every run decides the same): -> ({file key: dropped doc indices},
-    {"documents_in", "kept", "dropped": {reason: n}}). Cached while the files are unchanged."""
+    {"documents_in", "kept", "dropped": {reason: n}, "skipped": {key: why}}). Every record
+    read is in documents_in; `skipped` names the files and records that are not UTF-8
+    text or cannot be read, and `report(key, why)` is called for each when it is found.
+    Cached while the files are unchanged, so a process reports each skip once."""
     key = (cleaning, tuple((f.key, str(f.path), f.path.stat().st_mtime_ns if f.path.exists() else -1)
                            for f in source_files))  # a dangling link is skipped by the scan
     if key not in SCANS:
-        skipped = {}
-        SCANS[key] = (*_scan(source_files, cleaning, lambda k, why: skipped.setdefault(k, why)), skipped)
-    dropped, counts, skipped = SCANS[key]
-    for k, why in skipped.items():
-        skip(k, why)
+        SCANS[key] = _scan(source_files, cleaning, report)
+    dropped, counts = SCANS[key]
     return dropped, json.loads(json.dumps(counts))
 
 
-def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
+def _scan(source_files: list[SourceFile], cleaning: Cleaning, report):
     unknown = set(cleaning.languages) - set(LANGUAGES)
     if unknown:
         raise ValueError(f"unknown language {', '.join(sorted(unknown))}; choose from {', '.join(LANGUAGES)}")
@@ -466,16 +551,25 @@ def _scan(source_files: list[SourceFile], cleaning: Cleaning, skip):
     near = NearDuplicates() if cleaning.near_dedup else None
     contamination = _contamination(cleaning.mtpb) if cleaning.decontaminate else None
     dropped: dict[str, set[int]] = {}
-    counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0)}
+    counts = {"documents_in": 0, "kept": 0, "dropped": dict.fromkeys(REASONS, 0), "skipped": {}}
+
+    def skip(key: str, why: str):
+        if key not in counts["skipped"]:
+            counts["skipped"][key] = why
+            report(key, why)
     for f in source_files:
         for d, text, name in f.docs(0, lambda d: True, skip):
             reason = None
-            if cleaning.languages and language_of(name) not in cleaning.languages:
+            if text is None:
+                reason = "not_utf8"
+            elif not text:
+                reason = "empty"
+            elif cleaning.languages and language_of(name) not in cleaning.languages:
                 reason = "language"
             elif cleaning.filters:
                 reason = paper_filter(text)
             if reason is None and cleaning.dedup:
-                digest = hashlib.sha256(text.encode("utf-8")).digest()[:DIGEST_BYTES]
+                digest = _sha256(text)
                 if digest in digests:
                     reason = "duplicate"
                 digests.add(digest)

@@ -19,11 +19,13 @@ resume, cleaning rules and their counts, speed.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import importlib.resources
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -97,10 +99,32 @@ def _bulk_encoder():
     return tiktoken.Encoding("codegen-documents", pat_str=_PIECES, mergeable_ranks=ranks, special_tokens={})
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
-    """Documents -> int32 token arrays ending in EOS (ENCODER_THREADS of tiktoken's threads)."""
+def _encode(texts: list[str], ends: list[bool] | None = None) -> list[np.ndarray]:
+    """Documents -> int32 token arrays ending in EOS (ENCODER_THREADS of tiktoken's threads);
+    where ends[i] is False, texts[i] is a piece of a document that goes on: no EOS."""
     batch = _bulk_encoder().encode_ordinary_batch(texts, num_threads=ENCODER_THREADS)
-    return [np.array(ids + [EOS], np.int32) for ids in batch]
+    ends = [True] * len(texts) if ends is None else ends
+    return [np.array(ids + [EOS] if end else ids, np.int32) for ids, end in zip(batch, ends)]
+
+
+# Where the pre-tokenizer cuts a text whatever comes after: after a newline that follows
+# a visible ASCII character and comes before one, before an indentation (two spaces or
+# tabs) or before one space or tab and one; and before a space between a visible ASCII
+# character and a letter or digit. Pieces cut there have, joined, the tokens of the whole.
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~]|  |\t\t|[ \t][!-~])|(?<=[!-~])(?= [A-Za-z0-9])")
+
+
+def _pieces(text: str):
+    """(piece, last) of a text, pieces of about GROUP_CHARS cut at _SAFE_CUTs, so that a
+    huge document is encoded, and its tokens handed on, a bounded piece at a time."""
+    start = 0
+    while len(text) - start > GROUP_CHARS:
+        cut = _SAFE_CUT.search(text, start + GROUP_CHARS)
+        if cut is None:  # no safe cut in the rest of it: one piece
+            break
+        yield text[start:cut.start()], False
+        start = cut.start()
+    yield text[start:], True
 
 
 # ----------------------------------------------------------------------------- sources
@@ -118,21 +142,25 @@ def _batched_encode(items):
     """(tag, text | tokens | None) -> (tag, tokens | None) in the same order.
 
     Texts are gathered until GROUP_CHARS and tokenized together by the parallel encoder;
-    pre-tokenized payloads ride along in their place. None marks a point where the group
-    is encoded at once (an epoch's end: a tiny corpus must not gather many epochs)."""
+    pre-tokenized payloads ride along in their place. A text longer than GROUP_CHARS
+    comes out as several token arrays in a row, of its `_pieces`, only the last ending in
+    EOS. None marks a point where the group is encoded at once (an epoch's end: a tiny
+    corpus must not gather many epochs)."""
     group, chars = [], 0
     for tag, payload in items:
-        group.append((tag, payload))
-        chars += len(payload) if isinstance(payload, str) else 0
-        if chars >= GROUP_CHARS or payload is None:
-            yield from _flush(group)
-            group, chars = [], 0
+        for piece, last in _pieces(payload) if isinstance(payload, str) else [(payload, True)]:
+            group.append((tag, piece, last))
+            chars += len(piece) if isinstance(piece, str) else 0
+            if chars >= GROUP_CHARS or piece is None:
+                yield from _flush(group)
+                group, chars = [], 0
     yield from _flush(group)
 
 
 def _flush(group):
-    encoded = iter(_encode([p for _, p in group if isinstance(p, str)]))
-    for tag, payload in group:
+    texts = [(p, last) for _, p, last in group if isinstance(p, str)]
+    encoded = iter(_encode([p for p, _ in texts], [last for _, last in texts]))
+    for tag, payload, _ in group:
         yield tag, next(encoded) if isinstance(payload, str) else payload
 
 
@@ -168,9 +196,10 @@ class TokenStream:
         self.sources, self.split, self.seed = sources, split, seed
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
         self.process = (process_index, process_count)
-        every, self._skipped, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+        every, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
         self.cleaning = cleaning
-        self._dropped, self.counts = corpus.scan_all(every, cleaning, prepared, self._skip)
+        self._dropped, self.counts = corpus.scan_all(every, cleaning, prepared, _report_skip)
+        self._skipped = dict(self.counts["skipped"])
         self._files = every[process_index::process_count]
         if not self._files:
             raise ValueError(f"process {process_index} of {process_count} gets no files: "
@@ -185,12 +214,14 @@ class TokenStream:
                 raise ValueError("data state was saved for another corpus, seed, split, val_fraction "
                                  "or process share; resume with the original --data and flags")
             epoch, file, doc, offset = (int(state[k]) for k in ("epoch", "file", "doc", "offset"))
-        # Tokenized documents not yet fully handed out: [(epoch, file, doc), tokens].
-        # `_offset` tokens of the first one are already out (or, when it is empty, are to be
-        # dropped from the document at `_cursor`, the next one to arrive, right after a resume).
+        # Tokens not yet fully handed out: [(epoch, file, doc), start, tokens], a document's
+        # tokens from `start` on (a huge document comes in several pieces). `_offset` tokens
+        # of the first are already out (or, when it is empty, are to be dropped from the
+        # document at `_cursor`, the next to arrive, from `_cursor_start` on; right after a
+        # resume, the offset may reach past the document's first pieces).
         self._pending = collections.deque()
         self._offset, self._available = offset, -offset
-        self._cursor = (epoch, file, doc)
+        self._cursor, self._cursor_start = (epoch, file, doc), 0
         self._tokens = _batched_encode(self._documents(epoch, file, doc))
         self._fill(1)  # fail now, not in the training loop, on an empty split or a bad first file
 
@@ -220,9 +251,9 @@ class TokenStream:
                 and doc_index not in self._dropped.get(file_key, ()))
 
     def _skip(self, key: str, reason: str):
-        if key not in self._skipped:
+        if key not in self._skipped:  # the scan named it already, or it broke since
             self._skipped[key] = reason
-            print(f"data: skipping {key}: {reason}", file=sys.stderr)
+            _report_skip(key, reason)
 
     # -- windows
     def __iter__(self):
@@ -234,11 +265,15 @@ class TokenStream:
             position, tokens = next(self._tokens)
             if tokens is None:
                 continue
-            if not self._pending and self._offset and position != self._cursor:
-                raise ValueError("data state points at a document this corpus does not have")
-            self._pending.append((position, tokens))
+            if position != self._cursor:  # a new document
+                if not self._pending and self._offset:
+                    raise ValueError("data state points at a document this corpus does not have")
+                self._cursor, self._cursor_start = position, 0
+            self._pending.append((position, self._cursor_start, tokens))
             self._available += len(tokens)
-            self._cursor = (position[0], position[1], position[2] + 1)
+            self._cursor_start += len(tokens)
+            if tokens[-1] == EOS:  # the document's last piece: the next arrival is another
+                self._cursor, self._cursor_start = (position[0], position[1], position[2] + 1), 0
 
     def __next__(self) -> np.ndarray:
         need = self.batch_size * (self.seq_len + 1)
@@ -246,21 +281,22 @@ class TokenStream:
         out = np.empty(need, np.int32)
         filled = 0
         while filled < need:
-            tokens = self._pending[0][1]
+            tokens = self._pending[0][2]
             piece = tokens[self._offset:self._offset + need - filled]
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             self._offset += len(piece)
-            if self._offset == len(tokens):
+            if self._offset >= len(tokens):  # beyond it: a resumed offset reaching further
                 self._pending.popleft()
-                self._offset = 0
+                self._offset -= len(tokens)
         self._available -= need
         return out.reshape(self.batch_size, self.seq_len + 1)  # (B, T+1)
 
     def state(self) -> dict:
         """Position of the next token to hand out: JSON-able, for checkpoints."""
-        epoch, file, doc = self._pending[0][0] if self._pending else self._cursor
-        return {"epoch": epoch, "file": file, "doc": doc, "offset": self._offset,
+        position, start = self._pending[0][:2] if self._pending else (self._cursor, self._cursor_start)
+        epoch, file, doc = position
+        return {"epoch": epoch, "file": file, "doc": doc, "offset": start + self._offset,
                 "fingerprint": self._fingerprint}
 
     @property
@@ -274,6 +310,10 @@ class TokenStream:
                 f"(val_fraction {self.val_fraction}), seed {self.seed}, windows {self.batch_size}x"
                 f"{self.seq_len + 1}, epoch {self.state()['epoch']}, {self.skipped} skipped "
                 f"(not UTF-8 / unreadable); {_describe_counts(self.counts)}")
+
+
+def _report_skip(key: str, reason: str):
+    print(f"data: skipping {key}: {reason}", file=sys.stderr)
 
 
 def _describe_counts(counts: dict) -> str:
@@ -301,64 +341,38 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
 
     out/tokens_NNNNN.bin  the EOS-terminated documents, back to back (np.memmap, uint16)
     out/docs_NNNNN.npy    int64 (docs, 3): doc_index in its file, start, length
-    out/index.json        every file in key order -> its shard and rows; skipped files; counts
-    out/stats.json        {"documents_in", "kept", "dropped": {reason: n}, "tokens"}
-    A shard is closed at the first file boundary past `shard_tokens`; index.json is
-    rewritten after each one, so rerunning the same command resumes from the last shard.
+    out/index.json        every file in key order -> its shard and rows; skipped files;
+                          counts; the settings (cleaning, field, ext) it was started with
+    out/stats.json        {"documents_in", "kept", "dropped": {reason: n}, "skipped", "tokens"}
+    A shard is written under a temporary name and renamed when it is closed, at the first
+    file boundary past `shard_tokens`; index.json is written first and rewritten after each
+    shard, so rerunning the same command resumes from the last shard. A corpus that keeps
+    no document is refused before anything is written.
     """
-    files, skipped, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
-    out, index = Path(out), None
-    if (out / "index.json").exists():
-        index = json.loads((out / "index.json").read_text())
-        done = [f["key"] for f in index["files"]]
-        if index.get("format") != corpus.PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
-            raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
-        if index["complete"]:
-            log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")
-            return index
-        log(f"prepare: resuming after {len(done)} of {len(files)} files")
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
-    dropped, counts = corpus.scan_all(files, cleaning, prepared, lambda key, reason: skipped.setdefault(key, reason))
+    ext = tuple([ext] if isinstance(ext, str) else ext)
+    files, prepared = corpus.expand(sources, ext, field)
+    settings = {"cleaning": dataclasses.asdict(cleaning), "field": field, "ext": list(ext)}
+    out = Path(out)
+    index = _started(out, files, json.loads(json.dumps(settings)), log)
+    if index and index["complete"]:
+        return index
+    dropped, counts = corpus.scan_all(files, cleaning, prepared, lambda key, reason: None)
     log(f"prepare: {_describe_counts(counts)}")
+    if not counts["kept"]:
+        raise ValueError(f"no document of {sources} is kept ({_describe_counts(counts)}); nothing written")
     if index is None:
         out.mkdir(parents=True, exist_ok=True)
-        index = {"format": corpus.PREPARED_FORMAT, "sources": str(sources), "eos": EOS, "vocab_size": VOCAB_SIZE,
-                 "complete": False, "tokens": 0, "counts": counts, "shards": [], "files": [], "skipped": []}
-    skipped.update(index["skipped"])
+        index = {"format": corpus.PREPARED_FORMAT, "sources": str(sources), "settings": settings,
+                 "eos": EOS, "vocab_size": VOCAB_SIZE, "complete": False, "tokens": 0, "counts": counts,
+                 "shards": [], "files": [], "skipped": []}
+        _write_index(out, index)  # from here on, the same command resumes
+    skipped = counts["skipped"]
     todo = files[len(index["files"]):]
     writer = _ShardWriter(out, index)
-    start, tokens_done, current, last_log = time.time(), 0, 0, 0.0
-
-    def progress():
-        nonlocal last_log
-        seconds = last_log = time.time() - start
-        eta = (len(todo) - current) / max(current, 1) * seconds  # by files: their sizes are unknown
-        log(f"prepare: {len(files) - len(todo) + current}/{len(files)} files, {tokens_done:,} tokens this run, "
-            f"{tokens_done / max(seconds, 1e-9):,.0f} tokens/s, ETA {eta:.0f}s")
-
-    def end_files(upto: int):  # files [current, upto) have all their documents written
-        nonlocal current
-        for i in range(current, upto):
-            writer.end_file(todo[i].key)
-            if writer.tokens >= shard_tokens or i == len(todo) - 1:
-                writer.close(skipped)
-        current = upto
-
-    def documents():
-        for i, f in enumerate(todo):
-            kept = lambda d, drop=dropped.get(f.key, ()): d not in drop  # noqa: E731
-            for d, payload, name in f.docs(0, kept, lambda key, reason: skipped.setdefault(key, reason)):
-                yield (i, d), cleaning.tagged(payload, name) if isinstance(payload, str) else payload
-
-    for (i, d), tokens in _batched_encode(documents()):
-        end_files(i)
-        writer.add(d, tokens)
-        tokens_done += len(tokens)
-        if time.time() - start - last_log > 30:
-            progress()
-    end_files(len(todo))
-    progress()
+    try:
+        _tokenize_files(todo, len(files), dropped, cleaning, writer, shard_tokens, log)
+    finally:
+        writer.abandon()  # an interrupted shard is not left behind
     index["complete"] = True
     index["skipped"] = sorted(skipped.items())
     _write_index(out, index)
@@ -370,21 +384,94 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
     return index
 
 
+def _started(out: Path, files: list, settings: dict, log) -> dict | None:
+    """The index of the preparation `out` holds (None: none yet), checked to be of the same
+    files and settings, so that resuming it cannot mix two kinds of output."""
+    if not (out / "index.json").exists():
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no index.json; choose a new --out")
+        return None
+    index = json.loads((out / "index.json").read_text())
+    done = [f["key"] for f in index["files"]]
+    if index.get("format") != corpus.PREPARED_FORMAT or done != [f.key for f in files[:len(done)]]:
+        raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
+    if index.get("settings") != settings:
+        before = _flat_settings(index.get("settings") or {})
+        differ = [f"{k}={before.get(k)} not {v}" for k, v in _flat_settings(settings).items()
+                  if before.get(k) != v]
+        raise ValueError(f"{out} was started with other settings ({', '.join(differ) or 'unknown'}): rerun "
+                         "with the flags it was started with, or choose another --out")
+    if index["complete"]:
+        log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")
+    else:
+        log(f"prepare: resuming after {len(done)} of {len(files)} files")
+    return index
+
+
+def _flat_settings(settings: dict) -> dict:
+    """{'cleaning': {'near_dedup': True, ...}, 'field': None} -> {'near_dedup': True, ..., 'field': None}."""
+    return {**settings.get("cleaning", {}), **{k: v for k, v in settings.items() if k != "cleaning"}}
+
+
+def _tokenize_files(todo: list, n_files: int, dropped: dict, cleaning: Cleaning, writer, shard_tokens, log):
+    """Write the kept documents of the files `todo` (the last of n_files) to shards."""
+    start, tokens_done, current, last_log = time.time(), 0, 0, 0.0
+
+    def progress():
+        nonlocal last_log
+        seconds = last_log = time.time() - start
+        eta = (len(todo) - current) / max(current, 1) * seconds  # by files: their sizes are unknown
+        log(f"prepare: {n_files - len(todo) + current}/{n_files} files, {tokens_done:,} tokens this run, "
+            f"{tokens_done / max(seconds, 1e-9):,.0f} tokens/s, ETA {eta:.0f}s")
+
+    def end_files(upto: int):  # files [current, upto) have all their documents written
+        nonlocal current
+        for i in range(current, upto):
+            writer.end_file(todo[i].key)
+            if writer.tokens >= shard_tokens or i == len(todo) - 1:
+                writer.close()
+        current = upto
+
+    def documents():
+        for i, f in enumerate(todo):
+            kept = lambda d, drop=dropped.get(f.key, ()): d not in drop  # noqa: E731
+            for d, payload, name in f.docs(0, kept, lambda key, reason: None):
+                yield (i, d), cleaning.tagged(payload, name) if isinstance(payload, str) else payload
+
+    for (i, d), tokens in _batched_encode(documents()):
+        end_files(i)
+        writer.add(d, tokens)
+        tokens_done += len(tokens)
+        if time.time() - start - last_log > 30:
+            progress()
+    end_files(len(todo))
+    progress()
+
+
 class _ShardWriter:
-    """Appends documents to out/tokens_NNNNN.bin; on close writes its docs table and index.json."""
+    """Appends documents to out/tokens_NNNNN.bin.tmp; on close renames it, writes its docs
+    table and index.json."""
 
     def __init__(self, out: Path, index: dict):
         self.out, self.index, self.fh = out, index, None
 
     def _open(self):
         self.name = f"{len(self.index['shards']):05d}"
-        self.fh = open(self.out / f"tokens_{self.name}.bin", "wb")  # overwrites a half shard of a killed run
+        self.path = self.out / f"tokens_{self.name}.bin"
+        self.tmp = self.out / f"tokens_{self.name}.bin.tmp"
+        self.fh = open(self.tmp, "wb")  # overwrites one that a kill left
         self.rows, self.files, self.tokens, self.file_start = [], [], 0, 0
+        self.open_row = False
 
     def add(self, doc_index: int, tokens: np.ndarray):
+        """Append a document's tokens, or a piece of them (the last piece ends in EOS)."""
         if self.fh is None:
             self._open()
-        self.rows.append((doc_index, self.tokens, len(tokens)))
+        if self.rows and self.rows[-1][0] == doc_index and self.open_row:
+            self.rows[-1][2] += len(tokens)
+        else:
+            self.rows.append([doc_index, self.tokens, len(tokens)])
+        self.open_row = tokens[-1] != EOS
         tokens.astype(np.uint16).tofile(self.fh)
         self.tokens += len(tokens)
 
@@ -395,16 +482,23 @@ class _ShardWriter:
                            "rows": [self.file_start, len(self.rows)]})
         self.file_start = len(self.rows)
 
-    def close(self, skipped: dict):
+    def close(self):
         self.fh.close()
         self.fh = None
+        self.tmp.replace(self.path)
         np.save(self.out / f"docs_{self.name}.npy", np.array(self.rows, np.int64).reshape(-1, 3))
-        self.index["shards"].append({"tokens": f"tokens_{self.name}.bin", "docs": f"docs_{self.name}.npy",
+        self.index["shards"].append({"tokens": self.path.name, "docs": f"docs_{self.name}.npy",
                                      "tokens_count": self.tokens})
         self.index["files"] += self.files
         self.index["tokens"] += self.tokens
-        self.index["skipped"] = sorted(skipped.items())
         _write_index(self.out, self.index)
+
+    def abandon(self):
+        """Close and delete the shard being written, if any."""
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+            self.tmp.unlink()
 
 
 def _write_index(out: Path, index: dict):

@@ -7,8 +7,10 @@ each epoch a permutation of the split's documents.
 
 Run: python -m pytest -q tests/test_data.py
 """
+import contextlib
 import gzip
 import importlib.resources
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 import data
+import common
 from common import run_main
 from conftest import run_cli
 from corpus import REASONS, SCANS, Cleaning, expand, paper_filter
@@ -206,12 +209,17 @@ def test_prepared_shards_give_the_same_stream(corpus, tmp_path):
         data.prepare(str(other), out, log=lambda *a: None)
 
 
-def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
-    d = tmp_path / "code"
+def unreadable_tree(d: Path) -> Path:
+    """A directory of one good file, one not UTF-8 and a dangling link."""
     d.mkdir()
     (d / "good.py").write_text("x = 1\n")
     (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
     (d / "gone.py").symlink_to(d / "missing-target.py")
+    return d
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
+    d = unreadable_tree(tmp_path / "code")
     stream = data.TokenStream(str(d), 1, 7)
     texts = [decode(p) for p in pieces(take(stream, 10))]
     assert set(texts) == {"x = 1\n"}
@@ -271,6 +279,7 @@ def test_standard_library_stream():
     assert not any("site-packages" in k for k in stream.files)
     batch = next(stream)
     assert batch.shape == (2, 64) and 0 <= batch.min() and batch.max() < data.VOCAB_SIZE
+    assert stream.counts["dropped"]["contaminated"] == 0, "no false positive on real code"
     val = data.eval_batches("stdlib", 2, 63, 2)  # the default val_fraction holds some stdlib out
     assert len(val) == 2 and not np.array_equal(val[0], batch)
 
@@ -330,7 +339,7 @@ def planted(tmp_path_factory):
 
 
 def prepared_texts(out: Path) -> list[str]:
-    every, _, _ = expand(str(out), (".py",))
+    every, _ = expand(str(out), (".py",))
     return [decode(tokens[:-1].tolist()) for f in every for _, tokens, _ in f.docs(0, lambda d: True, None)]
 
 
@@ -449,6 +458,258 @@ def test_cleaning_cli(planted, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "none.jsonl").exists()
     (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd at all")
-    with pytest.raises(ValueError, match="has no documents .*1 skipped"):
+    with pytest.raises(ValueError, match=r"bad.jsonl.zst:1: the file is damaged or cut short here \(zstd"):
         data.TokenStream(str(tmp_path / "bad.jsonl.zst"), B, T)
-    assert "bad.jsonl.zst: cannot be read (zstd decompress error" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the edges of input
+
+def records(n: int) -> bytes:
+    return "".join(json.dumps({"content": f"value_{i} = {i}\n"}) + "\n" for i in range(n)).encode()
+
+
+def prepare_fails(argv, capsys, out: Path, message: str):
+    """`data.py --prepare ...` on bad input: one line naming the problem, exit 2, no `out`."""
+    code, _, err = run_cli(data.main, ["--prepare", *argv, "--out", out], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not out.exists(), "nothing half written"
+
+
+def test_a_cut_compressed_file_is_an_error_naming_its_line(tmp_path, capsys):
+    zstandard = pytest.importorskip("zstandard")
+    whole = records(300)
+    sink = io.BytesIO()
+    writer = zstandard.ZstdCompressor().stream_writer(sink, closefd=False)
+    writer.write(whole[:whole.index(b'{"content": "value_120')])
+    writer.flush(zstandard.FLUSH_BLOCK)  # a writer killed here leaves 120 whole, readable records
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(sink.getvalue())
+    prepare_fails([cut], capsys, tmp_path / "a", rf"{re.escape(str(cut))}:121: the file is damaged or cut short")
+    frame = zstandard.ZstdCompressor().compress(whole)
+    cut.write_bytes(frame[:len(frame) // 2])  # ends inside a record
+    prepare_fails([cut], capsys, tmp_path / "b", r"cut.jsonl.zst:\d+: the file is damaged or cut short")
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(whole)[:600])
+    prepare_fails([gz], capsys, tmp_path / "c", r"cut.jsonl.gz:\d+: the file is damaged or cut short")
+    whole_zst = tmp_path / "two_frames.jsonl.zst"
+    whole_zst.write_bytes(frame + zstandard.ZstdCompressor().compress(records(5)))
+    assert data.prepare(str(whole_zst), tmp_path / "d", log=print)["counts"]["documents_in"] == 305
+    plain = tmp_path / "cut.jsonl"
+    plain.write_bytes(whole[:-7])
+    prepare_fails([plain], capsys, tmp_path / "e", r"cut.jsonl:300: line is not JSON .*the file ends inside it")
+
+
+def test_every_record_read_is_counted(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.table({"content": ["a = 1\n", None, "", "b = 2\n"]}), tmp_path / "t.parquet")
+    (tmp_path / "r.jsonl").write_text('{"content": ""}\n\n{"content": "c = 3\\n"}\n{"content": "\\ud800"}\n')
+    (unreadable_tree(tmp_path / "code") / "empty.py").write_text("")
+    data.prepare(",".join(str(tmp_path / n) for n in ("t.parquet", "r.jsonl", "code")), tmp_path / "out", log=print)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["documents_in"] == 4 + 3 + 3 and stats["kept"] == 4
+    assert stats["kept"] + sum(stats["dropped"].values()) == stats["documents_in"]
+    assert {r: n for r, n in stats["dropped"].items() if n} == {"empty": 4, "not_utf8": 2}
+    assert stats["skipped"] == {"code/gone.py": "cannot be read (No such file or directory)",
+                                "code/latin1.py": "not UTF-8 (invalid continuation byte at byte 3)",
+                                "r.jsonl:3": "not valid unicode"}
+
+
+def test_each_skip_is_reported_once_per_process(tmp_path, capsys):
+    d = tmp_path / "code"
+    d.mkdir()
+    for i in range(30):
+        (d / f"m{i}.py").write_text(f"x{i} = {i}\n")
+    (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    SCANS.clear()
+    train = data.TokenStream(str(d), 1, 7, val_fraction=0.2)  # train.py builds these two
+    data.eval_batches(str(d), 1, 7, 2, val_fraction=0.2)
+    take(train, 20)
+    assert capsys.readouterr().err.count("latin1.py: not UTF-8") == 1
+    assert train.skipped == 1
+
+
+def test_an_empty_corpus_is_refused_and_a_file_with_no_kept_documents_reads_back(tmp_path, capsys):
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.py").write_text("")
+    (tmp_path / "blank" / "b.py").write_text("x = 1\n" * 30 + "y" * 2000 + "\n")  # a line > 1,000
+    prepare_fails([tmp_path / "blank"], capsys, tmp_path / "out", "no document of .*blank is kept "
+                  r"\(2 documents in, 0 kept; dropped: empty 1, max_line_length 1\); nothing written")
+    (tmp_path / "blank" / "0.py").write_text("z = 1\n")
+    data.prepare(str(tmp_path / "blank"), tmp_path / "out", shard_tokens=1, log=print)  # a shard per file
+    assert [s["tokens_count"] for s in json.loads((tmp_path / "out" / "index.json").read_text())["shards"]] == [5, 0]
+    stream = data.TokenStream(str(tmp_path / "out"), 1, 4, val_fraction=0.0)
+    assert decode(next(stream)[0].tolist()) == "z = 1\n<|endoftext|>"
+
+
+def test_field_without_record_files_is_refused(tmp_path, capsys):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "a.py").write_text("a = 1\n")
+    prepare_fails([tmp_path / "code", "--field", "nosuch"], capsys, tmp_path / "out",
+                  "--field nosuch names a field of .jsonl or .parquet records, and .*code has none")
+
+
+@contextlib.contextmanager
+def ctrl_c_after(monkeypatch, documents: int):
+    """Within it, a --prepare is stopped by Ctrl-C after writing `documents` documents."""
+    written = []
+    add = data._ShardWriter.add
+
+    def add_then_stop(self, doc_index, tokens):
+        if len(written) == documents:
+            raise KeyboardInterrupt
+        written.append(doc_index)
+        add(self, doc_index, tokens)
+    with monkeypatch.context() as patch:
+        patch.setattr(data._ShardWriter, "add", add_then_stop)
+        yield
+
+
+def interrupted_prepare(monkeypatch, src, out, after: int, **kwargs):
+    with ctrl_c_after(monkeypatch, after), pytest.raises(KeyboardInterrupt):
+        data.prepare(src, out, log=print, **kwargs)
+
+
+def test_an_interrupted_prepare_resumes_with_any_shard_size(corpus, tmp_path, monkeypatch):
+    sources, _ = corpus
+    data.prepare(sources, tmp_path / "whole", log=print)
+    for shard_tokens, after in ((1 << 27, 5), (300, 13)):
+        out = tmp_path / f"shards_{shard_tokens}"
+        interrupted_prepare(monkeypatch, sources, out, after, shard_tokens=shard_tokens)
+        assert not list(out.glob("*.tmp")), "an interrupted shard is not left behind"
+        assert not json.loads((out / "index.json").read_text())["complete"]
+        data.prepare(sources, out, shard_tokens=shard_tokens, log=print)
+        joined = b"".join(p.read_bytes() for p in sorted(out.glob("tokens_*.bin")))
+        assert joined == (tmp_path / "whole" / "tokens_00000.bin").read_bytes()
+        assert (out / "stats.json").read_text() == (tmp_path / "whole" / "stats.json").read_text()
+
+
+def test_a_resume_with_other_cleaning_flags_is_refused(planted, tmp_path, monkeypatch):
+    _, sources = planted
+    out = tmp_path / "out"
+    interrupted_prepare(monkeypatch, sources["dir"], out, 3, shard_tokens=1)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} was started with other settings "
+                                         r"\(near_dedup=False not True\): rerun with the flags"):
+        data.prepare(sources["dir"], out, cleaning=Cleaning(near_dedup=True), log=print)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    data.prepare(sources["dir"], out, log=print)
+    with pytest.raises(ValueError, match=r"was started with other settings \(filters=True not False"):
+        data.prepare(sources["dir"], out, cleaning=Cleaning(filters=False), log=print)
+
+
+def caught_as_documented(texts: list[str], contamination, benchmark: str) -> tuple[int, int]:
+    """(caught, what docs/data.md says is caught) of `benchmark`'s texts planted in a file."""
+    caught = sum(contamination.contains(f"import os\n\n{t}\n\nprint(os.sep)\n") for t in texts)
+    claim = re.search(rf"(\d+)\s+of\s+{benchmark}'s\s+(\d+)", (REPO / "docs" / "data.md").read_text())
+    assert claim and int(claim.group(2)) == len(texts), f"docs/data.md names no count of {benchmark}"
+    return caught, int(claim.group(1))
+
+
+def test_decontamination_catches_what_the_docs_say():
+    """Every HumanEval problem planted whole is caught, also the five whose prompt and
+    solution squash to fewer characters than the 100-character run (23, 34, 45, 53, 55)."""
+    from corpus import Contamination, benchmark_texts
+    problems = [p for _, p in common.read_humaneval()]
+    caught, claim = caught_as_documented([p["prompt"] + p["canonical_solution"] for p in problems],
+                                         Contamination(benchmark_texts()), "HumanEval")
+    assert caught == claim == 164
+    mtpb = REPO.parent / "shared" / "data" / "mtpb.jsonl"
+    if not mtpb.exists():
+        pytest.skip(f"MTPB's mtpb.jsonl is not at {mtpb}")
+    turns = []
+    for line in mtpb.read_text().splitlines():
+        problem = json.loads(line)
+        turns.append("\n".join(f"# {p.format(**problem['inputs'][0])}" for p in problem["prompts"]))
+    caught, claim = caught_as_documented(turns, Contamination(benchmark_texts(str(mtpb))), "MTPB")
+    assert caught == claim
+
+
+# ----------------------------------------------------------------------------- a huge document
+
+def tricky_text(seed: int, n: int = 400) -> str:
+    """Code-like text with what the pre-tokenizer is sensitive to: runs of spaces and tabs,
+    blank lines, CRLF, contractions, digits, non-ASCII and a character beyond U+FFFF."""
+    rng = np.random.default_rng(seed)
+    bits = ["def", " f", "(x)", ":", "\n", "\n\n", "    ", "\t\t", " ", "  ", "\r\n", "'s", " don't", "1234",
+            " 56", "é", " ünïcode", "👍", "return", " x", "=", "#", " ", "\n    ", "<|endoftext|>", ".", "_y"]
+    return "".join(bits[i] for i in rng.integers(len(bits), size=n))
+
+
+def test_a_huge_document_is_encoded_in_bounded_pieces_with_the_same_tokens(monkeypatch):
+    texts = [tricky_text(seed) for seed in range(60)]
+    stdlib = Path(os.__file__).parent
+    texts += [(stdlib / name).read_text() for name in ("textwrap.py", "tokenize.py", "difflib.py", "inspect.py")]
+    whole = [a.tolist() for a in data._encode(texts)]
+    monkeypatch.setattr(data, "GROUP_CHARS", 40)
+    got = {}
+    for (i,), tokens in data._batched_encode(((i,), t) for i, t in enumerate(texts)):
+        got.setdefault(i, []).append(tokens)
+    assert len(got[len(texts) - 1]) > 1000, "a long document comes in many pieces"
+    for i, pieces in got.items():
+        if i >= 60:  # real code has a safe cut in every line or so
+            assert max(map(len, pieces)) <= 40 + 100, "each piece is about GROUP_CHARS"
+        assert [p[-1] == data.EOS for p in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert np.concatenate(pieces).tolist() == whole[i], f"text {i}: the pieces' tokens are the whole's"
+
+
+def test_pieces_of_a_document_prepare_and_resume_like_the_whole(corpus, tmp_path, monkeypatch):
+    sources, _ = corpus
+    data.prepare(sources, tmp_path / "whole", log=print)
+    full = take(data.TokenStream(sources, B, T), 30)
+    monkeypatch.setattr(data, "GROUP_CHARS", 16)
+    data.prepare(sources, tmp_path / "pieces", log=print)
+    for name in ("tokens_00000.bin", "docs_00000.npy"):
+        assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    stream = data.TokenStream(sources, B, T)
+    np.testing.assert_array_equal(take(stream, 30), full)
+    inside = 0
+    for k in range(1, 25, 2):
+        stream = data.TokenStream(sources, B, T)
+        take(stream, k)
+        state = stream.state()
+        inside += state["offset"] > 16  # past the first piece of a document
+        np.testing.assert_array_equal(take(data.TokenStream(sources, B, T, state=state), 5), full[k:k + 5])
+    assert inside >= 2
+
+
+def test_the_rules_read_a_document_in_blocks_with_the_same_verdicts(monkeypatch):
+    import corpus
+    texts = [tricky_text(seed, 300) for seed in range(40)]
+    texts += ["x\n" * 20 + "é" * 1000, "x\n" * 20 + "é" * 1001, "deadbeef 0123456789\nabcdef\n", "y" * 1001]
+    problem = next(p for _, p in common.read_humaneval())
+    texts.append("import os\n" * 9 + problem["prompt"] + problem["canonical_solution"])
+    contamination = corpus.Contamination(corpus.benchmark_texts())
+    want = [(paper_filter(t), corpus._sha256(t), corpus.squash(t), contamination.contains(t)) for t in texts]
+    monkeypatch.setattr(corpus, "BLOCK_CHARS", 7)
+    assert [(paper_filter(t), corpus._sha256(t), corpus.squash(t), contamination.contains(t)) for t in texts] == want
+    assert want[-1][3] and [w[0] for w in want[-5:-1]] == [None, "max_line_length", "hex_digits", "avg_line_length"]
+
+
+def test_a_huge_document_costs_little_memory_beyond_its_text(tmp_path, monkeypatch):
+    """Preparing and streaming a 4 MB document, read 64 KB at a time: the peak of Python's
+    allocations stays under three times its text's size in memory, not a Python int per token."""
+    import tracemalloc
+
+    import corpus
+    monkeypatch.setattr(corpus, "BLOCK_CHARS", 1 << 16, raising=False)
+    monkeypatch.setattr(data, "GROUP_CHARS", 1 << 16)
+    stdlib = Path(os.__file__).parent
+    text = "".join((stdlib / n).read_text() for n in ("typing.py", "inspect.py", "argparse.py"))
+    text = (text * (4_000_000 // len(text) + 1))[:4_000_000]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "huge.py").write_text(text[:text.rindex("\n") + 1])
+    data.TokenStream(str(tmp_path / "src"), 1, 7, val_fraction=0.0)  # the tokenizer and HumanEval, loaded
+    SCANS.clear()
+    tracemalloc.start()
+    try:
+        data.prepare(str(tmp_path / "src"), tmp_path / "out", log=print)
+        prepare_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        take(data.TokenStream(str(tmp_path / "src"), 4, 2047, val_fraction=0.0), 3)
+        stream_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sys.getsizeof(text)  # 1, 2 or 4 bytes per character
+    assert prepare_peak < 3 * size and stream_peak < 3 * size, (prepare_peak, stream_peak, size)
