@@ -317,6 +317,53 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, writer):
     assert marker.exists()
 
 
+def _text(s):
+    return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()  # BINUNICODE
+
+
+def _int(n):
+    return b"J" + n.to_bytes(4, "little", signed=True)  # BININT
+
+
+def _tuple(items):
+    return b"(" + b"".join(items) + b"t"  # MARK ... TUPLE
+
+
+def _tensor_file(file, offset, size, stride, numel, stored):
+    """A zip pytorch_model.bin written opcode by opcode, as torch writes one tensor `w` of
+    a float32 storage of `numel` elements holding `stored` of them: {w: view}."""
+    storage = _tuple([_text("storage"), b"ctorch\nFloatStorage\n", _text("0"), _text("cpu"), _int(numel)])
+    args = [storage + b"Q", _int(offset), _tuple([_int(n) for n in size]),
+            _tuple([_int(n) for n in stride]), b"\x89", b"}"]  # ..., requires_grad False, hooks {}
+    tensor = b"ctorch._utils\n_rebuild_tensor_v2\n" + _tuple(args) + b"R"
+    with zipfile.ZipFile(file, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}" + _text("w") + tensor + b"s.")
+        zf.writestr("archive/data/0", np.arange(stored, dtype="<f4").tobytes())
+
+
+@pytest.mark.parametrize("offset, size, stride, numel, stored, message", [
+    (1, (2, 2), (1, 2), 6, 6, None),
+    (0, (100,), (1,), 6, 6, "reaches element 99 of a storage of 6"),
+    (5, (2,), (1,), 6, 6, "reaches element 6"),
+    (0, (1 << 20, 1 << 20), (0, 0), 6, 6, None),
+    (-1, (2,), (1,), 6, 6, "out of range"),
+    (0, (2,), (-1,), 6, 6, "out of range"),
+    (0, (2,), (1,), 6, 5, "has 20 bytes, expected 24"),
+])
+def test_a_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride, numel, stored, message):
+    """Views are read where the file says they are, never past their storage's end."""
+    _tensor_file(tmp_path / "w.bin", offset, size, stride, numel, stored)
+    if message is None:
+        got = hf.read_torch_bin(tmp_path / "w.bin")["w"]
+        want = np.lib.stride_tricks.as_strided(np.arange(6, dtype=np.float32)[offset:], size,
+                                               tuple(4 * s for s in stride))
+        assert got.shape == want.shape and got[:2, :2].tolist() == want[:2, :2].tolist()
+        return
+    with pytest.raises(ValueError, match=message) as e:
+        hf.read_torch_bin(tmp_path / "w.bin")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("damage", ["truncated zip", "truncated legacy", "garbled pickle", "missing storage"])
 def test_a_corrupt_bin_is_one_line_and_exit_status_2(tmp_path, capsys, damage):
     """python sample.py --init-from DIR with a damaged pytorch_model.bin."""
