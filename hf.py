@@ -278,18 +278,11 @@ def load_hf(path, dtype=np.float32):
         raise ValueError(f"{path}: {e}; config.json and the weights disagree") from None
 
 
-def _read_safetensors(file):
-    try:
-        return load_file(file)
-    except SafetensorError as e:
-        raise ValueError(str(e)) from None
-
-
 def read_hf_tensors(path):
     """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout
     it uses: one weights file, or shards listed by an index's weight_map."""
     files = set(os.listdir(path))
-    readers = {"model.safetensors": _read_safetensors, "pytorch_model.bin": read_torch_bin}
+    readers = {"model.safetensors": load_file, "pytorch_model.bin": read_torch_bin}
     for single, reader in readers.items():
         index = single + ".index.json"
         if single in files:
@@ -325,7 +318,7 @@ def _read_or_explain(reader, file):
         return reader(file)
     except RefusedPickle:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read {file} ({why}): truncated or corrupt; copy or save it again") from None
 
@@ -381,27 +374,12 @@ class _Tensor:
         self.stride = tuple(stride)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor_v2 (and v1): requires_grad, hooks, metadata unused."""
-    return _Tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(tensor, *unused):
-    """torch._utils._rebuild_parameter: an nn.Parameter is its tensor here."""
-    return tensor
-
-
 class _StateDict(dict):
-    """What an OrderedDict in the pickle becomes: a dict that can take the attributes
-    torch gives a state dict (its `_metadata`), which pickle's BUILD step sets."""
+    """What an OrderedDict in the pickle becomes: a dict that takes the attributes torch
+    gives a state dict (its `_metadata`, module versions) in pickle's BUILD step."""
 
-
-_ALLOWED = {
-    ("collections", "OrderedDict"): _StateDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-}
+    def __setstate__(self, state):
+        self.attributes = state
 
 
 class RefusedPickle(ValueError):
@@ -409,7 +387,18 @@ class RefusedPickle(ValueError):
 
 
 class _Unpickler(pickle.Unpickler):
-    """Builds only dicts, tensors and storages; every other class or function is refused."""
+    """Builds only dicts, tensors and storages; every other class or function is refused.
+
+    What find_class hands the pickle cannot be changed by it: storage types become their
+    names (strings), functions this unpickler's own methods, OrderedDict a class whose
+    BUILD step only stores what it is given."""
+
+    ALLOWED = {
+        ("collections", "OrderedDict"): _StateDict,
+        ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor",
+        ("torch._utils", "_rebuild_tensor"): "rebuild_tensor",
+        ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
+    }
 
     def __init__(self, f, file):
         super().__init__(f)
@@ -418,12 +407,20 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        found = _ALLOWED.get((module, name))
+            return name
+        found = self.ALLOWED.get((module, name))
         if found is None:
             raise RefusedPickle(f"{self.file} asks to run {module}.{name}, refused: a checkpoint "
                                 f"holds only tensors and dicts; load only files you trust")
-        return found
+        return getattr(self, found) if isinstance(found, str) else found
+
+    def rebuild_tensor(self, storage, offset, size, stride, *unused):
+        """torch._utils._rebuild_tensor_v2 (and v1); requires_grad, hooks, metadata unused."""
+        return _Tensor(storage, offset, size, stride)
+
+    def rebuild_parameter(self, tensor, *unused):
+        """torch._utils._rebuild_parameter: an nn.Parameter is its tensor here."""
+        return tensor
 
     def persistent_load(self, pid):
         """('storage', storage type, key, device, numel[, view]) -> a _Storage, one per key."""
@@ -431,10 +428,11 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.60}")
         if len(pid) == 6 and pid[5] is not None:
             raise pickle.UnpicklingError("storage views of torch < 1.0 files are not read")
-        dtype, key, numel = pid[1], str(pid[2]), pid[4]
-        if not isinstance(dtype, np.dtype) or not isinstance(numel, int) or numel < 0:
+        kind, key, numel = pid[1], str(pid[2]), pid[4]
+        if kind not in _STORAGE_DTYPES or not isinstance(numel, int) or numel < 0:
             raise pickle.UnpicklingError(f"malformed storage {pid!r:.60}")
-        return self.storages.setdefault(key, _Storage(key, dtype, numel))
+        storage = _Storage(key, _STORAGE_DTYPES[kind], numel)
+        return self.storages.setdefault(key, storage)
 
 
 def _as_array(tensor, buffers):

@@ -317,6 +317,20 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, writer):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("target", [b"ccollections\nOrderedDict\n", b"ctorch._utils\n_rebuild_tensor_v2\n",
+                                    b"ctorch\nFloatStorage\n"])
+def test_a_pickle_cannot_change_what_the_reader_hands_it(tmp_path, target):
+    """BUILD with a slot state sets attributes on the object before it: here on the very
+    class or function the reader allows, which would change the next file's reading."""
+    slots = b"N}" + _text("__setstate__") + _int(1) + b"s\x86"  # (None, {"__setstate__": 1})
+    with zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02" + target + slots + b"b.")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin \((AttributeError|TypeError)") as e:
+        hf.read_hf_tensors(tmp_path)
+    assert "\n" not in str(e.value)
+    test_a_tensor_outside_its_storage_is_refused(tmp_path, 1, (2, 2), (1, 2), 6, 6, None)  # still reads
+
+
 def _text(s):
     return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()  # BINUNICODE
 
