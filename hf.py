@@ -461,11 +461,16 @@ def _state_dict(obj, buffers, file):
     return {name: _as_array(t, buffers) for name, t in obj.items() if isinstance(t, _Tensor)}
 
 
+def _expect_bytes(storage, nbytes):
+    """Checked before a storage is read: its file stores what its numel calls for."""
+    want = storage.numel * storage.dtype.itemsize
+    if nbytes != want:
+        raise ValueError(f"storage {storage.key} has {nbytes} bytes, expected {want}")
+
+
 def _storage_bytes(raw, storage, little_endian):
     """Raw bytes -> the storage's 1-D array in native byte order."""
-    want = storage.numel * storage.dtype.itemsize
-    if len(raw) != want:
-        raise ValueError(f"storage {storage.key} has {len(raw)} bytes, expected {want}")
+    _expect_bytes(storage, len(raw))
     flat = np.frombuffer(raw, storage.dtype)
     return flat if little_endian else flat.byteswap()
 
@@ -483,8 +488,9 @@ def _read_zip(file):
             obj = unpickler.load()
         buffers = {}
         for key, storage in unpickler.storages.items():
-            raw = zf.read(f"{root}data/{key}")
-            buffers[key] = _storage_bytes(raw, storage, order == b"little")
+            name = f"{root}data/{key}"
+            _expect_bytes(storage, zf.getinfo(name).file_size)  # before a zip bomb inflates
+            buffers[key] = _storage_bytes(zf.read(name), storage, order == b"little")
     return _state_dict(obj, buffers, file)
 
 
@@ -505,6 +511,7 @@ def _read_legacy(file):
             storage = unpickler.storages[str(key)]
             count = int.from_bytes(f.read(8), "little")
             nbytes = count * storage.dtype.itemsize
+            _expect_bytes(storage, nbytes)
             if nbytes > size - f.tell():
                 raise ValueError(f"storage {key} runs past the end of the file")
             buffers[str(key)] = _storage_bytes(f.read(nbytes), storage, little_endian)
