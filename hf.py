@@ -232,8 +232,8 @@ def save_hf(params, config, path, dtype=np.float32):
     directory transformers loads as it is (CodeGenForCausalLM, AutoTokenizer)."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        hf = config_to_hf(config) | {"torch_dtype": np.dtype(dtype).name}
-        json.dump(hf, f, indent=2)
+        fields = config_to_hf(config) | {"torch_dtype": np.dtype(dtype).name}
+        json.dump(fields, f, indent=2)
     state = {name: a.astype(dtype) for name, a in to_hf_state(params, config).items()}
     weights = os.path.join(path, "model.safetensors")
     save_tensors(state, weights, metadata={"format": "pt"})
