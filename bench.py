@@ -37,6 +37,7 @@ import numpy as np
 
 import common
 import data
+import hf
 import model
 import sample
 import train
@@ -127,7 +128,7 @@ def ours_generate(config, params):
 def hf_model(config, params):
     import transformers
     with tempfile.TemporaryDirectory() as d:
-        model.save_hf(params, config, d)
+        hf.save_hf(params, config, d)
         return transformers.CodeGenForCausalLM.from_pretrained(d)
 
 
@@ -154,7 +155,7 @@ def ct2_generators(config, params, workdir):
     import transformers
     from ctranslate2.converters import TransformersConverter
     hf_dir = os.path.join(workdir, "hf")
-    model.save_hf(params, config, hf_dir)
+    hf.save_hf(params, config, hf_dir)
     eos = "<|endoftext|>"
     transformers.PreTrainedTokenizerFast(tokenizer_object=data.get_tokenizer(), bos_token=eos, eos_token=eos,
                                          unk_token=eos).save_pretrained(hf_dir)

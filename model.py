@@ -1,5 +1,5 @@
-"""CodeGen in plain JAX: config, parameters, forward pass with a KV cache, loss, and
-Hugging Face checkpoint import/export.
+"""CodeGen in plain JAX: config, parameters, forward pass with a KV cache, and loss.
+(Checkpoints, ours and the released ones, are read and written by hf.py.)
 
 CodeGen (Nijkamp et al., ICLR 2023, §2.2) is a GPT-J-style decoder:
 
@@ -25,22 +25,15 @@ Shapes are written into names (`x_BTD`) with these letters:
     r rotary_dim / 2      F d_ff = 4 D              V vocab_size    L n_layer
     N = B·T tokens flattened for the head    C tokens per head chunk, G chunks    K micro-batches
 
-    python -c "import model; c, p = model.load_hf('codegen-350M-mono'); print(c)"
+    python -c "import model; print(model.param_count(model.CONFIGS['350M']))"
 """
 import dataclasses
-import json
 import math
-import os
-import pickle
-import zipfile
-from functools import cache, partial
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 # ----------------------------------------------------------------------------- config
 
@@ -345,190 +338,3 @@ def _head_loss_bwd(z_loss, grads, g):
 
 
 head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
-
-
-# ----------------------------------------------------------------------------- Hugging Face format
-# HF CodeGen stores torch Linear weights as [out, in]; ours are JAX kernels [in, out]. q, k, v are
-# fused into one `qkv_proj` in the TPU-v4 layout the weights were trained in (_split_qkv):
-# `load_hf` splits it once into plain `wq`, `wk`, `wv`; `save_hf` puts it back.
-
-_PER_LAYER = {  # our stacked name -> HF name inside transformer.h.{i}
-    "ln_scale": "ln_1.weight", "ln_bias": "ln_1.bias", "wo": "attn.out_proj.weight",
-    "w_in": "mlp.fc_in.weight", "b_in": "mlp.fc_in.bias", "w_out": "mlp.fc_out.weight", "b_out": "mlp.fc_out.bias"}
-_TOP = {"wte": "transformer.wte.weight", "lnf_scale": "transformer.ln_f.weight",
-        "lnf_bias": "transformer.ln_f.bias", "head_w": "lm_head.weight", "head_b": "lm_head.bias"}
-_TRANSPOSED = {"wo", "w_in", "w_out", "head_w"}
-
-
-def _split_qkv(qkv_w, D):
-    """HF qkv_proj.weight [3D, D] -> our (wq, wk, wv), each [D, D]. Output features come in
-    MP_NUM blocks, block m holding [q | v | k] for heads m·H/MP_NUM ... (m+1)·H/MP_NUM - 1."""
-    blocks = qkv_w.T.reshape(D, MP_NUM, 3, D // MP_NUM)      # (in, block, {q,v,k}, features)
-    q, v, k = (blocks[:, :, i, :].reshape(D, D) for i in range(3))
-    return q, k, v
-
-
-def _fuse_qkv(q, k, v):
-    D = q.shape[0]
-    blocks = np.stack([a.reshape(D, MP_NUM, D // MP_NUM) for a in (q, v, k)], axis=2)
-    return blocks.reshape(D, 3 * D).T
-
-
-def to_hf_state(params, config):
-    """Our params -> {HF tensor name: numpy array}."""
-    p = jax.tree.map(np.asarray, params)
-    state = {hf: (p[ours].T if ours in _TRANSPOSED else p[ours]) for ours, hf in _TOP.items()}
-    for i in range(config.n_layer):
-        layer, pre = {name: a[i] for name, a in p["layers"].items()}, f"transformer.h.{i}."
-        for ours, hf in _PER_LAYER.items():
-            state[pre + hf] = layer[ours].T if ours in _TRANSPOSED else layer[ours]
-        state[pre + "attn.qkv_proj.weight"] = _fuse_qkv(layer["wq"], layer["wk"], layer["wv"])
-    return {name: np.ascontiguousarray(a) for name, a in state.items()}
-
-
-def from_hf_state(state, config, dtype=np.float32):
-    """{HF tensor name: array} -> our params, checking every name and shape."""
-    D, F, V = config.n_embd, config.d_ff, config.vocab_size
-    per_layer = {"ln_1.weight": (D,), "ln_1.bias": (D,), "attn.out_proj.weight": (D, D),
-                 "attn.qkv_proj.weight": (3 * D, D), "mlp.fc_in.weight": (F, D), "mlp.fc_in.bias": (F,),
-                 "mlp.fc_out.weight": (D, F), "mlp.fc_out.bias": (D,)}
-    want = {"transformer.wte.weight": (V, D), "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,),
-            "lm_head.weight": (V, D), "lm_head.bias": (V,)}
-    want |= {f"transformer.h.{i}.{name}": shape for i in range(config.n_layer) for name, shape in per_layer.items()}
-    for name, shape in want.items():
-        if name not in state:
-            raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {shape})")
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}")
-    get = lambda name, t=False: np.asarray(state[name], dtype).T if t else np.asarray(state[name], dtype)
-    each = range(config.n_layer)
-    qkv = [_split_qkv(get(f"transformer.h.{i}.attn.qkv_proj.weight"), D) for i in each]  # per layer (wq, wk, wv)
-    layers = {w: np.stack([t[j] for t in qkv]) for j, w in enumerate(("wq", "wk", "wv"))}
-    layers |= {ours: np.stack([get(f"transformer.h.{i}.{hf}", ours in _TRANSPOSED) for i in each])
-               for ours, hf in _PER_LAYER.items()}
-    params = {ours: get(hf, ours in _TRANSPOSED) for ours, hf in _TOP.items()} | {"layers": layers}
-    return jax.tree.map(jnp.asarray, params)
-
-
-def config_to_hf(config):
-    return {"model_type": "codegen", "architectures": ["CodeGenForCausalLM"], "vocab_size": config.vocab_size,
-            "n_positions": config.n_ctx, "n_ctx": config.n_ctx, "n_embd": config.n_embd, "n_layer": config.n_layer,
-            "n_head": config.n_head, "rotary_dim": config.rotary_dim, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": config.layer_norm_epsilon,
-            "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32"}
-
-
-def config_from_hf(hf, where="config.json"):
-    """Our Config from a HF CodeGen config.json (a dict); what is absent takes transformers'
-    CodeGenConfig default (rotary_dim 64, n_positions 2048) except the four sizes."""
-    if not isinstance(hf, dict) or hf.get("model_type") != "codegen":
-        kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise ValueError(f"{where} has model_type {kind!r}; only 'codegen' checkpoints load here")
-
-    def field(name, default=None, kind=int):
-        value = hf.get(name, default)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, kind)):
-            raise ValueError(f"{name} is {value!r}, expected a number; a CodeGen config.json gives n_layer, "
-                             f"n_embd, n_head, rotary_dim and vocab_size")
-        return value
-    try:
-        if (hf.get("n_inner") not in (None, 4 * field("n_embd"))
-                or hf.get("activation_function", "gelu_new") != "gelu_new"):  # transformers' defaults
-            raise ValueError("n_inner/activation_function other than CodeGen's (4·n_embd, gelu_new) are not supported")
-        return Config(n_layer=field("n_layer"), n_embd=field("n_embd"), n_head=field("n_head"),
-                      rotary_dim=field("rotary_dim", 64), n_ctx=field("n_positions", 2048),
-                      vocab_size=field("vocab_size"), layer_norm_epsilon=field("layer_norm_epsilon", 1e-5, float))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def save_hf(params, config, path, dtype=np.float32):
-    """Write `config.json` + `model.safetensors`, loadable by transformers' CodeGenForCausalLM."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config) | {"torch_dtype": np.dtype(dtype).name}, f, indent=2)
-    save_file({name: a.astype(dtype) for name, a in to_hf_state(params, config).items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-
-def load_hf(path, dtype=np.float32):
-    """(config, params) from a HF CodeGen directory: `model.safetensors`, sharded
-    `*.safetensors` + index, or `pytorch_model.bin` (read without torch); fp32/fp16/bf16.
-    A train.py output directory (holding `ckpt-*` subdirectories) loads its newest checkpoint.
-    A missing, truncated or mismatched file is one ValueError line naming it."""
-    path = os.fspath(path)
-    checkpoints = sorted(d for d in os.listdir(path) if d.startswith("ckpt-")) if os.path.isdir(path) else []
-    if checkpoints and not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(path, checkpoints[-1])  # a train.py output directory: its newest checkpoint
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "
-                         f"pass a Hugging Face CodeGen directory or one written by train.py")
-    try:
-        with open(cfg_path, "rb") as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise ValueError(f"cannot read {cfg_path}: {e}") from None
-    config, state = config_from_hf(hf, cfg_path), read_hf_tensors(path)
-    if hf.get("tie_word_embeddings") and "transformer.wte.weight" in state:  # the head shares the embedding
-        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
-    try:
-        return config, from_hf_state(state, config, dtype)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}; config.json and the weights disagree") from None
-
-
-def read_hf_tensors(path):
-    """All tensors of a HF checkpoint directory as numpy arrays, whichever file layout it uses:
-    one weights file, or shards listed by an index's weight_map."""
-    files = set(os.listdir(path))
-    for single, reader in (("model.safetensors", load_file), ("pytorch_model.bin", read_torch_bin)):
-        file = os.path.join(path, single if single in files else single + ".index.json")
-        try:
-            if single in files:
-                return reader(file)
-            if single + ".index.json" in files:
-                with open(file) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                return {k: v for shard in shards for k, v in reader(os.path.join(path, shard)).items()}
-        except (OSError, ValueError, KeyError, TypeError, EOFError, SafetensorError, zipfile.BadZipFile,
-                pickle.UnpicklingError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot read {file} ({why}): truncated or corrupt; copy or save it again") from None
-    raise ValueError(f"no weights in {path!r}: expected model.safetensors, sharded *.safetensors with "
-                     f"model.safetensors.index.json, or pytorch_model.bin")
-
-
-_TORCH_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-                 "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
-                 "BoolStorage": np.bool_, "ByteStorage": np.uint8}
-
-
-def read_torch_bin(file):
-    """Read a `torch.save` state dict without torch. The file is a zip: `*/data.pkl` is a pickle
-    whose tensors point (via persistent ids) at raw little-endian storages `*/data/<key>`."""
-    with zipfile.ZipFile(file) as zf:
-        pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if pkl is None:
-            raise ValueError(f"{file!r} is not a torch zip checkpoint (no data.pkl); re-save it with torch>=1.6")
-        root = pkl[: -len("data.pkl")]
-        load_storage = cache(lambda dtype, key: np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype))
-
-        def rebuild(storage, offset, size, stride, *_):  # each tensor is a strided view of its storage
-            strides = tuple(s * storage.dtype.itemsize for s in stride)
-            return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), strides).copy()
-
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):  # only what a state dict holds: nothing runs
-                allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("collections", "OrderedDict"): dict}
-                found = allowed.get((module, name), _TORCH_DTYPES.get(name) if module == "torch" else None)
-                if found is None:
-                    raise pickle.UnpicklingError(f"{file!r}: unsupported object {module}.{name} in checkpoint")
-                return found
-
-            def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
-                return load_storage(pid[1], pid[2])
-
-        with zf.open(pkl) as f:
-            return dict(Unpickler(f).load())

@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import common
 import data
+import hf
 import model
 import tpu
 
@@ -327,7 +328,7 @@ def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0
     """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
     token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
     temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
-    samples. `params` as model.load_hf gives them or `prepare`d (as `load` does: faster to reuse).
+    samples. `params` as hf.load_hf gives them or `prepare`d (as `load` does: faster to reuse).
     `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids may run
     up to CHUNK tokens past the point it first said True; `complete` cuts the text). `mesh`: above."""
     _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
@@ -399,11 +400,11 @@ def prepare(params, dtype="float32"):
 
 
 def load(path, dtype="float32", mesh=None):
-    """(config, params) ready to decode: the checkpoint at `path` (model.load_hf) `prepare`d;
+    """(config, params) ready to decode: the checkpoint at `path` (hf.load_hf) `prepare`d;
     on a `mesh`'s devices, each its shards."""
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
-    config, params = model.load_hf(path)
+    config, params = hf.load_hf(path)
     params = prepare(params, dtype)                                # numpy, on the host
     if mesh is not None:
         tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])

@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import common
 import data
+import hf
 import model
 import tpu
 
@@ -152,8 +153,8 @@ def save_checkpoint(out, state, config, extra, keep):
     final = os.path.join(out, f"ckpt-{step:07d}")
     tmp = os.path.join(out, f".tmp-ckpt-{step:07d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_hf(state["params"], config, tmp)
-    save_file(_flat(state["mu"], "mu/") | _flat(state["nu"], "nu/"), os.path.join(tmp, "optimizer.safetensors"))
+    hf.save_hf(state["params"], config, tmp)
+    hf.save_tensors(_flat(state["mu"], "mu/") | _flat(state["nu"], "nu/"), os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
         json.dump(extra | {"step": step}, f, indent=1)
     if os.path.exists(final):
@@ -172,7 +173,7 @@ def list_checkpoints(out):
 def load_checkpoint(path, config):
     """(train state, train_state.json) of a checkpoint; a corrupt one is one ValueError line."""
     try:
-        ckpt_config, params = model.load_hf(path)
+        ckpt_config, params = hf.load_hf(path)
         if ckpt_config == config:
             with open(os.path.join(path, "train_state.json")) as f:
                 extra = json.load(f)
@@ -359,7 +360,7 @@ def main(argv=None):
     config, init_params = model.CONFIGS[args.size], None
     if args.init_from:
         try:
-            config, init_params = model.load_hf(args.init_from)
+            config, init_params = hf.load_hf(args.init_from)
         except (OSError, ValueError) as e:
             raise ValueError(f"--init-from {args.init_from}: {e}") from None
 

@@ -205,12 +205,12 @@ def test_interrupted_generation_resumes(problems, tmp_path, capsys):
 def checkpoint():
     """checkpoint(path, n_ctx): a tiny random model with CodeGen's vocabulary and a context of
     n_ctx tokens (the weights do not depend on it), saved at `path`."""
-    import model
+    import hf
     from conftest import WIDE, random_params
     params = random_params(WIDE)
 
     def save(path, n_ctx):
-        model.save_hf(params, dataclasses.replace(WIDE, n_ctx=n_ctx), path)
+        hf.save_hf(params, dataclasses.replace(WIDE, n_ctx=n_ctx), path)
         return path
     return save
 

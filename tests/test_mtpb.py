@@ -461,11 +461,11 @@ def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_fil
 def checkpoint(tmp_path_factory, wide):
     """checkpoint(n_ctx): the `wide` model with a context of n_ctx tokens (the weights do not
     depend on it), saved in a fresh directory."""
-    import model
+    import hf
 
     def save(n_ctx):
         path = tmp_path_factory.mktemp("ckpt")
-        model.save_hf(wide[1], dataclasses.replace(wide[0], n_ctx=n_ctx), path)
+        hf.save_hf(wide[1], dataclasses.replace(wide[0], n_ctx=n_ctx), path)
         return path
     return save
 

@@ -18,6 +18,7 @@ from conftest import TINY, WIDE, random_params
 
 import common
 import data
+import hf
 import model
 import sample
 
@@ -47,12 +48,12 @@ def greedy_alone():
 def test_greedy_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch", reason="torch (CPU) is the parity reference")
     transformers = pytest.importorskip("transformers", reason="transformers is the parity reference")
-    model.save_hf(tiny(), TINY, tmp_path)
-    hf = transformers.CodeGenForCausalLM.from_pretrained(tmp_path).eval()
+    hf.save_hf(tiny(), TINY, tmp_path)
+    reference = transformers.CodeGenForCausalLM.from_pretrained(tmp_path).eval()
     for prompt, ours in zip(PROMPTS, greedy_alone()):
         x = torch.tensor([prompt])
         with torch.no_grad():  # EOS (50256) is outside this vocabulary, so neither side stops early
-            theirs = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+            theirs = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
                                  pad_token_id=0)[0, len(prompt):].tolist()
         assert len(ours) == NEW and ours == theirs
 
@@ -333,7 +334,7 @@ def test_bad_input_is_a_one_line_value_error(kwargs, message):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    model.save_hf(wide(), WIDE, path)
+    hf.save_hf(wide(), WIDE, path)
     return path
 
 

@@ -26,6 +26,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import common
+import hf
 import model
 import tpu
 from conftest import TINY
@@ -39,7 +40,7 @@ SAMPLE_MESHES = ["8x1x1", "1x1x8", "2x2x2"]  # data only (rows padded), model on
 EIGHT_DEVICES = r"""
 import json, sys, tempfile
 import jax, numpy as np
-import model, sample, tpu, train
+import hf, model, sample, tpu, train
 
 EIGHT_WAY, MESHES, SAMPLE_MESHES = json.loads(sys.argv[1])
 config = model.Config(**EIGHT_WAY)
@@ -100,8 +101,8 @@ for spec in MESHES:
                                       "cache/k": shard(st["cache"]["k"][0]),
                                       "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
             with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
-                model.save_hf(new_state["params"], config, tmp)
-                loaded_config, loaded = model.load_hf(tmp)
+                hf.save_hf(new_state["params"], config, tmp)
+                loaded_config, loaded = hf.load_hf(tmp)
             r["checkpoint_equal"] = loaded_config == config and all(
                 np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host["params"])))
     out["meshes"][spec] = r

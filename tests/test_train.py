@@ -22,6 +22,7 @@ import pytest
 from conftest import TINY, WIDE, random_params, run_cli
 
 import common
+import hf
 import model
 import train
 import tpu
@@ -277,8 +278,8 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line_and_changes_nothing(tmp_pa
     newest = out / "ckpt-0000004"
     weights = (newest / "model.safetensors").read_bytes()
     cases = [("model.safetensors", weights[:len(weights) // 2], "truncated or corrupt"),
-             ("config.json", json.dumps(model.config_to_hf(WIDE) | {"n_layer": None}), "n_layer"),
-             ("config.json", json.dumps(model.config_to_hf(WIDE) | {"n_head": "4"}), "n_head"),
+             ("config.json", json.dumps(hf.config_to_hf(WIDE) | {"n_layer": None}), "n_layer"),
+             ("config.json", json.dumps(hf.config_to_hf(WIDE) | {"n_head": "4"}), "n_head"),
              ("optimizer.safetensors", b"junk", "unreadable"),
              ("train_state.json", "{", "unreadable")]
     for name, content, message in cases:
@@ -290,7 +291,7 @@ def test_corrupt_or_mismatched_checkpoint_is_one_line_and_changes_nothing(tmp_pa
         assert stdout == [] and snapshot(out) == before
         (newest / name).write_bytes(good)
     other = model.Config(n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_ctx=128)
-    model.save_hf(random_params(other), other, newest)  # a checkpoint of another shape
+    hf.save_hf(random_params(other), other, newest)  # a checkpoint of another shape
     code, _, err = run(flags(out, corpus, "--max-steps", "5"), capsys)
     assert code == 2 and len(err) == 1 and "different model" in err[0] and "ckpt-0000004" in err[0], err
 
@@ -302,7 +303,7 @@ def tiny_init(tmp_path_factory):
     """WIDE's random weights as a HF directory: subprocess runs --init-from it (the script
     cannot see this file's --size tiny preset)."""
     path = tmp_path_factory.mktemp("tiny")
-    model.save_hf(random_params(WIDE), WIDE, path)
+    hf.save_hf(random_params(WIDE), WIDE, path)
     return str(path)
 
 
@@ -381,7 +382,7 @@ def test_checkpoint_loads_in_transformers_and_init_from_starts_at_its_loss(tmp_p
     transformers = pytest.importorskip("transformers", reason="transformers is the reference")
     first = finished
     ckpt = first / "ckpt-0000004"
-    config, params = model.load_hf(first)  # a train.py output directory loads its newest checkpoint
+    config, params = hf.load_hf(first)  # a train.py output directory loads its newest checkpoint
     m = transformers.CodeGenForCausalLM.from_pretrained(ckpt).eval()
     tokens = np.arange(20)[None] * 37 % WIDE.vocab_size
     with torch.no_grad():
