@@ -23,6 +23,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -44,20 +45,28 @@ INSTALL_HINT = "apt-get install bubblewrap"
 _THIS_FILE = os.path.abspath(__file__)
 
 
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/ld.so.cache")   # what Python runs on
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+
+
+def _python_dirs():
+    """Python's own directories (where this interpreter and its packages live)."""
+    return sorted({sys.prefix, sys.base_prefix} - {"/usr"})
+
+
 def _bwrap_command():
     """bwrap's arguments: new namespaces, the judge as PID 1, no capabilities, and a private
-    view of the file system: read-only the system's programs and libraries, Python and this
-    directory; /proc read-only; /dev with null, zero and urandom only; a private /tmp."""
+    view of the file system: read-only the system's programs and libraries, Python, and the
+    two files the judge runs; /proc read-only; /dev with DEVICES only; a private /tmp."""
     view = []
-    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+    for path in SYSTEM:
         if os.path.islink(path):
             view += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
+        elif os.path.exists(path):
             view += ["--ro-bind", path, path]
-    for path in sorted({os.path.dirname(_THIS_FILE), sys.prefix, sys.base_prefix, *sys.path}):
-        if os.path.isdir(path) and not path.startswith("/usr/"):
-            view += ["--ro-bind", path, path]
-    devices = [arg for name in ("null", "zero", "urandom") for arg in ("--dev-bind", f"/dev/{name}", f"/dev/{name}")]
+    for path in [*_python_dirs(), _THIS_FILE, os.path.join(os.path.dirname(_THIS_FILE), "common.py")]:
+        view += ["--ro-bind", path, path]
+    devices = [arg for path in DEVICES for arg in ("--dev-bind", path, path)]
     return (["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
              "--new-session", "--as-pid-1", "--cap-drop", "ALL", *view, "--proc", "/proc", "--remount-ro", "/proc",
              "--tmpfs", "/dev", *devices, "--remount-ro", "/dev", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
@@ -97,21 +106,27 @@ def landlock_abi():
 
 
 def _confine(directory):
-    """Landlock: create, change or delete files only below `directory` (and write /dev/null);
-    ABI >= 6: signal, or reach abstract unix sockets of, only its own domain. Reads stay free."""
+    """Landlock: read only SYSTEM, Python's dirs, DEVICES, its own /proc/PID and `directory`;
+    create, change or delete files only below `directory` (and write /dev/null); ABI >= 6:
+    signal, or reach abstract unix sockets of, only its own domain."""
     if (abi := landlock_abi()) == 0:
         return
-    # LANDLOCK_ACCESS_FS_* bits: WRITE_FILE=1<<1, REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1),
-    # REFER=1<<13 (ABI 2, links and renames across directories), TRUNCATE=1<<14 (ABI 3).
-    write_file, truncate = 1 << 1, (1 << 14 if abi >= 3 else 0)
-    handled = write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
+    # LANDLOCK_ACCESS_FS_* bits: EXECUTE=1<<0, WRITE_FILE=1<<1, READ_FILE=1<<2, READ_DIR=1<<3,
+    # REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1), REFER=1<<13 (ABI 2, links and renames across
+    # directories), TRUNCATE=1<<14 (ABI 3).
+    read, write_file, truncate = 0b1101, 1 << 1, (1 << 14 if abi >= 3 else 0)
+    handled = read | write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
     # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (0: not restricted
     # here, seccomp has no socket()), scoped (ABSTRACT_UNIX_SOCKET=1 | SIGNAL=2)
     attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
     ruleset = _call(_libc.syscall, 444, attr, len(attr), 0)
-    for path, allowed in ((directory, handled), ("/dev/null", write_file | truncate)):
+    rules = [(directory, handled), ("/dev/null", read | write_file | truncate), (f"/proc/{os.getpid()}", read)]
+    rules += [(path, read) for path in (*SYSTEM, *_python_dirs(), *DEVICES[1:]) if os.path.exists(path)]
+    for path, allowed in rules:
         fd = os.open(path, os.O_PATH)
-        _call(_libc.syscall, 445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0)  # add_rule PATH_BENEATH
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        allowed &= handled if is_dir else read | write_file | truncate   # a file takes file rights only
+        _call(_libc.syscall, 445, ruleset, 1, struct.pack("=Qi", allowed & ~(0 if is_dir else 1 << 3), fd), 0)
         os.close(fd)
     _call(_libc.syscall, 446, ruleset, 0)                 # landlock_restrict_self
     os.close(ruleset)
@@ -269,7 +284,9 @@ def _program_process(program, secret, paths):
     import os
     import sys
     write, exit_now = os.write, os._exit   # our own references: the program may reassign os.*
-    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     sys.path[:] = paths
     sys.set_int_max_str_digits(0)          # results are plain data of any size
     main = type(sys)("__main__")           # a fresh __main__ module, as `python program.py` has
@@ -454,7 +471,7 @@ def _judge(program, check, timeout, memory_mb):
     for _, pidfd in children:
         os.close(pidfd)
     status, reason = result[0] or _verdict(result[3], secret, result[4])
-    clean = _remove_tree(workdir)
+    clean = _remove_tree(workdir) and not (sys.argv[2:] == ["bwrap"] and os.listdir("/tmp"))   # else a fresh /tmp
     return dict(status=status, reason=reason, stdout=result[1].decode("utf-8", "replace"),
                 stderr=result[2].decode("utf-8", "replace"), seconds=time.monotonic() - start,
                 clean=clean)

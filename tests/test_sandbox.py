@@ -188,7 +188,7 @@ def test_judge_and_canary_cannot_be_poisoned(path, canary):
     attacks += ["import os\nos.setpriority(os.PRIO_USER, 0, 19)",
                 "import os\nos.setpriority(os.PRIO_PGRP, 0, 19)"]
     results = _honest_still_pass(attacks * 2, path, workers=2)   # a second round against fresh judges
-    assert all(r.status == "failed" and r.reason.split(":")[0] in ("PermissionError", "FileNotFoundError")
+    assert all(r.status == "failed" and r.reason.split(":")[0] in ("PermissionError", "FileNotFoundError", "OSError")
                for r in results), results                  # not found: under bwrap it cannot see the canary
 
 
