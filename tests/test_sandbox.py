@@ -427,3 +427,227 @@ def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
         sandbox.main([str(tmp_path / "nope.py")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: cannot read {tmp_path / 'nope.py'}: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- verdicts of the evaluations
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
+TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/13", "HumanEval/32", "HumanEval/53"]
+SEARCH = """
+    import gc, os, re, sys
+    found = set()
+    frame = sys._getframe()
+    while frame is not None:                      # every local up the stack
+        found.update(v for v in frame.f_locals.values() if isinstance(v, (bytes, str)))
+        frame = frame.f_back
+    found.update(o for o in gc.get_objects() if isinstance(o, (bytes, str)) and len(o) == 32)
+    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
+        for line in maps:                           # 32 hex digits anywhere in memory
+            start, end = (int(x, 16) for x in line.split()[0].split('-'))
+            if line.split()[1][0] == 'r' and end - start < 1 << 26:
+                try:
+                    mem.seek(start)
+                    found.update(re.findall(rb'[0-9a-f]{32}', mem.read(end - start)))
+                except OSError:
+                    pass
+    for fd in range(64):                          # every open fd: read what it has
+        try:
+            os.set_blocking(fd, False)
+            found.add(os.read(fd, 4096))
+        except OSError:
+            pass
+    for fd in range(3, 64):
+        for secret in list(found)[:3000]:
+            try:
+                os.write(fd, (secret if isinstance(secret, bytes) else secret.encode())[:4096])
+                os.write(fd, b'S' + (secret if isinstance(secret, bytes) else secret.encode())[:4096])
+            except (OSError, ValueError):
+                pass
+    os._exit(0)
+"""
+ALWAYS_EQUAL = """
+    class Anything(float):
+        def __eq__(self, other): return True
+        def __ne__(self, other): return False
+        def __lt__(self, other): return True
+        def __gt__(self, other): return True
+        def __abs__(self): return 0
+        def __sub__(self, other): return Anything()
+        def __iter__(self): return iter([])
+        def __len__(self): return 0
+        __hash__ = float.__hash__
+    return Anything()
+"""
+TRACER = """
+    import linecache, sys
+    def skip(frame, event, arg):                  # jump over every line that asserts
+        if event == 'line' and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith('assert'):
+            try:
+                frame.f_lineno = frame.f_lineno + 1
+            except ValueError:
+                pass
+        return skip
+    sys.settrace(lambda frame, event, arg: skip)
+    sys._getframe().f_back.f_trace = skip
+    return None
+"""
+PATCH = """
+    import builtins, math
+    builtins.abs = lambda x: 0
+    builtins.isinstance = lambda *a: True
+    builtins.round = lambda *a: 0
+    builtins.len = lambda x: 0
+    math.isclose = lambda *a, **k: True
+    builtins.AssertionError = type('Nothing', (Exception,), {})
+    return 0
+"""
+EXIT = "\n    import os\n    os._exit(0)\n"
+
+
+@pytest.fixture(scope="module")
+def humaneval_problems():
+    if not HUMANEVAL.exists():
+        pytest.skip(f"HumanEval data not found at {HUMANEVAL}")
+    import humaneval
+    return humaneval.load_problems(str(HUMANEVAL))
+
+
+def test_humaneval_verdicts_cannot_be_forged(path, humaneval_problems):
+    """Completions that solve nothing: memory, frame, gc and fd searches for a secret, an answer
+    equal to everything, a tracer skipping asserts, rebound builtins, exiting early: all fail,
+    on each path, while the canonical solutions in the same batch pass."""
+    import humaneval
+    attacks = [SEARCH, ALWAYS_EQUAL, TRACER, PATCH, EXIT, "\n    import sys\n    sys.exit(0)\n"]
+    samples = [{"task_id": t, "completion": a} for a in attacks for t in TASKS]
+    samples += [{"task_id": t, "completion": humaneval_problems[t]["canonical_solution"]} for t in TASKS]
+    results = humaneval.score(samples, humaneval_problems, timeout=10.0, workers=2)
+    assert [r["passed"] for r in results] == [False] * (len(samples) - len(TASKS)) + [True] * len(TASKS), \
+        [(r["task_id"], r["result"]) for r in results if r["passed"]]
+    reasons = [r["result"] for r in results[len(TASKS):2 * len(TASKS)]]
+    assert all("not plain data" in reason for reason in reasons), reasons    # the answer equal to everything
+
+
+def test_mtpb_verdicts_cannot_be_forged(path):
+    """The gold output is in no memory of the program's process: it cannot print it; an object
+    equal to everything, a tracer and an early exit do not pass either."""
+    import mtpb_check
+    gold = [3, 1, 4, 1, 5, 9, 2, 6]
+    walk = """import sys
+frame, found = sys._getframe(), []
+while frame is not None:
+    found += [v for v in frame.f_locals.values() if isinstance(v, (list, str))]
+    frame = frame.f_back
+for value in found:
+    print(value)"""
+    equal = "class Anything(list):\n    def __eq__(self, other): return True\nprint(Anything())"
+    exit_early = "import os\nprint([3, 1, 4])\nos._exit(0)"
+    honest = "print([3, 1, 4, 1, 5, 9, 2, 6])"
+    jobs = [mtpb_check.program_for(p, gold, semantics) for semantics in (False, True)
+            for p in (walk, equal, SEARCH.replace("\n    ", "\n"), exit_early, honest)]
+    results = sandbox.run_many(jobs, timeout=10.0, workers=2)
+    assert [r.status for r in results] == (["failed"] * 4 + ["passed"]) * 2, results
+
+
+def test_plain_data_round_trip_and_nothing_else():
+    values = [None, True, -3, 2 ** 200, -0.0, 1e300, float("inf"), "a\nb'\"", [1, (2, {3}), {"k": [set()]}], ()]
+    for value in values:
+        assert sandbox.plain(sandbox._plain_text(value)) == value
+        assert type(sandbox.plain(sandbox._plain_text(value))) is type(value)
+    nan = sandbox.plain(sandbox._plain_text(float("nan")))
+    assert nan != nan
+    for text in ("__import__('os')", "x", "(1).real", "{**a}", "[1] * 3", "f'x'", "b'x'", "1j", "print()"):
+        with pytest.raises(ValueError, match="not plain data"):
+            sandbox.plain(text)
+    with pytest.raises(TypeError, match="returned a Counter, not plain data"):
+        sandbox._plain_text([__import__("collections").Counter()])
+    loop = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match="holds itself"):
+        sandbox._plain_text(loop)
+
+
+# ----------------------------------------------------------------------------- past the verdict
+
+def test_no_earlier_output_in_memory(path):
+    token = secrets.token_hex(16)
+    printer = f"for _ in range(60):\n    print('tok-{token}' * 20)"
+    searcher = """import re
+found = set()
+with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
+    for line in maps:
+        start, end = (int(x, 16) for x in line.split()[0].split('-'))
+        if line.split()[1][0] == 'r' and end - start < 1 << 28:
+            try:
+                mem.seek(start)
+                found.update(re.findall(rb'tok-([0-9a-f]{32})', mem.read(end - start)))
+            except OSError:
+                pass
+print(sorted(x.decode() for x in found))"""
+    results = sandbox.run_many([printer, searcher, (searcher, "pass")], workers=1)
+    assert [r.status for r in results] == ["passed"] * 3, results
+    assert token not in results[1].stdout and token not in results[2].stdout and results[1].stdout == "[]\n"
+
+
+def test_host_fifos_ttys_and_files_are_out_of_view(path):
+    """A FIFO and a terminal outside the sandbox's view: nothing reaches them, nothing is read."""
+    fifo = REPO / "tests" / f".sandbox-fifo-{secrets.token_hex(4)}"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    leader, follower = os.openpty()
+    os.write(leader, b"typed by a user\n")
+    terminal = os.ttyname(follower)
+    try:
+        attacks = [f"import os\nfd = os.open({str(fifo)!r}, os.O_WRONLY | os.O_NONBLOCK)\nos.write(fd, b'injected')",
+                   f"import os\nos.read(os.open({str(fifo)!r}, os.O_RDONLY | os.O_NONBLOCK), 10)",
+                   f"import os\nprint(os.read(os.open({terminal!r}, os.O_RDONLY | os.O_NONBLOCK), 100))",
+                   "import os\nos.read(os.open('/dev/tty', os.O_RDONLY | os.O_NONBLOCK), 100)",
+                   f"open({str(REPO / 'README.md')!r}).read()", "open('/etc/hostname').read()"]
+        results = _honest_still_pass(attacks, path)
+        assert [r.status for r in results] == ["failed"] * len(attacks), results
+        assert os.read(reader, 100) == b""              # no writer ever wrote
+        assert os.read(follower, 100) == b"typed by a user\n"          # still there: nobody read it
+    finally:
+        for fd in (reader, leader, follower):
+            os.close(fd)
+        fifo.unlink()
+
+
+def test_futexes_and_the_page_cache(path):
+    """A futex that is not private (the kind a shared file mapping needs) is refused; fadvise
+    and madvise that would evict a host file from the page cache do nothing."""
+    target = os.__file__                               # a file both paths show
+    size = os.path.getsize(target)
+    futex = "202 if os.uname().machine == 'x86_64' else 98"
+    program = f"""{LIBC}word = ctypes.c_int(0)
+print(libc.syscall({futex}, ctypes.c_void_p(ctypes.addressof(word)), 1, 1, 0, 0, 0), ctypes.get_errno())    # FUTEX_WAKE
+print(libc.syscall({futex}, ctypes.c_void_p(ctypes.addressof(word)), 129, 1, 0, 0, 0))     # FUTEX_WAKE_PRIVATE
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+fd = os.open({target!r}, os.O_RDONLY)
+address = libc.mmap(None, {size}, 1, 1, fd, 0)                # PROT_READ, MAP_SHARED
+for advice in (20, 21, 4, 9):                                 # COLD, PAGEOUT, DONTNEED, REMOVE
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t({size}), advice)
+libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t({size}))
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)"""
+    Path(target).read_bytes()
+    assert _resident(target) == 1.0
+    r = sandbox.run(program)
+    assert r.status == "passed" and r.stdout.split("\n")[:2] == ["-1 1", "0"], r
+    assert _resident(target) == 1.0
+
+
+def _resident(path):
+    """The fraction of the file's pages in the page cache (mincore on a mapping of it)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
+    libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    return sum(v & 1 for v in vec) / pages
