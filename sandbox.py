@@ -106,9 +106,9 @@ def landlock_abi():
 
 
 def _confine(directory):
-    """Landlock: read only SYSTEM, Python's dirs, DEVICES, its own /proc/PID and `directory`;
-    create, change or delete files only below `directory` (and write /dev/null); ABI >= 6:
-    signal, or reach abstract unix sockets of, only its own domain."""
+    """Landlock: read only SYSTEM, Python's dirs, DEVICES, its own /proc/PID and `directory`
+    (and list any directory); create, change or delete files only below `directory` (and
+    write /dev/null); ABI >= 6: signal, or reach abstract unix sockets of, only its domain."""
     if (abi := landlock_abi()) == 0:
         return
     # LANDLOCK_ACCESS_FS_* bits: EXECUTE=1<<0, WRITE_FILE=1<<1, READ_FILE=1<<2, READ_DIR=1<<3,
@@ -120,7 +120,8 @@ def _confine(directory):
     # here, seccomp has no socket()), scoped (ABSTRACT_UNIX_SOCKET=1 | SIGNAL=2)
     attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
     ruleset = _call(_libc.syscall, 444, attr, len(attr), 0)
-    rules = [(directory, handled), ("/dev/null", read | write_file | truncate), (f"/proc/{os.getpid()}", read)]
+    rules = [(directory, handled), ("/dev/null", read | write_file | truncate), (f"/proc/{os.getpid()}", read),
+             ("/", 1 << 3)]     # names of directories, which getcwd needs beyond PATH_MAX; no file's content
     rules += [(path, read) for path in (*SYSTEM, *_python_dirs(), *DEVICES[1:]) if os.path.exists(path)]
     for path, allowed in rules:
         fd = os.open(path, os.O_PATH)

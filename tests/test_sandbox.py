@@ -140,7 +140,7 @@ def test_processes_and_threads_are_bounded(path):
     bomb = "import os, time\nfor i in range(300):\n    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)"
     threads = ("import threading, time\nthreading.stack_size(32768)\nfor i in range(300):\n"   # small stacks:
                "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"  # not memory-bound
-               "    print(i, flush=True)")
+               "    print(i, flush=True)\ntime.sleep(1)")                                    # still running
     others = ["import subprocess; subprocess.run(['true'])", "import os; assert os.system('true') == 0",
               "import os; os.posix_spawn('/bin/true', ['true'], {})",
               "import multiprocessing as mp; p = mp.Process(target=print); p.start(); p.join()",
@@ -254,10 +254,10 @@ def test_files_outside_the_temp_dir_are_untouched(path, canary_file):
     assert [r.status for r in sandbox.run_many(pretended)] == ["passed"] * 4    # and change nothing
 
 
-def test_file_locks_are_pretended(path, canary_file):
-    with open(canary_file) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)               # a real lock, held by the test
-        r = sandbox.run(f"import fcntl\nf = open({str(canary_file)!r})\n"
+def test_file_locks_are_pretended(path):
+    with open(os.__file__) as f:                    # a host file both paths show
+        fcntl.flock(f, fcntl.LOCK_SH)               # a real lock, held by the test
+        r = sandbox.run(f"import fcntl\nf = open({os.__file__!r})\n"
                         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nfcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)")
     assert r.status == "passed", r                  # it never reached the kernel's lock
 
