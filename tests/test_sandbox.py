@@ -432,37 +432,35 @@ def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
 # ----------------------------------------------------------------------------- verdicts of the evaluations
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
-TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/13", "HumanEval/32", "HumanEval/53"]
+TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/13", "HumanEval/70", "HumanEval/83"]
 SEARCH = """
     import gc, os, re, sys
-    found = set()
+    found = []
+    for fd in range(64):                          # every open fd: what can be read there
+        try:
+            os.set_blocking(fd, False)
+            found += re.findall(rb'[0-9a-f]{32}', os.read(fd, 1 << 16))
+        except OSError:
+            pass
     frame = sys._getframe()
     while frame is not None:                      # every local up the stack
-        found.update(v for v in frame.f_locals.values() if isinstance(v, (bytes, str)))
+        found += [v for v in frame.f_locals.values() if isinstance(v, bytes) and len(v) == 32]
         frame = frame.f_back
-    found.update(o for o in gc.get_objects() if isinstance(o, (bytes, str)) and len(o) == 32)
+    found += [o for o in gc.get_objects() if isinstance(o, bytes) and len(o) == 32]
     with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
-        for line in maps:                           # 32 hex digits anywhere in memory
+        for line in maps:                         # 32 hex digits anywhere in memory
             start, end = (int(x, 16) for x in line.split()[0].split('-'))
             if line.split()[1][0] == 'r' and end - start < 1 << 26:
                 try:
                     mem.seek(start)
-                    found.update(re.findall(rb'[0-9a-f]{32}', mem.read(end - start)))
+                    found += re.findall(rb'[0-9a-f]{32}', mem.read(end - start))[:20]
                 except OSError:
                     pass
-    for fd in range(64):                          # every open fd: read what it has
+    for fd in range(3, 64):                       # the likeliest secret, to every fd
         try:
-            os.set_blocking(fd, False)
-            found.add(os.read(fd, 4096))
-        except OSError:
+            os.write(fd, found[0])
+        except (OSError, IndexError):
             pass
-    for fd in range(3, 64):
-        for secret in list(found)[:3000]:
-            try:
-                os.write(fd, (secret if isinstance(secret, bytes) else secret.encode())[:4096])
-                os.write(fd, b'S' + (secret if isinstance(secret, bytes) else secret.encode())[:4096])
-            except (OSError, ValueError):
-                pass
     os._exit(0)
 """
 ALWAYS_EQUAL = """
@@ -479,17 +477,19 @@ ALWAYS_EQUAL = """
     return Anything()
 """
 TRACER = """
-    import linecache, sys
-    def skip(frame, event, arg):                  # jump over every line that asserts
-        if event == 'line' and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip().startswith('assert'):
-            try:
-                frame.f_lineno = frame.f_lineno + 1
-            except ValueError:
-                pass
-        return skip
-    sys.settrace(lambda frame, event, arg: skip)
-    sys._getframe().f_back.f_trace = skip
     return None
+import dis, sys
+def skip(frame, event, arg):                      # jump from an assert to the next line without one
+    asserts = {i.positions.lineno for i in dis.get_instructions(frame.f_code)
+               if i.opname == 'LOAD_ASSERTION_ERROR'}
+    later = sorted({n for _, _, n in frame.f_code.co_lines() if n and n > frame.f_lineno} - asserts)
+    if event == 'line' and frame.f_lineno in asserts and later:
+        try:
+            frame.f_lineno = later[0]
+        except ValueError:
+            pass
+    return skip
+sys.settrace(skip)
 """
 PATCH = """
     import builtins, math
@@ -528,24 +528,22 @@ def test_humaneval_verdicts_cannot_be_forged(path, humaneval_problems):
 
 
 def test_mtpb_verdicts_cannot_be_forged(path):
-    """The gold output is in no memory of the program's process: it cannot print it; an object
-    equal to everything, a tracer and an early exit do not pass either."""
+    """The gold output is in no memory of the program's process, so it cannot print it; a number
+    whose difference to anything is 0, a memory search and an early exit do not pass either."""
     import mtpb_check
-    gold = [3, 1, 4, 1, 5, 9, 2, 6]
     walk = """import sys
 frame, found = sys._getframe(), []
-while frame is not None:
-    found += [v for v in frame.f_locals.values() if isinstance(v, (list, str))]
+while frame is not None:                          # lists of numbers up the stack: the gold?
+    found += [v for v in frame.f_locals.values() if type(v) is list and v and all(type(x) is int for x in v)]
     frame = frame.f_back
 for value in found:
     print(value)"""
-    equal = "class Anything(list):\n    def __eq__(self, other): return True\nprint(Anything())"
-    exit_early = "import os\nprint([3, 1, 4])\nos._exit(0)"
-    honest = "print([3, 1, 4, 1, 5, 9, 2, 6])"
-    jobs = [mtpb_check.program_for(p, gold, semantics) for semantics in (False, True)
-            for p in (walk, equal, SEARCH.replace("\n    ", "\n"), exit_early, honest)]
+    close = "class Close(int):\n    def __sub__(self, other): return 0\n    def __rsub__(self, other): return 0\nprint(Close())"
+    cases = [(walk, [3, 1, 4, 1, 5]), (close, 42), (SEARCH.replace("\n    ", "\n"), 42),
+             ("import os\nprint(42)\nos._exit(0)", 42), ("print(6 * 7)", 42), ("print([3, 1, 4, 1, 5])", [3, 1, 4, 1, 5])]
+    jobs = [mtpb_check.program_for(p, gold, semantics) for semantics in (False, True) for p, gold in cases]
     results = sandbox.run_many(jobs, timeout=10.0, workers=2)
-    assert [r.status for r in results] == (["failed"] * 4 + ["passed"]) * 2, results
+    assert [r.status for r in results] == (["failed"] * 4 + ["passed"] * 2) * 2, results
 
 
 def test_plain_data_round_trip_and_nothing_else():
