@@ -661,8 +661,9 @@ def isolation(allow_fallback=None):
         if path == "bwrap" or allow_fallback is None:
             return path
         if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
+            lost = "; without Landlock it would not even protect files" * (landlock_abi() == 0)
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
-                          "fallback with SANDBOX_ISOLATION=rlimits (sandbox.py: --allow-fallback)")
+                          f"fallback with SANDBOX_ISOLATION=rlimits (sandbox.py: --allow-fallback){lost}")
         if not _warned:
             _warned = True
             gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [

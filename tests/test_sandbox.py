@@ -649,3 +649,46 @@ def _resident(path):
     assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
     libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
     return sum(v & 1 for v in vec) / pages
+
+
+def test_bwrap_holds_without_landlock(monkeypatch):
+    """As on a kernel without Landlock (SANDBOX_LANDLOCK=off): namespaces and read-only mounts
+    still keep /proc/sys, /dev, other processes' memory and fds, and later programs' /tmp."""
+    if BWRAP_PATH != "bwrap":
+        pytest.skip(f"the bwrap path is not available here: {WHY_NOT_BWRAP}")
+    monkeypatch.setenv("SANDBOX_LANDLOCK", "off")
+    monkeypatch.setattr(sandbox, "_isolation", ("bwrap", "chosen by the test"))
+    assert sandbox.landlock_abi() == 0
+    hostile = ["open('/proc/sys/kernel/core_pattern', 'w')", "open('/dev/fill', 'w')",
+               "open('/proc/1/mem', 'rb')", "open('/proc/1/fd/1', 'w').write('{}')",
+               "import os\nfor pid in os.listdir('/proc'):\n    if pid.isdigit() and int(pid) != os.getpid():\n"
+               "        open(f'/proc/{pid}/mem', 'rb')",
+               ("import os\nfor pid in os.listdir('/proc'):\n    if pid.isdigit() and int(pid) not in (1, os.getpid()):\n"
+                "        open(f'/proc/{pid}/fd/3', 'wb').write(b'S')", "remote('nothing')"),
+               "import os\nfor i in range(50):\n    open(f'/tmp/left{i}', 'w').write('x' * 100_000)\nassert False"]
+    honest_failing = ["assert 1 == 2", ("def f():\n    return 1\n", "assert remote('f')() == 2")]
+    look = "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('/dev'))"
+    results = sandbox.run_many(hostile + honest_failing + [look], timeout=5.0, workers=1)
+    assert [r.status for r in results[:-1]] == ["failed"] * (len(hostile) + 2), results
+    assert results[-1].stdout.count("program-") == 1 and "left" not in results[-1].stdout, results[-1]
+    assert "fill" not in results[-1].stdout
+
+
+def test_fallback_without_landlock_refuses_saying_what_is_lost(monkeypatch, capsys):
+    monkeypatch.setenv("SANDBOX_LANDLOCK", "off")
+    monkeypatch.delenv("SANDBOX_ISOLATION", raising=False)
+    monkeypatch.setattr(sandbox, "_isolation", ("rlimits", "bwrap not found"))
+    monkeypatch.setattr(sandbox, "_warned", False)
+    with pytest.raises(OSError, match="without Landlock it would not even protect files"):
+        sandbox.run("pass")
+    assert sandbox.run("pass", allow_fallback=True).status == "passed"
+    assert "Landlock: files NOT protected" in capsys.readouterr().err
+
+
+def test_inode_flood_is_stopped(path):
+    """Bytes are bounded by the tmpfs, files by the judge's count (bwrap); cleanup counts in seconds."""
+    flood = "import os\nfor i in range(30_000):\n    open(str(i), 'w').close()\nimport time\ntime.sleep(2)"
+    r = sandbox.run(flood, timeout=8.0)
+    if path == "bwrap":
+        assert (r.status, r.reason) == ("failed", f"made more than {sandbox.FILES} files"), r
+    assert sandbox.run("import os\nprint(len(os.listdir('/tmp')))").stdout == "1\n" or path == "rlimits"
