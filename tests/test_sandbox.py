@@ -393,18 +393,22 @@ def test_bad_arguments():
         sandbox.run_many(["pass"], timeout=0)
 
 
-def test_fallback_refuses_unless_asked(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("landlock", ["", "off"])
+def test_fallback_refuses_unless_asked(monkeypatch, capsys, tmp_path, landlock):
+    monkeypatch.setenv("SANDBOX_LANDLOCK", landlock)       # off: as on a kernel without Landlock
     monkeypatch.delenv("SANDBOX_ISOLATION", raising=False)
     monkeypatch.setattr(sandbox, "_isolation", ("rlimits", "bwrap not found"))
     monkeypatch.setattr(sandbox, "_warned", False)
-    with pytest.raises(OSError, match="apt-get install bubblewrap"):
+    with pytest.raises(OSError, match="apt-get install bubblewrap") as refusal:
         sandbox.run("print('model-written code')")
+    assert ("without Landlock it would not even protect files" in str(refusal.value)) == (landlock == "off")
     assert sandbox.run("print(1)", allow_fallback=True).stdout == "1\n"
     assert sandbox.run("print(2)", allow_fallback=True).stdout == "2\n"
     with pytest.raises(OSError, match="apt-get install bubblewrap"):
         sandbox.run_many(["print('still refused without asking')"])
     err = capsys.readouterr().err
     assert err.count("sandbox:") == 1 and "less isolated" in err and "apt-get install bubblewrap" in err
+    assert ("Landlock: files NOT protected" in err) == (landlock == "off")
     program = tmp_path / "prog.py"
     program.write_text("print('model-written code')")
     with pytest.raises(SystemExit) as e:                 # the CLI: one line, exit status 2
@@ -672,17 +676,6 @@ def test_bwrap_holds_without_landlock(monkeypatch):
     assert [r.status for r in results[:-1]] == ["failed"] * (len(hostile) + 2), results
     assert results[-1].stdout.count("program-") == 1 and "left" not in results[-1].stdout, results[-1]
     assert "fill" not in results[-1].stdout
-
-
-def test_fallback_without_landlock_refuses_saying_what_is_lost(monkeypatch, capsys):
-    monkeypatch.setenv("SANDBOX_LANDLOCK", "off")
-    monkeypatch.delenv("SANDBOX_ISOLATION", raising=False)
-    monkeypatch.setattr(sandbox, "_isolation", ("rlimits", "bwrap not found"))
-    monkeypatch.setattr(sandbox, "_warned", False)
-    with pytest.raises(OSError, match="without Landlock it would not even protect files"):
-        sandbox.run("pass")
-    assert sandbox.run("pass", allow_fallback=True).status == "passed"
-    assert "Landlock: files NOT protected" in capsys.readouterr().err
 
 
 def test_inode_flood_is_stopped(path):
