@@ -1,13 +1,19 @@
 """Run untrusted Python programs (model-written code: HumanEval, paper §3; MTPB, §4) and get
-back a verdict that no program can forge, for itself or for any other program.
+back their verdicts, each decided where the program cannot reach.
 
-Each program runs in a forked child of a judge (`python -E -s sandbox.py --judge`, one per
-worker) inside bubblewrap; the child locks itself down (rlimits, Landlock, no capabilities,
-an allowlist seccomp filter) and writes a random secret to a verdict pipe only after the
-program's last line. Without bubblewrap it refuses unless the weaker fallback (the same
-child on the host) is asked for. docs/sandbox.md: the design and each path's threat model.
+A judge (`python -E -s sandbox.py --judge`, one per worker) runs inside bubblewrap. For each
+program it forks a child that locks itself down (rlimits, Landlock, no capabilities, an
+allowlist seccomp filter) and then becomes a fresh interpreter, holding nothing of the
+judge's memory, that runs the program. Given a check (the evaluations' tests), a second
+locked-down child runs it: it calls the program's functions and gets plain data back, and
+its own verdict is the program's, so nothing the program does can fake a pass. A program
+alone passes if it sends a random secret after its last line: this stops exits and printed
+"passed", but a program that searches its memory can pass itself. Without bubblewrap it
+refuses unless the weaker fallback (the same children on the host) is asked for.
+docs/sandbox.md: the design and each path's threat model.
 
     sandbox.run_many(programs, timeout=3.0, workers=8)    # Results in the order of `programs`
+    sandbox.run_many([(program, check)])                  # check: remote('f')(1) == 2
     python sandbox.py prog.py --timeout 3 --memory-mb 2048 [--allow-fallback]
 """
 import ast
@@ -674,9 +680,11 @@ def isolation(allow_fallback=None):
 
 
 def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None, allow_fallback=False):
-    """Run every program (Python source), `workers` at a time (default: the CPU count); their
-    Results in input order. 'passed' iff it ran to its end within `timeout` wall-clock seconds
-    and `memory_mb` of address space. `progress(done, total)` is called after each program
+    """Run every program, `workers` at a time (default: the CPU count); their Results in input
+    order. A program is Python source, 'passed' iff it ran to its end, or (source, check):
+    'passed' iff the check ran to its end, calling the program's functions through
+    `remote(name)(*args)`; within `timeout` wall-clock seconds and `memory_mb` of address
+    space each. `progress(done, total)` is called after each program
     (one call at a time). Without bubblewrap: OSError, unless `allow_fallback`."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")
