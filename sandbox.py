@@ -74,9 +74,9 @@ def _bwrap_command():
         view += ["--ro-bind", path, path]
     devices = [arg for path in DEVICES for arg in ("--dev-bind", path, path)]
     return (["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
-             "--new-session", "--as-pid-1", "--cap-drop", "ALL", *view, "--proc", "/proc", "--remount-ro", "/proc",
-             "--tmpfs", "/dev", *devices, "--remount-ro", "/dev", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
-             "--"])
+             "--new-session", "--as-pid-1", "--cap-drop", "ALL", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
+             *view, "--proc", "/proc", "--remount-ro", "/proc", "--tmpfs", "/dev", *devices, "--remount-ro", "/dev",
+             "--"])                        # the view after /tmp: Python or this file may live under /tmp
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -478,7 +478,7 @@ def _judge(program, check, timeout, memory_mb):
     for _, pidfd in children:
         os.close(pidfd)
     status, reason = result[0] or _verdict(result[3], secret, result[4])
-    clean = _remove_tree(workdir) and not (sys.argv[2:] == ["bwrap"] and os.listdir("/tmp"))   # else a fresh /tmp
+    clean = _remove_tree(workdir) and _tmp_as_it_was()
     return dict(status=status, reason=reason, stdout=result[1].decode("utf-8", "replace"),
                 stderr=result[2].decode("utf-8", "replace"), seconds=time.monotonic() - start,
                 clean=clean)
@@ -491,7 +491,9 @@ def _watch(children, fds, start, timeout):
     bufs = {fd: bytearray() for fd in fds}
     caps = dict(zip(fds, ((OUTPUT_CAP, "stdout"), (OUTPUT_CAP, "stderr"), (4096, "the verdict pipe"))))
     pidfds = {pidfd: pid for pid, pidfd in children}
-    problem, watched, first = None, [*fds, *pidfds], children[0][1]
+    problem = None
+    watched = [*fds, *pidfds]
+    first = children[0][1]
     while watched and problem is None:
         if (remaining := start + timeout - time.monotonic()) <= 0:
             problem = ("timed out", f"exceeded the {timeout:g} s wall-clock limit")
@@ -509,9 +511,8 @@ def _watch(children, fds, start, timeout):
             if len(bufs[fd]) > caps[fd][0]:
                 problem = ("error", f"exceeded the output cap ({caps[fd][0]} bytes on {caps[fd][1]})")
                 break
-    for pid in pidfds.values():
-        if problem is not None:
-            os.kill(pid, signal.SIGKILL)   # no other process to kill: they could not make any
+    for pid in pidfds.values() if problem is not None else []:
+        os.kill(pid, signal.SIGKILL)       # no other process to kill: they could not make any
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pidfds.values()]
     for fd in fds:
         os.close(fd)
@@ -529,6 +530,15 @@ def _over_limits(pids):
         if tmp.f_files - tmp.f_ffree > FILES:
             return ("failed", f"made more than {FILES} files")
     return None
+
+
+_TMP_AT_START = []    # under bwrap: what the judge's private /tmp held before any program
+
+
+def _tmp_as_it_was():
+    """False when a program left something in the private /tmp (possible without Landlock):
+    the judge is then replaced, and with it /tmp."""
+    return sys.argv[2:] != ["bwrap"] or sorted(os.listdir("/tmp")) == _TMP_AT_START
 
 
 def _threads(pid):
@@ -590,6 +600,7 @@ def _serve():
     _call(_libc.prctl, 4, 0)               # PR_SET_DUMPABLE 0: no process may read or write our memory
     _call(_libc.prctl, 1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the evaluating process
     del sys.path[0]                        # this file's directory: its modules are not the programs'
+    _TMP_AT_START.extend(sorted(os.listdir("/tmp")))
     for line in sys.stdin.buffer:
         request = json.loads(line)
         try:
