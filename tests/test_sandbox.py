@@ -10,6 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -437,7 +438,22 @@ def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
 TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/13", "HumanEval/70", "HumanEval/83"]
-SEARCH = """
+MEMORY = """
+def memory_matches(pattern):                      # in every readable region of this process
+    import re
+    found = []
+    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split('-'))
+            if line.split()[1][0] == 'r' and end - start < 1 << 28:
+                try:
+                    mem.seek(start)
+                    found += re.findall(pattern, mem.read(end - start))
+                except OSError:
+                    pass
+    return found
+"""
+SEARCH = textwrap.indent(MEMORY, "    ") + """
     import gc, os, re, sys
     found = []
     for fd in range(64):                          # every open fd: what can be read there
@@ -451,15 +467,7 @@ SEARCH = """
         found += [v for v in frame.f_locals.values() if isinstance(v, bytes) and len(v) == 32]
         frame = frame.f_back
     found += [o for o in gc.get_objects() if isinstance(o, bytes) and len(o) == 32]
-    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
-        for line in maps:                         # 32 hex digits anywhere in memory
-            start, end = (int(x, 16) for x in line.split()[0].split('-'))
-            if line.split()[1][0] == 'r' and end - start < 1 << 26:
-                try:
-                    mem.seek(start)
-                    found += re.findall(rb'[0-9a-f]{32}', mem.read(end - start))[:20]
-                except OSError:
-                    pass
+    found += memory_matches(rb'[0-9a-f]{32}')     # 32 hex digits anywhere in memory
     for fd in range(3, 64):                       # the likeliest secret, to every fd
         try:
             os.write(fd, found[0])
@@ -543,7 +551,7 @@ while frame is not None:                          # lists of numbers up the stac
 for value in found:
     print(value)"""
     close = "class Close(int):\n    def __sub__(self, other): return 0\n    def __rsub__(self, other): return 0\nprint(Close())"
-    cases = [(walk, [3, 1, 4, 1, 5]), (close, 42), (SEARCH.replace("\n    ", "\n"), 42),
+    cases = [(walk, [3, 1, 4, 1, 5]), (close, 42), (textwrap.dedent(SEARCH), 42),
              ("import os\nprint(42)\nos._exit(0)", 42), ("print(6 * 7)", 42), ("print([3, 1, 4, 1, 5])", [3, 1, 4, 1, 5])]
     jobs = [mtpb_check.program_for(p, gold, semantics) for semantics in (False, True) for p, gold in cases]
     results = sandbox.run_many(jobs, timeout=10.0, workers=2)
@@ -573,21 +581,11 @@ def test_plain_data_round_trip_and_nothing_else():
 def test_no_earlier_output_in_memory(path):
     token = secrets.token_hex(16)
     printer = f"for _ in range(60):\n    print('tok-{token}' * 20)"
-    searcher = """import re
-found = set()
-with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
-    for line in maps:
-        start, end = (int(x, 16) for x in line.split()[0].split('-'))
-        if line.split()[1][0] == 'r' and end - start < 1 << 28:
-            try:
-                mem.seek(start)
-                found.update(re.findall(rb'tok-([0-9a-f]{32})', mem.read(end - start)))
-            except OSError:
-                pass
-print(sorted(x.decode() for x in found))"""
-    results = sandbox.run_many([printer, searcher, (searcher, "pass")], workers=1)
-    assert [r.status for r in results] == ["passed"] * 3, results
-    assert token not in results[1].stdout and token not in results[2].stdout and results[1].stdout == "[]\n"
+    searcher = MEMORY + "print(sorted({x.decode() for x in memory_matches(rb'tok-([0-9a-f]{32})')}))"
+    results = sandbox.run_many([printer, searcher], workers=1)
+    results += sandbox.run_many([printer, (searcher, "pass")], workers=1)   # a program beside a check
+    assert token not in results[1].stdout and results[1].stdout == "[]\n", results[1]
+    assert token not in results[3].stdout and [r.status for r in results] == ["passed"] * 4, results
 
 
 def test_host_fifos_ttys_and_files_are_out_of_view(path):
