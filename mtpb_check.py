@@ -2,11 +2,14 @@
 salesforce/CodeGen `codegen1/benchmark/mtpb_exec.py`): the checker that runs inside the sandbox,
 and the pass rates per problem, per category and overall.
 
-The sandbox runs this file's text with one line appended, `main('<case as JSON>')` (see
-`program_for`). `main` runs the generated program with a print hook and raises AssertionError
-unless the first argument of its last print call equals the gold output, so the sandbox's
-verdict 'passed' means the program passed. The rules, default and reference
-(--reference-semantics), are in docs/evaluation.md. mtpb.py imports the rest.
+The sandbox runs this file's text twice (see `program_for`). As the program, with
+`main('<case as JSON>')` appended: it runs the generated program with a print hook and keeps
+the first argument of its last print call as plain data (`last_printed`). As the check, in a
+process of its own that alone knows the gold output, with `judge(...)` appended: it asks the
+program's process for that value and raises AssertionError unless it matches, so the sandbox's
+verdict 'passed' means the program passed and nothing the program does can say otherwise.
+The rules, default and reference (--reference-semantics), are in docs/evaluation.md.
+mtpb.py imports the rest.
 
 Standard library only: numpy and pandas values are recognised when the program imported them.
 """
@@ -59,7 +62,9 @@ def print_last_statement(code):
 
 
 def to_plain(x):
-    """numpy scalars and arrays, pandas Series and tuples as Python scalars and lists, recursively."""
+    """numpy scalars and arrays, pandas Series and tuples as Python scalars and lists,
+    recursively; subclasses of the plain types (Counter, a str subclass) as exactly those
+    types, their own __eq__ and __str__ left behind."""
     np, pd = _loaded("numpy"), _loaded("pandas")
     if pd is not None and isinstance(x, pd.Series):
         x = x.to_numpy()
@@ -68,7 +73,16 @@ def to_plain(x):
     if isinstance(x, (list, tuple)):
         return [to_plain(v) for v in x]
     if isinstance(x, dict):
-        return {(k.item() if np is not None and isinstance(k, np.generic) else k): to_plain(v) for k, v in x.items()}
+        return {_exact(k.item() if np is not None and isinstance(k, np.generic) else k): to_plain(v)
+                for k, v in dict.items(x)}
+    return _exact(x)
+
+
+def _exact(x):
+    """A scalar of a subclass of int, float or str as exactly that type; else x."""
+    for kind, convert in ((int, int.__int__), (float, float.__float__), (str, str.__str__)):
+        if isinstance(x, kind) and type(x) not in (bool, kind):
+            return convert(x)
     return x
 
 
@@ -113,12 +127,18 @@ def reference_equivalent(o1, o2):
     included: a few numpy types become Python ones, a list of tuples a list of lists; on a type
     mismatch a bool gold compares as text and anything else is cast `type(gold)(printed)`
     ("ab" -> ['a', 'b']); dict and None are unsupported types and raise ValueError."""
+    return reference_compare(*reference_plain(o1), o2)
+
+
+def reference_plain(o1):
+    """The printed side of reference_equivalent, in the program's process: (kind, value)
+    with kind 'series' (a pandas Series, compared with allclose), 'value' (plain data) or
+    'text' (anything else, which only a cast to str can match)."""
     np, pd = _loaded("numpy"), _loaded("pandas")
     if pd is not None and isinstance(o1, pd.Series):
-        o1, o2 = o1.to_numpy(), np.array(o2)
-    elif type(o1) == list:
-        if len(o1) > 0 and type(o1[0]) == tuple:
-            o1 = [list(t) for t in o1]
+        return "series", o1.to_numpy().tolist()
+    if type(o1) == list and len(o1) > 0 and type(o1[0]) == tuple:
+        o1 = [list(t) for t in o1]
     elif np is not None and type(o1) in (np.uint8, np.int16, np.int32, np.int64):
         o1 = int(o1)
     elif np is not None and type(o1) in (np.float16, np.float32, np.float64):
@@ -127,6 +147,22 @@ def reference_equivalent(o1, o2):
         o1 = bool(o1)
     elif np is not None and type(o1) == np.ndarray:
         o1 = o1.tolist()
+    return ("value", o1) if _is_plain(o1) else ("text", str(o1))
+
+
+def _is_plain(x):
+    if type(x) in (list, tuple, set):
+        return all(_is_plain(v) for v in x)
+    if type(x) is dict:
+        return all(_is_plain(k) and _is_plain(v) for k, v in x.items())
+    return x is None or type(x) in (bool, int, float, str)
+
+
+def reference_compare(kind, o1, o2):
+    """The gold side of reference_equivalent, on what reference_plain sent."""
+    if kind == "series":
+        import numpy as np
+        return bool(np.allclose(np.array(o1), np.array(o2)))
     if type(o1) != type(o2):
         if type(o2) == bool:
             o1, o2 = str(o1), str(o2)
@@ -136,8 +172,6 @@ def reference_equivalent(o1, o2):
         return o1 == o2
     if type(o1) == float:
         return abs(o1 - o2) < FLOAT_TOLERANCE
-    if np is not None and type(o1) == np.ndarray:
-        return np.allclose(o1, o2)
     raise ValueError(f"Unsupported type {type(o1)}")
 
 
@@ -148,9 +182,9 @@ class _Discard(io.TextIOBase):
         return len(s)
 
 
-def check_program(program, gold, reference_semantics, time_limit):
-    """Run `program` with a print hook and raise AssertionError unless its last printed value
-    matches `gold`.
+def check_program(program, reference_semantics, time_limit):
+    """Run `program` with a print hook and return the first argument of its last print call;
+    AssertionError when there is none.
 
     Default: any exception (the program's included) fails. Reference semantics (mtpb_exec.py
     `do_exec`): the program's exceptions are swallowed, and an in-process alarm after `time_limit`
@@ -182,15 +216,16 @@ def check_program(program, gold, reference_semantics, time_limit):
         raise AssertionError("the program printed nothing")
     if not printed[-1]:
         raise AssertionError("the last print call had no argument")
-    value = printed[-1][0]
-    match = reference_equivalent(value, gold) if reference_semantics else equivalent(value, gold)
-    if not match:
-        raise AssertionError(f"printed {reprlib.repr(value)}, expected {reprlib.repr(gold)}")
+    return printed[-1][0]
+
+
+_LAST = []  # in the program's process: what last_printed answers
 
 
 def main(case_json):
-    """Check one case inside the sandbox: one BLAS thread (many programs run side by side), and
-    `random` and numpy seeded with 0 so the random problems (20, 23) score the same every time."""
+    """Run one case as the program's process: one BLAS thread (many programs run side by side),
+    and `random` and numpy seeded with 0 so the random problems (20, 23) score the same every
+    time. The value to judge is kept, as plain data, for `last_printed`."""
     case = json.loads(case_json)
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     random.seed(0)
@@ -199,16 +234,34 @@ def main(case_json):
         numpy.random.seed(0)
     except ImportError:
         pass
-    check_program(case["program"], case["gold"], case["reference_semantics"], case["time_limit"])
+    value = check_program(case["program"], case["reference_semantics"], case["time_limit"])
+    _LAST.append(reference_plain(value) if case["reference_semantics"] else ("value", to_plain(value)))
+
+
+def last_printed():
+    """(kind, value) of the last print: what the check's process asks for."""
+    return _LAST[-1]
+
+
+def judge(gold_json, reference_semantics):
+    """In the check's process: AssertionError unless the program's last printed value,
+    received as plain data, matches the gold output."""
+    gold = json.loads(gold_json)
+    kind, value = remote("last_printed")()  # noqa: F821 (the sandbox gives the check `remote`)
+    match = reference_compare(kind, value, gold) if reference_semantics else equivalent(value, gold)
+    if not match:
+        raise AssertionError(f"printed {reprlib.repr(value)}, expected {reprlib.repr(gold)}")
 
 
 # ----------------------------------------------------------------------------- in the evaluating process
 
 def program_for(program, gold, reference_semantics=False, time_limit=10.0):
-    """What the sandbox runs to check one sample: this file, then `main` on the case."""
-    case = json.dumps({"program": program, "gold": gold, "reference_semantics": bool(reference_semantics),
+    """What the sandbox runs to check one sample: (the program: this file, then `main` on the
+    case without its gold; the check: this file, then `judge` with the gold)."""
+    case = json.dumps({"program": program, "reference_semantics": bool(reference_semantics),
                        "time_limit": float(time_limit)})
-    return f"{_own_source()}\n\nmain({case!r})\n"
+    check = f"{_own_source()}\n\njudge({json.dumps(gold)!r}, {bool(reference_semantics)})\n"
+    return f"{_own_source()}\n\nmain({case!r})\n", check
 
 
 @functools.cache

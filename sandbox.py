@@ -1,18 +1,26 @@
 """Run untrusted Python programs (model-written code: HumanEval, paper §3; MTPB, §4) and get
-back a verdict that no program can forge, for itself or for any other program.
+back their verdicts, each decided where the program cannot reach.
 
-Each program runs in a forked child of a judge (`python -E -s sandbox.py --judge`, one per
-worker) inside bubblewrap; the child locks itself down (rlimits, Landlock, no capabilities,
-an allowlist seccomp filter) and writes a random secret to a verdict pipe only after the
-program's last line. Without bubblewrap it refuses unless the weaker fallback (the same
-child on the host) is asked for. docs/sandbox.md: the design and each path's threat model.
+A judge (`python -E -s sandbox.py --judge`, one per worker) runs inside bubblewrap. For each
+program it forks a child that locks itself down (rlimits, Landlock, no capabilities, an
+allowlist seccomp filter) and then becomes a fresh interpreter, holding nothing of the
+judge's memory, that runs the program. Given a check (the evaluations' tests), a second
+locked-down child runs it: it calls the program's functions and gets plain data back, and
+its own verdict is the program's, so nothing the program does can fake a pass. A program
+alone passes if it sends a random secret after its last line: this stops exits and printed
+"passed", but a program that searches its memory can pass itself. Without bubblewrap it
+refuses unless the weaker fallback (the same children on the host) is asked for.
+docs/sandbox.md: the design and each path's threat model.
 
     sandbox.run_many(programs, timeout=3.0, workers=8)    # Results in the order of `programs`
+    sandbox.run_many([(program, check)])                  # check: remote('f')(1) == 2
     python sandbox.py prog.py --timeout 3 --memory-mb 2048 [--allow-fallback]
 """
+import ast
 import contextlib
 import ctypes
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -21,6 +29,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -35,15 +44,41 @@ FILE_SIZE_MB = 16          # largest file a program may write (RLIMIT_FSIZE)
 OPEN_FILES = 64            # RLIMIT_NOFILE
 PROCESSES = 64             # threads at most: the judge counts them (and RLIMIT_NPROC under bwrap)
 TMPFS_MB = 64              # the private /tmp under bwrap: all a program can write there
+FILES = 10_000             # files and dirs in the private /tmp: the judge counts them every 10 ms
 OUTPUT_CAP = 64 * 1024     # bytes kept of stdout and of stderr; more stops the program
 JUDGE_SLACK = 20.0         # seconds a judge may take beyond the program's timeout to answer
 INSTALL_HINT = "apt-get install bubblewrap"
 _THIS_FILE = os.path.abspath(__file__)
-_BWRAP = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
-          "--new-session", "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-          "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp"] + [   # and, if under /tmp, this dir and Python
-    arg for path in {os.path.dirname(_THIS_FILE), sys.prefix, sys.base_prefix} if path.startswith("/tmp/")
-    for arg in ("--ro-bind", path, path)] + ["--"]
+
+
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc/ld.so.cache")   # what Python runs on
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+
+
+def _python_dirs():
+    """Python's own directories (where this interpreter and its packages live)."""
+    return sorted({sys.prefix, sys.base_prefix} - {"/usr"})
+
+
+def _bwrap_command():
+    """bwrap's arguments: new namespaces, the judge as PID 1, no capabilities, and a private
+    view of the file system: read-only the system's programs and libraries, Python, and the
+    two files the judge runs; /proc read-only; /dev with DEVICES only; a private /tmp."""
+    view = []
+    for path in SYSTEM:
+        if os.path.islink(path):
+            view += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            view += ["--ro-bind", path, path]
+    for path in [*_python_dirs(), _THIS_FILE, os.path.join(os.path.dirname(_THIS_FILE), "common.py")]:
+        view += ["--ro-bind", path, path]
+    devices = [arg for path in DEVICES for arg in ("--dev-bind", path, path)]
+    return (["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--die-with-parent",
+             "--new-session", "--as-pid-1", "--cap-drop", "ALL", "--size", str(TMPFS_MB << 20), "--tmpfs", "/tmp",
+             *view, "--proc", "/proc", "--remount-ro", "/proc", "--tmpfs", "/dev", *devices, "--remount-ro", "/dev",
+             "--"])                        # the view after /tmp: Python or this file may live under /tmp
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -66,7 +101,10 @@ def _call(function, *args):
 
 
 def landlock_abi():
-    """The kernel's Landlock ABI version, 0 when it has none (Linux < 5.13 or disabled)."""
+    """The kernel's Landlock ABI version, 0 when it has none (Linux < 5.13 or disabled) or
+    when SANDBOX_LANDLOCK=off asks to behave as if so (how tests try such a kernel)."""
+    if os.environ.get("SANDBOX_LANDLOCK") == "off":
+        return 0
     try:  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): 444 on every arch
         return _call(_libc.syscall, 444, 0, 0, 1)
     except OSError:
@@ -74,21 +112,28 @@ def landlock_abi():
 
 
 def _confine(directory):
-    """Landlock: create, change or delete files only below `directory` (and write /dev/null);
-    ABI >= 6: signal, or reach abstract unix sockets of, only its own domain. Reads stay free."""
+    """Landlock: read only SYSTEM, Python's dirs, DEVICES, its own /proc/PID and `directory`
+    (and list any directory); create, change or delete files only below `directory` (and
+    write /dev/null); ABI >= 6: signal, or reach abstract unix sockets of, only its domain."""
     if (abi := landlock_abi()) == 0:
         return
-    # LANDLOCK_ACCESS_FS_* bits: WRITE_FILE=1<<1, REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1),
-    # REFER=1<<13 (ABI 2, links and renames across directories), TRUNCATE=1<<14 (ABI 3).
-    write_file, truncate = 1 << 1, (1 << 14 if abi >= 3 else 0)
-    handled = write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
+    # LANDLOCK_ACCESS_FS_* bits: EXECUTE=1<<0, WRITE_FILE=1<<1, READ_FILE=1<<2, READ_DIR=1<<3,
+    # REMOVE_DIR..MAKE_SYM=1<<4..1<<12 (ABI 1), REFER=1<<13 (ABI 2, links and renames across
+    # directories), TRUNCATE=1<<14 (ABI 3).
+    read, write_file, truncate = 0b1101, 1 << 1, (1 << 14 if abi >= 3 else 0)
+    handled = read | write_file | sum(1 << b for b in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
     # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (0: not restricted
     # here, seccomp has no socket()), scoped (ABSTRACT_UNIX_SOCKET=1 | SIGNAL=2)
     attr = struct.pack("=QQQ", handled, 0, 3) if abi >= 6 else struct.pack("=Q", handled)
     ruleset = _call(_libc.syscall, 444, attr, len(attr), 0)
-    for path, allowed in ((directory, handled), ("/dev/null", write_file | truncate)):
+    rules = [(directory, handled), ("/dev/null", read | write_file | truncate), (f"/proc/{os.getpid()}", read),
+             ("/", 1 << 3)]     # names of directories, which getcwd needs beyond PATH_MAX; no file's content
+    rules += [(path, read) for path in (*SYSTEM, *_python_dirs(), *DEVICES[1:]) if os.path.exists(path)]
+    for path, allowed in rules:
         fd = os.open(path, os.O_PATH)
-        _call(_libc.syscall, 445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0)  # add_rule PATH_BENEATH
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        allowed &= handled if is_dir else read | write_file | truncate   # a file takes file rights only
+        _call(_libc.syscall, 445, ruleset, 1, struct.pack("=Qi", allowed & ~(0 if is_dir else 1 << 3), fd), 0)
         os.close(fd)
     _call(_libc.syscall, 446, ruleset, 0)                 # landlock_restrict_self
     os.close(ruleset)
@@ -101,10 +146,10 @@ read:0:63 write:1:64 open:2:- openat:257:56 openat2:437:437 close:3:57 close_ran
 pwrite64:18:68 readv:19:65 writev:20:66 preadv:295:69 pwritev:296:70 preadv2:327:286 pwritev2:328:287 lseek:8:62
 stat:4:- fstat:5:80 lstat:6:- newfstatat:262:79 statx:332:291 statfs:137:43 fstatfs:138:44 access:21:-
 faccessat:269:48 faccessat2:439:439 getdents64:217:61 truncate:76:45 ftruncate:77:46 fallocate:285:47 fsync:74:82
-fdatasync:75:83 fadvise64:221:223 sendfile:40:71 copy_file_range:326:285 splice:275:76 dup:32:23 dup2:33:- dup3:292:24
+fdatasync:75:83 sendfile:40:71 copy_file_range:326:285 splice:275:76 dup:32:23 dup2:33:- dup3:292:24
 pipe:22:- pipe2:293:59 select:23:- pselect6:270:72 poll:7:- ppoll:271:73 epoll_create1:291:20 epoll_ctl:233:21
 epoll_wait:232:- epoll_pwait:281:22 epoll_pwait2:441:441 eventfd2:290:19 signalfd4:289:74 timerfd_create:283:85
-timerfd_settime:286:86 timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226 mremap:25:216 madvise:28:233
+timerfd_settime:286:86 timerfd_gettime:287:87 mmap:9:222 munmap:11:215 mprotect:10:226 mremap:25:216
 mincore:27:232 msync:26:227 brk:12:214 rt_sigaction:13:134 rt_sigprocmask:14:135 rt_sigreturn:15:139
 rt_sigsuspend:130:133 rt_sigpending:127:136 rt_sigtimedwait:128:137 sigaltstack:131:132 alarm:37:- getitimer:36:102
 setitimer:38:103 timer_create:222:107 timer_settime:223:110 timer_gettime:224:108 timer_getoverrun:225:109
@@ -116,16 +161,16 @@ getgroups:115:158 getresuid:118:148 getresgid:120:150 getpgrp:111:- getpgid:121:
 chdir:80:49 fchdir:81:50 mkdir:83:- mkdirat:258:34 rmdir:84:- unlink:87:- unlinkat:263:35 rename:82:- renameat:264:38
 renameat2:316:276 link:86:- linkat:265:37 symlink:88:- symlinkat:266:36 readlink:89:- readlinkat:267:78 umask:95:166
 getxattr:191:8 lgetxattr:192:9 fgetxattr:193:10 listxattr:194:11 llistxattr:195:12 flistxattr:196:13 exit:60:93
-exit_group:231:94 wait4:61:260 waitid:247:95 futex:202:98 futex_waitv:449:449 set_robust_list:273:99 rseq:334:293
+exit_group:231:94 wait4:61:260 waitid:247:95 execve:59:221 set_robust_list:273:99 rseq:334:293
 set_tid_address:218:96 arch_prctl:158:- restart_syscall:219:128 getrandom:318:278 capget:125:90 sendto:44:206
 recvfrom:45:207 sendmsg:46:211 recvmsg:47:212 shutdown:48:210 getsockopt:55:209 setsockopt:54:208 getsockname:51:204
 getpeername:52:205
 clone:56:220 clone3:435:435 kill:62:129 tgkill:234:131 prlimit64:302:261 setpriority:141:140 sched_setaffinity:203:122
 prctl:157:167 fcntl:72:25 ioctl:16:29 socketpair:53:199 flock:73:32 utimensat:280:88 chmod:90:- fchmod:91:52
-fchmodat:268:53 fchmodat2:452:452
+fchmodat:268:53 fchmodat2:452:452 fadvise64:221:223 futex:202:98 madvise:28:233
 """
 _ARCHES = {"x86_64": (0xC000003E, 1), "aarch64": (0xC00000B7, 2)}   # AUDIT_ARCH_*, column above
-_PRETENDED = "flock utimensat chmod fchmod fchmodat fchmodat2"   # return 0, do nothing (no lock, no change)
+_PRETENDED = "flock utimensat chmod fchmod fchmodat fchmodat2 fadvise64"   # return 0, do nothing
 
 
 def seccomp_filter(machine, pid):
@@ -171,6 +216,12 @@ def seccomp_filter(machine, pid):
     prog += when("fcntl", *switch(1, [((0, 1, 2, 3, 4, 5, 36, 1030), ALLOW), ((6, 7, 37, 38), PRETEND)]))
     # TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX; anything else "not a tty"
     prog += when("ioctl", *switch(1, [((0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451), ALLOW)], ENOTTY))
+    # FUTEX_PRIVATE_FLAG: a futex word of this process only, never one in a shared file mapping
+    prog += when("futex", *switch(1, [((128,), ALLOW)], mask=128))
+    # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTNEED, FREE, DONTFORK, DOFORK, MERGEABLE,
+    # UNMERGEABLE, (NO)HUGEPAGE, DONTDUMP, DODUMP, (KEEP|WIPE)ONFORK; not COLD, PAGEOUT, REMOVE
+    prog += when("madvise", *switch(2, [((0, 1, 2, 3, 4, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19), ALLOW)],
+                                    PRETEND))
     prog += when("socketpair", op(LD, 16), op(JEQ, 1, 1, 0), op(RET, EPERM),   # AF_UNIX, and
                  *switch(1, [((1,), ALLOW)], mask=0xF))                       # SOCK_STREAM (+ flags)
     for name in _PRETENDED.split():
@@ -200,7 +251,7 @@ def _lock_down(workdir, timeout, memory_mb):
         _call(_libc.prctl, 22, 2, ctypes.addressof(fprog), 0, 0)   # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
-# ----------------------------------------------------------------------------- the child
+# ----------------------------------------------------------------------------- the program's process
 
 def _one_line(exc):
     """'ValueError: bad input' from an exception: one line, bounded."""
@@ -211,84 +262,283 @@ def _one_line(exc):
     return (f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)[:300]
 
 
-def _child(program, secret, pipes, workdir, timeout, memory_mb):
-    """In the forked child: lock down, run the program, write the verdict; never returns. Verdict
-    pipe: "?reason" (lock-down failed), or "S" then the secret (ran to its end) or "!reason"."""
+def _plain_text(value):
+    """repr(value) when it is plain data: None, bool, int, float, str, and lists, tuples,
+    sets and dicts of them, all of exactly these types; else TypeError saying what it is."""
+    stack, seen = [value], set()
+    while stack:
+        x = stack.pop()
+        kind = type(x)
+        if kind in (list, tuple, set, dict):
+            if id(x) in seen:
+                raise TypeError("returned a container that holds itself, not plain data")
+            seen.add(id(x))
+            stack.extend([*x.keys(), *x.values()] if kind is dict else x)
+        elif x is not None and kind not in (bool, int, float, str):
+            raise TypeError(f"returned a {kind.__name__}, not plain data (None, bool, int, float, "
+                            "str, list, tuple, set, dict of exactly these types)")
+    return repr(value)
+
+
+def _program_process(program, secret, paths):
+    """The program's own interpreter: a fresh `python -I -S` that the locked-down child
+    became (execve), so nothing of the judge is in its memory; this function, _one_line and
+    _plain_text arrive as source on its stdin. It runs `program` in a fresh __main__. With a
+    `secret` (a program alone) it writes "S", then the secret after the last line, or
+    "!reason", to fd 3. Without (a check in a process of its own judges it) it writes a
+    ready line to fd 4, "=None" or "!reason", then answers each call "(name, args, kwargs)"
+    read on fd 3 with "=" and the plain result's repr, or "!reason"."""
+    import os
+    import sys
     write, exit_now = os.write, os._exit   # our own references: the program may reassign os.*
-    try:
-        os.setpgid(0, 0)                             # own process group: killpg(0) hits only itself
-        _call(_libc.prctl, 1, signal.SIGKILL)        # PR_SET_PDEATHSIG: die with the judge
-        for fd, target in zip((os.open("/dev/null", os.O_RDONLY), *pipes), range(4)):
-            os.dup2(fd, target, inheritable=False)   # stdin, stdout, stderr, the verdict pipe
-        os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # nothing of the judge's stays open
-        os.chdir(workdir)
-        os.environ.clear()
-        os.environ.update(HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8", PATH=os.defpath,
-                          OMP_NUM_THREADS="1")       # as openai's guard: one BLAS thread
-        tempfile.tempdir = workdir
-        _lock_down(workdir, timeout, memory_mb)
-    except BaseException as e:
-        write(3, b"?" + _one_line(e).encode())
-        exit_now(1)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.path[:] = paths
+    sys.set_int_max_str_digits(0)          # results are plain data of any size
     main = type(sys)("__main__")           # a fresh __main__ module, as `python program.py` has
     sys.modules["__main__"], sys.argv = main, ["program.py"]
-    write(3, b"S")
+    if secret is not None:
+        write(3, b"S")
     try:
         exec(compile(program, "program.py", "exec"), main.__dict__)
-        verdict = secret                   # reached only when the last line has run
+        verdict, ready = secret, "=None"   # reached only when the last line has run
     except BaseException as e:             # SystemExit and KeyboardInterrupt are failures too
-        verdict = b"!" + _one_line(e).encode("utf-8", "replace")
+        ready = "!" + _one_line(e)
+        verdict = ready.encode("utf-8", "replace")
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(BaseException):
+        try:
             stream.flush()
-    write(3, verdict)
-    exit_now(0)                            # no atexit hooks, no waiting for the program's threads
+        except BaseException:
+            pass
+    if secret is not None:
+        write(3, verdict)
+        exit_now(0)                        # no atexit hooks, no waiting for the program's threads
+    write(4, ready.encode("utf-8", "replace") + b"\n")
+    constants = {"__builtins__": {}, "nan": float("nan"), "inf": float("inf"), "set": set}
+    for line in os.fdopen(3, "rb") if ready == "=None" else ():
+        try:
+            name, args, kwargs = eval(line, constants)     # the check's repr of plain data
+            answer = "=" + _plain_text(main.__dict__[name](*args, **kwargs))
+        except BaseException as e:
+            answer = "!" + _one_line(e)
+        write(4, answer.encode("utf-8", "replace") + b"\n")
+    exit_now(0)
+
+
+# ----------------------------------------------------------------------------- the check's process
+
+class ProgramFailed(Exception):
+    """What a check sees when the program's code raised: the program's own one-line reason."""
+
+
+def plain(text):
+    """The value written as `text` by _plain_text, built only of plain data of exactly the
+    builtin types whatever the text says (a forged answer can be wrong, never a custom
+    object); ValueError for anything else."""
+    return _plain_node(ast.parse(text, mode="eval").body)
+
+
+def _plain_node(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (type(None), bool, int, float, str):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _plain_node(node.operand)
+        if type(value) in (int, float):
+            return -value
+    if isinstance(node, ast.Name) and node.id in ("nan", "inf"):
+        return float(node.id)
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
+        return kind(_plain_node(element) for element in node.elts)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_plain_node(k): _plain_node(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and ast.unparse(node) == "set()":
+        return set()
+    raise ValueError(f"the program's answer is not plain data: {ast.unparse(node)[:80]}")
+
+
+def _remote(calls, answers):
+    """remote(name): a function of the check that calls the program's function `name` in
+    the program's process, with plain arguments, and returns its plain result."""
+    def remote(name):
+        def call(*args, **kwargs):
+            os.write(calls, repr((name, args, kwargs)).encode() + b"\n")
+            return _answer(answers)
+        return call
+    return remote
+
+
+def _answer(answers):
+    """The program's next answer: its value, or ProgramFailed with its reason."""
+    line = answers.readline().decode("utf-8", "replace")
+    if not line.endswith("\n"):
+        raise ProgramFailed("the program's process ended before it answered")
+    if line.startswith("="):
+        return plain(line[1:])
+    raise ProgramFailed(line[1:].strip())
+
+
+def _check_process(check, secret, calls, answers):
+    """In the check's child (a fork of the judge, never running the program's code): wait
+    for the program's ready line, run `check` with `remote`, write the verdict to fd 3."""
+    main = type(sys)("__main__")
+    main.remote = _remote(calls, answers)
+    sys.modules["__main__"], sys.argv = main, ["check.py"]
+    sys.set_int_max_str_digits(0)
+    os.write(3, b"S")
+    try:
+        _answer(answers)
+        exec(compile(check, "check.py", "exec"), main.__dict__)
+        verdict = secret
+    except ProgramFailed as e:
+        verdict = b"!" + str(e).encode("utf-8", "replace")
+    except BaseException as e:
+        verdict = b"!" + _one_line(e).encode("utf-8", "replace")
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+    os.write(3, verdict)
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- the children
+
+def _child(check, secret, fds, workdir, timeout, memory_mb):
+    """In a forked child of the judge: its own session (no terminal), fds 0, 1, ... from
+    `fds` (None: /dev/null), locked down; then, without a `check`, it becomes the program's
+    fresh interpreter, else it runs the check (fd 4: calls, fd 5: answers). Never returns;
+    "?reason" on fd 3 if the lock-down failed."""
+    try:
+        os.setsid()                                  # own session and group: no terminal
+        _call(_libc.prctl, 1, signal.SIGKILL)        # PR_SET_PDEATHSIG: die with the judge
+        null = os.open("/dev/null", os.O_RDWR)
+        for target, fd in enumerate(fds):
+            os.dup2(null if fd is None else fd, target)   # inheritable: they survive execve
+        os.closerange(len(fds), resource.getrlimit(resource.RLIMIT_NOFILE)[0])   # none of the judge's
+        os.chdir(workdir)
+        if check is not None:
+            _call(_libc.prctl, 4, 0)                 # PR_SET_DUMPABLE 0: the program cannot open its /proc
+        _lock_down(workdir, timeout, memory_mb)
+        env = dict(HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8", PATH=os.defpath,
+                   OMP_NUM_THREADS="1")              # as openai's guard: one BLAS thread
+        if check is None:
+            os.execve(sys.executable, [sys.executable, "-I", "-S", "-c",
+                                       "import sys; exec(sys.stdin.buffer.read())"], env)
+        os.environ.clear()
+        os.environ.update(env)
+        tempfile.tempdir = workdir
+    except BaseException as e:
+        os.write(3, b"?" + _one_line(e).encode())
+        os._exit(1)
+    _check_process(check, secret, 4, os.fdopen(5, "rb"))
+
+
+_PROGRAM_SOURCE = "".join(inspect.getsource(f) + "\n" for f in (_one_line, _plain_text, _program_process))
+
+
+def _spawn(check, secret, fds, workdir, timeout, memory_mb):
+    """Fork a child (_child); its pid and a pidfd (readable once it has exited)."""
+    pid = os.fork()     # if this or pidfd_open raises, the evaluating process replaces the judge
+    if pid == 0:
+        try:
+            _child(check, secret, fds, workdir, timeout, memory_mb)
+        finally:
+            os._exit(1)
+    return pid, os.pidfd_open(pid)
 
 
 # ----------------------------------------------------------------------------- the judge
 
-def _judge(program, timeout, memory_mb):
-    """The Result fields of one program, run in a forked child, as a dict; `clean`: its dir is gone."""
+def _judge(program, check, timeout, memory_mb):
+    """The Result fields of one program as a dict; `clean`: its dir is gone. Alone, the
+    program's process gives the verdict; with a `check`, the check's process does."""
     start, secret = time.monotonic(), secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="program-")
-    (out_r, out_w), (err_r, err_w), (verdict_r, verdict_w) = os.pipe(), os.pipe(), os.pipe()
-    pid = os.fork()     # if this or pidfd_open raises, the evaluating process replaces the judge
-    if pid == 0:
-        try:
-            _child(program, secret, (out_w, err_w, verdict_w), workdir, timeout, memory_mb)
-        finally:
-            os._exit(1)
-    out, err, verdict = bytearray(), bytearray(), bytearray()
-    for fd in (out_w, err_w, verdict_w):
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    source_r, source_w = os.pipe()
+    theirs = [out_w, err_w, verdict_w, source_r]
+    limits = (workdir, timeout, memory_mb)
+    if check is None:
+        children = [_spawn(None, None, [source_r, out_w, err_w, verdict_w], *limits)]
+    else:
+        calls_r, calls_w = os.pipe()
+        answers_r, answers_w = os.pipe()
+        theirs += [calls_r, calls_w, answers_r, answers_w]
+        children = [_spawn(check, secret, [None, out_w, err_w, verdict_w, calls_w, answers_r], *limits),
+                    _spawn(None, None, [source_r, out_w, err_w, calls_r, answers_w], *limits)]
+    for fd in theirs:
         os.close(fd)
-    bufs = {out_r: (out, OUTPUT_CAP, "stdout"), err_r: (err, OUTPUT_CAP, "stderr"),
-            verdict_r: (verdict, 4096, "the verdict pipe")}
-    pidfd = os.pidfd_open(pid)             # becomes readable when the child exits (Linux >= 5.3)
-    problem, watched = None, [*bufs, pidfd]
+    request = f"{_PROGRAM_SOURCE}\n_program_process({program!r}, {secret if check is None else None!r}, " \
+              f"{sys.path!r})\n"
+    with contextlib.suppress(BrokenPipeError), open(source_w, "wb") as pipe:
+        pipe.write(request.encode("utf-8", "surrogatepass"))
+    result = _watch(children, [out_r, err_r, verdict_r], start, timeout)
+    for _, pidfd in children:
+        os.close(pidfd)
+    status, reason = result[0] or _verdict(result[3], secret, result[4])
+    clean = _remove_tree(workdir) and _tmp_as_it_was()
+    return dict(status=status, reason=reason, stdout=result[1].decode("utf-8", "replace"),
+                stderr=result[2].decode("utf-8", "replace"), seconds=time.monotonic() - start,
+                clean=clean)
+
+
+def _watch(children, fds, start, timeout):
+    """Read the children's output and verdict until the first child (the one giving the
+    verdict) has exited, then stop the others; SIGKILL all past the deadline, the output
+    cap, PROCESSES threads or FILES files. (problem or None, stdout, stderr, verdict, exit code)."""
+    bufs = {fd: bytearray() for fd in fds}
+    caps = dict(zip(fds, ((OUTPUT_CAP, "stdout"), (OUTPUT_CAP, "stderr"), (4096, "the verdict pipe"))))
+    pidfds = {pidfd: pid for pid, pidfd in children}
+    problem = None
+    watched = [*fds, *pidfds]
+    first = children[0][1]
     while watched and problem is None:
         if (remaining := start + timeout - time.monotonic()) <= 0:
             problem = ("timed out", f"exceeded the {timeout:g} s wall-clock limit")
-        elif _threads(pid) > PROCESSES:    # RLIMIT_NPROC does not bind root: count them every 10 ms
-            problem = ("failed", f"started more than {PROCESSES} threads")
+        problem = problem or _over_limits(list(pidfds.values()))
         for fd in select.select(watched, [], [], min(remaining, 0.01))[0] if problem is None else []:
-            chunk = b"" if fd == pidfd else os.read(fd, 65536)
+            chunk = b"" if fd in pidfds else os.read(fd, 65536)
+            if fd == first:                # the verdict's child is gone: so are the others
+                for pid in pidfds.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             if not chunk:                  # exited (its pipes now drain to EOF), or EOF
                 watched.remove(fd)
                 continue
-            buf, cap, name = bufs[fd]
-            buf += chunk
-            if len(buf) > cap:
-                problem = ("error", f"exceeded the output cap ({cap} bytes on {name})")
+            bufs[fd] += chunk
+            if len(bufs[fd]) > caps[fd][0]:
+                problem = ("error", f"exceeded the output cap ({caps[fd][0]} bytes on {caps[fd][1]})")
                 break
-    if problem is not None:
-        os.kill(pid, signal.SIGKILL)       # no other process to kill: it could not make any
-    _, wait_status = os.waitpid(pid, 0)
-    for fd in (*bufs, pidfd):
+    for pid in pidfds.values() if problem is not None else []:
+        os.kill(pid, signal.SIGKILL)       # no other process to kill: they could not make any
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pidfds.values()]
+    for fd in fds:
         os.close(fd)
-    status, reason = problem or _verdict(bytes(verdict), secret, os.waitstatus_to_exitcode(wait_status))
-    return dict(status=status, reason=reason, stdout=out[:OUTPUT_CAP].decode("utf-8", "replace"),
-                stderr=err[:OUTPUT_CAP].decode("utf-8", "replace"), seconds=time.monotonic() - start,
-                clean=_remove_tree(workdir))
+    out, err, verdict = (bytes(bufs[fd][:OUTPUT_CAP]) for fd in fds)
+    return problem, out, err, verdict, codes[0]
+
+
+def _over_limits(pids):
+    """A problem when the children together run more than PROCESSES threads, or (under
+    bwrap, where /tmp is the programs' own) hold more than FILES files; else None."""
+    if sum(_threads(pid) for pid in pids) > PROCESSES:    # RLIMIT_NPROC does not bind root
+        return ("failed", f"started more than {PROCESSES} threads")
+    if sys.argv[2:] == ["bwrap"]:
+        tmp = os.statvfs("/tmp")
+        if tmp.f_files - tmp.f_ffree > FILES:
+            return ("failed", f"made more than {FILES} files")
+    return None
+
+
+_TMP_AT_START = []    # under bwrap: what the judge's private /tmp held before any program
+
+
+def _tmp_as_it_was():
+    """False when a program left something in the private /tmp (possible without Landlock):
+    the judge is then replaced, and with it /tmp."""
+    return sys.argv[2:] != ["bwrap"] or sorted(os.listdir("/tmp")) == _TMP_AT_START
 
 
 def _threads(pid):
@@ -350,10 +600,11 @@ def _serve():
     _call(_libc.prctl, 4, 0)               # PR_SET_DUMPABLE 0: no process may read or write our memory
     _call(_libc.prctl, 1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the evaluating process
     del sys.path[0]                        # this file's directory: its modules are not the programs'
+    _TMP_AT_START.extend(sorted(os.listdir("/tmp")))
     for line in sys.stdin.buffer:
         request = json.loads(line)
         try:
-            reply = _judge(request["program"], request["timeout"], request["memory_mb"])
+            reply = _judge(request["program"], request["check"], request["timeout"], request["memory_mb"])
         except Exception as e:   # e.g. fork failed: this program gets 'error', a new judge the next
             reply = dict(status="error", reason=f"the judge failed: {_one_line(e)}", stdout="",
                          stderr="", seconds=0.0, clean=False)
@@ -370,18 +621,21 @@ class _Judge:
         self.use_bwrap, self.proc, self.last_words = use_bwrap, None, ""
 
     def run(self, program, timeout, memory_mb):
+        """The Result of `program`: source, or (source, check source)."""
+        program, check = (program, None) if isinstance(program, str) else program
         if self.proc is None:
             # Without bwrap the programs' dirs go in a dir of ours, removed in close() in any case
             self.tmpdir = "/tmp" if self.use_bwrap else tempfile.mkdtemp(prefix="sandbox-")
             cmd = [sys.executable, "-E", "-s", _THIS_FILE, "--judge", "bwrap" if self.use_bwrap else "host"]
             pipe = subprocess.PIPE
-            self.proc = subprocess.Popen(_BWRAP + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
+            self.proc = subprocess.Popen(_bwrap_command() + cmd if self.use_bwrap else cmd, stdin=pipe, stdout=pipe,
                                          stderr=pipe, cwd="/", start_new_session=True,
-                                         env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir})
+                                         env={"LANG": "C.UTF-8", "PATH": os.defpath, "TMPDIR": self.tmpdir,
+                                              "SANDBOX_LANDLOCK": os.environ.get("SANDBOX_LANDLOCK", "")})
         start, poll = time.monotonic(), select.poll()
         with contextlib.suppress(BrokenPipeError):    # if it died, it says nothing and we report why
-            self.proc.stdin.write(json.dumps(dict(program=program, timeout=timeout, memory_mb=memory_mb)).encode()
-                                  + b"\n")
+            request = dict(program=program, check=check, timeout=timeout, memory_mb=memory_mb)
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
         poll.register(self.proc.stdout, select.POLLIN)
         answered = poll.poll((timeout + JUDGE_SLACK) * 1000) and (line := self.proc.stdout.readline())
@@ -424,8 +678,9 @@ def isolation(allow_fallback=None):
         if path == "bwrap" or allow_fallback is None:
             return path
         if not (allow_fallback or os.environ.get("SANDBOX_ISOLATION") == "rlimits"):
+            lost = "; without Landlock it would not even protect files" * (landlock_abi() == 0)
             raise OSError(f"the sandbox needs bubblewrap ({why}): {INSTALL_HINT}; or ask for the weaker "
-                          "fallback with SANDBOX_ISOLATION=rlimits (sandbox.py: --allow-fallback)")
+                          f"fallback with SANDBOX_ISOLATION=rlimits (sandbox.py: --allow-fallback){lost}")
         if not _warned:
             _warned = True
             gaps = ["namespaces"] + ["Landlock: files NOT protected"] * (landlock_abi() == 0) + [
@@ -436,9 +691,11 @@ def isolation(allow_fallback=None):
 
 
 def run_many(programs, timeout=3.0, workers=None, memory_mb=2048, progress=None, allow_fallback=False):
-    """Run every program (Python source), `workers` at a time (default: the CPU count); their
-    Results in input order. 'passed' iff it ran to its end within `timeout` wall-clock seconds
-    and `memory_mb` of address space. `progress(done, total)` is called after each program
+    """Run every program, `workers` at a time (default: the CPU count); their Results in input
+    order. A program is Python source, 'passed' iff it ran to its end, or (source, check):
+    'passed' iff the check ran to its end, calling the program's functions through
+    `remote(name)(*args)`; within `timeout` wall-clock seconds and `memory_mb` of address
+    space each. `progress(done, total)` is called after each program
     (one call at a time). Without bubblewrap: OSError, unless `allow_fallback`."""
     if timeout <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout ({timeout}) and memory_mb ({memory_mb}) must be positive")

@@ -10,6 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_processes_and_threads_are_bounded(path):
     bomb = "import os, time\nfor i in range(300):\n    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)"
     threads = ("import threading, time\nthreading.stack_size(32768)\nfor i in range(300):\n"   # small stacks:
                "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"  # not memory-bound
-               "    print(i, flush=True)")
+               "    print(i, flush=True)\ntime.sleep(1)")                                    # still running
     others = ["import subprocess; subprocess.run(['true'])", "import os; assert os.system('true') == 0",
               "import os; os.posix_spawn('/bin/true', ['true'], {})",
               "import multiprocessing as mp; p = mp.Process(target=print); p.start(); p.join()",
@@ -188,7 +189,7 @@ def test_judge_and_canary_cannot_be_poisoned(path, canary):
     attacks += ["import os\nos.setpriority(os.PRIO_USER, 0, 19)",
                 "import os\nos.setpriority(os.PRIO_PGRP, 0, 19)"]
     results = _honest_still_pass(attacks * 2, path, workers=2)   # a second round against fresh judges
-    assert all(r.status == "failed" and r.reason.split(":")[0] in ("PermissionError", "FileNotFoundError")
+    assert all(r.status == "failed" and r.reason.split(":")[0] in ("PermissionError", "FileNotFoundError", "OSError")
                for r in results), results                  # not found: under bwrap it cannot see the canary
 
 
@@ -254,10 +255,10 @@ def test_files_outside_the_temp_dir_are_untouched(path, canary_file):
     assert [r.status for r in sandbox.run_many(pretended)] == ["passed"] * 4    # and change nothing
 
 
-def test_file_locks_are_pretended(path, canary_file):
-    with open(canary_file) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)               # a real lock, held by the test
-        r = sandbox.run(f"import fcntl\nf = open({str(canary_file)!r})\n"
+def test_file_locks_are_pretended(path):
+    with open(os.__file__) as f:                    # a host file both paths show
+        fcntl.flock(f, fcntl.LOCK_SH)               # a real lock, held by the test
+        r = sandbox.run(f"import fcntl\nf = open({os.__file__!r})\n"
                         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nfcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)")
     assert r.status == "passed", r                  # it never reached the kernel's lock
 
@@ -393,18 +394,22 @@ def test_bad_arguments():
         sandbox.run_many(["pass"], timeout=0)
 
 
-def test_fallback_refuses_unless_asked(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("landlock", ["", "off"])
+def test_fallback_refuses_unless_asked(monkeypatch, capsys, tmp_path, landlock):
+    monkeypatch.setenv("SANDBOX_LANDLOCK", landlock)       # off: as on a kernel without Landlock
     monkeypatch.delenv("SANDBOX_ISOLATION", raising=False)
     monkeypatch.setattr(sandbox, "_isolation", ("rlimits", "bwrap not found"))
     monkeypatch.setattr(sandbox, "_warned", False)
-    with pytest.raises(OSError, match="apt-get install bubblewrap"):
+    with pytest.raises(OSError, match="apt-get install bubblewrap") as refusal:
         sandbox.run("print('model-written code')")
+    assert ("without Landlock it would not even protect files" in str(refusal.value)) == (landlock == "off")
     assert sandbox.run("print(1)", allow_fallback=True).stdout == "1\n"
     assert sandbox.run("print(2)", allow_fallback=True).stdout == "2\n"
     with pytest.raises(OSError, match="apt-get install bubblewrap"):
         sandbox.run_many(["print('still refused without asking')"])
     err = capsys.readouterr().err
     assert err.count("sandbox:") == 1 and "less isolated" in err and "apt-get install bubblewrap" in err
+    assert ("Landlock: files NOT protected" in err) == (landlock == "off")
     program = tmp_path / "prog.py"
     program.write_text("print('model-written code')")
     with pytest.raises(SystemExit) as e:                 # the CLI: one line, exit status 2
@@ -427,3 +432,254 @@ def test_cli_output_cannot_fake_the_verdict(path, tmp_path, capsys):
         sandbox.main([str(tmp_path / "nope.py")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: cannot read {tmp_path / 'nope.py'}: ") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- verdicts of the evaluations
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
+TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/13", "HumanEval/70", "HumanEval/83"]
+MEMORY = """
+def memory_matches(pattern):                      # in every readable region of this process
+    import re
+    found = []
+    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split('-'))
+            if line.split()[1][0] == 'r' and end - start < 1 << 28:
+                try:
+                    mem.seek(start)
+                    found += re.findall(pattern, mem.read(end - start))
+                except OSError:
+                    pass
+    return found
+"""
+SEARCH = textwrap.indent(MEMORY, "    ") + """
+    import gc, os, re, sys
+    found = []
+    for fd in range(64):                          # every open fd: what can be read there
+        try:
+            os.set_blocking(fd, False)
+            found += re.findall(rb'[0-9a-f]{32}', os.read(fd, 1 << 16))
+        except OSError:
+            pass
+    frame = sys._getframe()
+    while frame is not None:                      # every local up the stack
+        found += [v for v in frame.f_locals.values() if isinstance(v, bytes) and len(v) == 32]
+        frame = frame.f_back
+    found += [o for o in gc.get_objects() if isinstance(o, bytes) and len(o) == 32]
+    found += memory_matches(rb'[0-9a-f]{32}')     # 32 hex digits anywhere in memory
+    for fd in range(3, 64):                       # the likeliest secret, to every fd
+        try:
+            os.write(fd, found[0])
+        except (OSError, IndexError):
+            pass
+    os._exit(0)
+"""
+ALWAYS_EQUAL = """
+    class Anything(float):
+        def __eq__(self, other): return True
+        def __ne__(self, other): return False
+        def __lt__(self, other): return True
+        def __gt__(self, other): return True
+        def __abs__(self): return 0
+        def __sub__(self, other): return Anything()
+        def __iter__(self): return iter([])
+        def __len__(self): return 0
+        __hash__ = float.__hash__
+    return Anything()
+"""
+TRACER = """
+    return None
+import dis, sys
+def skip(frame, event, arg):                      # jump from an assert to the next line without one
+    asserts = {i.positions.lineno for i in dis.get_instructions(frame.f_code)
+               if i.opname == 'LOAD_ASSERTION_ERROR'}
+    later = sorted({n for _, _, n in frame.f_code.co_lines() if n and n > frame.f_lineno} - asserts)
+    if event == 'line' and frame.f_lineno in asserts and later:
+        try:
+            frame.f_lineno = later[0]
+        except ValueError:
+            pass
+    return skip
+sys.settrace(skip)
+"""
+PATCH = """
+    import builtins, math
+    builtins.abs = lambda x: 0
+    builtins.isinstance = lambda *a: True
+    builtins.round = lambda *a: 0
+    builtins.len = lambda x: 0
+    math.isclose = lambda *a, **k: True
+    builtins.AssertionError = type('Nothing', (Exception,), {})
+    return 0
+"""
+EXIT = "\n    import os\n    os._exit(0)\n"
+
+
+@pytest.fixture(scope="module")
+def humaneval_problems():
+    if not HUMANEVAL.exists():
+        pytest.skip(f"HumanEval data not found at {HUMANEVAL}")
+    import humaneval
+    return humaneval.load_problems(str(HUMANEVAL))
+
+
+def test_humaneval_verdicts_cannot_be_forged(path, humaneval_problems):
+    """Completions that solve nothing: memory, frame, gc and fd searches for a secret, an answer
+    equal to everything, a tracer skipping asserts, rebound builtins, exiting early: all fail,
+    on each path, while the canonical solutions in the same batch pass."""
+    import humaneval
+    attacks = [SEARCH, ALWAYS_EQUAL, TRACER, PATCH, EXIT, "\n    import sys\n    sys.exit(0)\n"]
+    samples = [{"task_id": t, "completion": a} for a in attacks for t in TASKS]
+    samples += [{"task_id": t, "completion": humaneval_problems[t]["canonical_solution"]} for t in TASKS]
+    results = humaneval.score(samples, humaneval_problems, timeout=10.0, workers=2)
+    assert [r["passed"] for r in results] == [False] * (len(samples) - len(TASKS)) + [True] * len(TASKS), \
+        [(r["task_id"], r["result"]) for r in results if r["passed"]]
+    reasons = [r["result"] for r in results[len(TASKS):2 * len(TASKS)]]
+    assert all("not plain data" in reason for reason in reasons), reasons    # the answer equal to everything
+
+
+def test_mtpb_verdicts_cannot_be_forged(path):
+    """The gold output is in no memory of the program's process, so it cannot print it; a number
+    whose difference to anything is 0, a memory search and an early exit do not pass either."""
+    import mtpb_check
+    walk = """import sys
+frame, found = sys._getframe(), []
+while frame is not None:                          # lists of numbers up the stack: the gold?
+    found += [v for v in frame.f_locals.values() if type(v) is list and v and all(type(x) is int for x in v)]
+    frame = frame.f_back
+for value in found:
+    print(value)"""
+    close = "class Close(int):\n    def __sub__(self, other): return 0\n    def __rsub__(self, other): return 0\nprint(Close())"
+    cases = [(walk, [3, 1, 4, 1, 5]), (close, 42), (textwrap.dedent(SEARCH), 42),
+             ("import os\nprint(42)\nos._exit(0)", 42), ("print(6 * 7)", 42), ("print([3, 1, 4, 1, 5])", [3, 1, 4, 1, 5])]
+    jobs = [mtpb_check.program_for(p, gold, semantics) for semantics in (False, True) for p, gold in cases]
+    results = sandbox.run_many(jobs, timeout=10.0, workers=2)
+    assert [r.status for r in results] == (["failed"] * 4 + ["passed"] * 2) * 2, results
+
+
+def test_plain_data_round_trip_and_nothing_else():
+    values = [None, True, -3, 2 ** 200, -0.0, 1e300, float("inf"), "a\nb'\"", [1, (2, {3}), {"k": [set()]}], ()]
+    for value in values:
+        assert sandbox.plain(sandbox._plain_text(value)) == value
+        assert type(sandbox.plain(sandbox._plain_text(value))) is type(value)
+    nan = sandbox.plain(sandbox._plain_text(float("nan")))
+    assert nan != nan
+    for text in ("__import__('os')", "x", "(1).real", "{**a}", "[1] * 3", "f'x'", "b'x'", "1j", "print()"):
+        with pytest.raises(ValueError, match="not plain data"):
+            sandbox.plain(text)
+    with pytest.raises(TypeError, match="returned a Counter, not plain data"):
+        sandbox._plain_text([__import__("collections").Counter()])
+    loop = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match="holds itself"):
+        sandbox._plain_text(loop)
+
+
+# ----------------------------------------------------------------------------- past the verdict
+
+def test_no_earlier_output_in_memory(path):
+    token = secrets.token_hex(16)
+    printer = f"for _ in range(60):\n    print('tok-{token}' * 20)"
+    searcher = MEMORY + "print(sorted({x.decode() for x in memory_matches(rb'tok-([0-9a-f]{32})')}))"
+    results = sandbox.run_many([printer, searcher], workers=1)
+    results += sandbox.run_many([printer, (searcher, "pass")], workers=1)   # a program beside a check
+    assert token not in results[1].stdout and results[1].stdout == "[]\n", results[1]
+    assert token not in results[3].stdout and [r.status for r in results] == ["passed"] * 4, results
+
+
+def test_host_fifos_ttys_and_files_are_out_of_view(path):
+    """A FIFO and a terminal outside the sandbox's view: nothing reaches them, nothing is read."""
+    fifo = REPO / "tests" / f".sandbox-fifo-{secrets.token_hex(4)}"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    leader, follower = os.openpty()
+    os.write(leader, b"typed by a user\n")
+    terminal = os.ttyname(follower)
+    try:
+        attacks = [f"import os\nfd = os.open({str(fifo)!r}, os.O_WRONLY | os.O_NONBLOCK)\nos.write(fd, b'injected')",
+                   f"import os\nos.read(os.open({str(fifo)!r}, os.O_RDONLY | os.O_NONBLOCK), 10)",
+                   f"import os\nprint(os.read(os.open({terminal!r}, os.O_RDONLY | os.O_NONBLOCK), 100))",
+                   "import os\nos.read(os.open('/dev/tty', os.O_RDONLY | os.O_NONBLOCK), 100)",
+                   f"open({str(REPO / 'README.md')!r}).read()", "open('/etc/hostname').read()"]
+        results = _honest_still_pass(attacks, path)
+        assert [r.status for r in results] == ["failed"] * len(attacks), results
+        assert os.read(reader, 100) == b""              # no writer ever wrote
+        assert os.read(follower, 100) == b"typed by a user\n"          # still there: nobody read it
+    finally:
+        for fd in (reader, leader, follower):
+            os.close(fd)
+        fifo.unlink()
+
+
+def test_futexes_and_the_page_cache(path):
+    """A futex that is not private (the kind a shared file mapping needs) is refused; fadvise
+    and madvise that would evict a host file from the page cache do nothing."""
+    target = os.__file__                               # a file both paths show
+    size = os.path.getsize(target)
+    futex = "202 if os.uname().machine == 'x86_64' else 98"
+    program = f"""{LIBC}word = ctypes.c_int(0)
+print(libc.syscall({futex}, ctypes.c_void_p(ctypes.addressof(word)), 1, 1, 0, 0, 0), ctypes.get_errno())    # FUTEX_WAKE
+print(libc.syscall({futex}, ctypes.c_void_p(ctypes.addressof(word)), 129, 1, 0, 0, 0))     # FUTEX_WAKE_PRIVATE
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+fd = os.open({target!r}, os.O_RDONLY)
+address = libc.mmap(None, {size}, 1, 1, fd, 0)                # PROT_READ, MAP_SHARED
+for advice in (20, 21, 4, 9):                                 # COLD, PAGEOUT, DONTNEED, REMOVE
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t({size}), advice)
+libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t({size}))
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)"""
+    Path(target).read_bytes()
+    assert _resident(target) == 1.0
+    r = sandbox.run(program)
+    assert r.status == "passed" and r.stdout.split("\n")[:2] == ["-1 1", "0"], r
+    assert _resident(target) == 1.0
+
+
+def _resident(path):
+    """The fraction of the file's pages in the page cache (mincore on a mapping of it)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
+    libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    return sum(v & 1 for v in vec) / pages
+
+
+def test_bwrap_holds_without_landlock(monkeypatch):
+    """As on a kernel without Landlock (SANDBOX_LANDLOCK=off): namespaces and read-only mounts
+    still keep /proc/sys, /dev, other processes' memory and fds, and later programs' /tmp."""
+    if BWRAP_PATH != "bwrap":
+        pytest.skip(f"the bwrap path is not available here: {WHY_NOT_BWRAP}")
+    monkeypatch.setenv("SANDBOX_LANDLOCK", "off")
+    monkeypatch.setattr(sandbox, "_isolation", ("bwrap", "chosen by the test"))
+    assert sandbox.landlock_abi() == 0
+    hostile = ["open('/proc/sys/kernel/core_pattern', 'w')", "open('/dev/fill', 'w')",
+               "open('/proc/1/mem', 'rb')", "open('/proc/1/fd/1', 'w').write('{}')",
+               "import os\nfor pid in os.listdir('/proc'):\n    if pid.isdigit() and int(pid) != os.getpid():\n"
+               "        open(f'/proc/{pid}/mem', 'rb')",
+               ("import os\nfor pid in os.listdir('/proc'):\n    if pid.isdigit() and int(pid) not in (1, os.getpid()):\n"
+                "        open(f'/proc/{pid}/fd/3', 'wb').write(b'S')", "remote('nothing')"),
+               "import os\nfor i in range(50):\n    open(f'/tmp/left{i}', 'w').write('x' * 100_000)\nassert False"]
+    honest_failing = ["assert 1 == 2", ("def f():\n    return 1\n", "assert remote('f')() == 2")]
+    look = "import os\nprint(sorted(os.listdir('/tmp')), os.listdir('/dev'))"
+    results = sandbox.run_many(hostile + honest_failing + [look], timeout=5.0, workers=1)
+    assert [r.status for r in results[:-1]] == ["failed"] * (len(hostile) + 2), results
+    assert results[-1].stdout.count("program-") == 1 and "left" not in results[-1].stdout, results[-1]
+    assert "fill" not in results[-1].stdout
+
+
+def test_inode_flood_is_stopped(path):
+    """Bytes are bounded by the tmpfs, files by the judge's count (bwrap); cleanup counts in seconds."""
+    flood = "import os\nfor i in range(30_000):\n    open(str(i), 'w').close()\nimport time\ntime.sleep(2)"
+    r = sandbox.run(flood, timeout=8.0)
+    if path == "bwrap":
+        assert (r.status, r.reason) == ("failed", f"made more than {sandbox.FILES} files"), r
+    assert sandbox.run("import os\nprint(len(os.listdir('/tmp')))").stdout == "1\n" or path == "rlimits"
