@@ -27,6 +27,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+import common
 import data
 import model
 
@@ -242,22 +243,13 @@ def save_hf(params, config, path, dtype=np.float32):
 
 # ----------------------------------------------------------------------------- reading
 
-def _checkpoint_dir(path):
-    """`path`, or the newest `ckpt-*` inside a train.py output directory."""
-    path = os.fspath(path)
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    checkpoints = sorted(d for d in os.listdir(path) if d.startswith("ckpt-"))
-    return os.path.join(path, checkpoints[-1]) if checkpoints else path
-
-
 def load_hf(path, dtype=np.float32):
     """(config, params) from a HF CodeGen directory: `model.safetensors`, sharded
     `*.safetensors` + index, or `pytorch_model.bin` (single or sharded, read without
     torch); fp32/fp16/bf16. A train.py output directory (holding `ckpt-*`
     subdirectories) loads its newest checkpoint. A missing, truncated or mismatched
     file is one ValueError line naming it."""
-    path = _checkpoint_dir(path)
+    path = common.checkpoint_dir(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path!r} is not a CodeGen checkpoint directory (no config.json); "

@@ -282,7 +282,7 @@ def _train_checkpoint(out, step, seed):
     import model
     from conftest import WIDE, random_params
     path = out / f"ckpt-{step:07d}"
-    model.save_hf(random_params(WIDE, seed), dataclasses.replace(WIDE, n_ctx=2048), path)
+    hf.save_hf(random_params(WIDE, seed), dataclasses.replace(WIDE, n_ctx=2048), path)
     (path / "train_state.json").write_text(json.dumps({"step": step}))
     return out
 
@@ -328,7 +328,7 @@ def test_a_checkpoint_trained_further_is_not_scored_with_old_samples(problems, t
 
     import model                                  # the same step number, other weights (a re-run of training)
     from conftest import WIDE, random_params
-    model.save_hf(random_params(WIDE, 2), dataclasses.replace(WIDE, n_ctx=2048), out / "ckpt-0000310")
+    hf.save_hf(random_params(WIDE, 2), dataclasses.replace(WIDE, n_ctx=2048), out / "ckpt-0000310")
     (out / "ckpt-0000300").rename(out / "ckpt-0000299")               # 310 -> 299: stays the newest
     (out / "ckpt-0000310").rename(out / "ckpt-0000300")
     (out / "ckpt-0000300" / "train_state.json").write_text(json.dumps({"step": 300}))
