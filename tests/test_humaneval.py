@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import common
+import hf
 import humaneval
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "HumanEval.jsonl.gz"
