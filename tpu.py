@@ -29,8 +29,9 @@ a TPU slice, compiled for by XLA:TPU itself, which is what the chips would alloc
     python train.py --size 16B --mesh 1x16x4 --dry-run                     # simulated CPU devices
     python train.py --size 350M --mesh 1x4x1 --dry-run --topology v5p:2x2x1  # XLA:TPU
 
-Without a TPU, JAX_PLATFORMS=cpu keeps libtpu from looking for one when JAX starts
-(docs/sharding.md); the topology path needs no such setting.
+On a machine without a TPU chip, importing this file keeps JAX's backend search from
+loading libtpu (`skip_absent_tpu`), so CPU and GPU runs print none of its errors; the
+topology path loads it on its own, as a compiler.
 """
 import importlib.util
 import json
@@ -47,6 +48,27 @@ from jax.sharding import PartitionSpec as P
 
 import common
 import model
+
+
+
+def skip_absent_tpu():
+    """Leave the TPU out of JAX's backend search where no TPU chip is attached.
+
+    With libtpu installed, JAX's first backend call loads it to look for a TPU, and on
+    a CPU or GPU machine libtpu prints errors about TPU workers it cannot find. JAX's
+    own test for TPU chips (their PCI ids) decides here; the search then skips the TPU
+    and finds the GPU or CPU as before. JAX_PLATFORMS (or JAX_FORCE_TPU_INIT) given by
+    the user is left alone. Runs when this file is imported, before any backend starts.
+    """
+    from jax._src import hardware_utils
+    from jax.extend import backend
+    if jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        backend.register_backend_factory("tpu", lambda: None, priority=300)
+
+
+skip_absent_tpu()
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
