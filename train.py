@@ -22,7 +22,9 @@ SIGTERM finishes the step, checkpoints it and exits; the same command resumes, r
 the uninterrupted run's losses step for step (docs/training.md).
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -285,6 +287,35 @@ def default_out(args):
     return os.path.join("out", os.path.basename(source) + "-ft")
 
 
+def open_data(args, micro, state):
+    """(train stream, validation batches, a note or None). Validation is left out when none
+    is asked for (--eval-batches 0, --val-fraction 0) and when the corpus is too small for
+    --val-fraction to hold out a document and keep one to train on; the note then says so,
+    and every document trains (args.val_fraction becomes 0 if it held them all; a checkpoint
+    keeps both values, so that the same command resumes the same stream)."""
+    share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
+                 cleaning=data.Cleaning.from_args(args), val_fraction=args.val_fraction)
+    alone = jax.process_count() == 1  # with several, another process's share may differ: no fallback
+    note = (f"no validation: {args.data} has too few documents for --val-fraction {args.val_fraction} "
+            f"to set one aside; every document trains")
+    try:
+        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
+    except data.EmptySplit:  # every document fell to validation
+        if not (args.val_fraction and alone):
+            raise
+        args.val_fraction = share["val_fraction"] = 0.0
+        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
+        return stream, [], note
+    if not (args.eval_batches and args.val_fraction):
+        return stream, [], None
+    try:
+        return stream, data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share), None
+    except data.EmptySplit:  # no document fell to validation: every one trains already
+        if not alone:
+            raise
+        return stream, [], note
+
+
 def check_args(args, config):
     """Everything a user can get wrong, as one ValueError line each, before any compute or write."""
     if args.seq_len > config.n_ctx:
@@ -305,6 +336,32 @@ def check_args(args, config):
         tempfile.TemporaryFile(dir=existing).close()  # gone when closed
     except OSError as e:
         raise ValueError(f"cannot write to --out {args.out} ({existing}: {e.strerror}); pick another --out") from None
+
+
+def lock_run(out, held, create=True):
+    """Hold an exclusive OS lock on OUT/train.lock until `held` (an ExitStack) closes, so two
+    trainings never write one run directory; the OS drops it when the process ends, by kill -9
+    too. The file holds the PID of the run writing there (`claim_run`), for the refusal. With
+    create=False, a directory without the file is left as it is (None)."""
+    path = os.path.join(out, "train.lock")
+    if not create and not os.path.exists(path):
+        return None
+    f = held.enter_context(open(path, "a+"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise ValueError(f"--out {out} is in use by another training run (PID {holder}); wait for it "
+                         f"to end, or pick another --out") from None
+    return f
+
+
+def claim_run(lock):
+    """Write this process's PID into the held lock file: the run now writes to its directory."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
 
 
 def plot(out):
@@ -343,6 +400,12 @@ def catch_stop_signals():
 
 def main(argv=None):
     args, given = parse_args(argv)
+    with contextlib.ExitStack() as held:  # the run directory's lock, released on any exit
+        return run(args, given, held)
+
+
+def run(args, given, held):
+    """The script after parsing: checks, then the training loop."""
     if args.plot:
         return plot(args.plot)
     if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
@@ -369,11 +432,17 @@ def main(argv=None):
             os.path.abspath(args.out):
         raise ValueError(f"--out {args.out} is the run --init-from {args.init_from} reads: pick another --out "
                          f"(default: {default_out(args)}), or drop --init-from to resume that run")
+    lock = None
+    if tpu.is_main() and not args.dry_run:  # a run writing there: refused before any work
+        lock = lock_run(args.out, held, create=False)
     checkpoints = [] if args.dry_run else list_checkpoints(args.out)
     if args.resume and not checkpoints:
         raise ValueError(f"--resume given but --out {args.out} holds no checkpoint")
     state, extra = load_checkpoint(checkpoints[-1], config) if checkpoints else (None, {})
     recipe = make_recipe(args, given, extra.get("recipe"))
+    asked_val_fraction = args.val_fraction
+    if extra.get("val_fraction") == [args.val_fraction, 0.0]:  # it trained on every document (open_data)
+        args.val_fraction = 0.0
     check_args(args, config)
     if args.dry_run:
         state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
@@ -393,11 +462,7 @@ def main(argv=None):
     # ---- data: each process reads its own share of the files
     micro = args.batch_size // args.grad_accum // jax.process_count()
     try:
-        share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
-                     val_fraction=args.val_fraction, cleaning=data.Cleaning.from_args(args))
-        train_stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed,
-                                        state=extra.get("data_state"), **share)
-        val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share)
+        train_stream, val_batches, data_note = open_data(args, micro, extra.get("data_state"))
     except (OSError, ValueError) as e:
         raise ValueError(f"--data {args.data}: {e}") from None
 
@@ -409,9 +474,12 @@ def main(argv=None):
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")
     log(train_stream.describe())
+    if data_note:
+        log(data_note)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if tpu.is_main():
         os.makedirs(args.out, exist_ok=True)
+        claim_run(lock or lock_run(args.out, held))
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(config), "recipe": dataclasses.asdict(recipe),
                        "args": vars(args)}, f, indent=1)
@@ -438,7 +506,8 @@ def main(argv=None):
                 common.append_jsonl(f, [row])
 
     def checkpoint():
-        extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe)}
+        extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
+                 "val_fraction": [asked_val_fraction, args.val_fraction]}
         host_state = tpu.to_host(state)  # every process takes part: shards on other hosts are gathered
         path = save_checkpoint(args.out, host_state, config, extra, args.keep) if tpu.is_main() else None
         log(f"saved {path}")
@@ -472,7 +541,7 @@ def main(argv=None):
                 + (f"MFU {100 * speed['mfu']:5.2f}%" if peak else f"{speed['tflops']:.3g} TFLOP/s")
                 + f" | ETA {eta / 60:5.1f} min")
             record({"step": step, **metrics, "tokens_per_s": tok_s, "ms": dt * 1000, **speed})
-            if args.eval_batches and every(args.eval_every):
+            if val_batches and every(args.eval_every):
                 val = evaluate()
                 log(f"step {step:6d} | val_loss {val:.4f}")
                 record({"step": step, "val_loss": val})

@@ -7,6 +7,7 @@ this file registers; only the runs that are signalled or killed are processes. T
 from a finished run share one (`finished`) and copy it when they change it.
 
 Run: python -m pytest -q tests/test_train.py"""
+import contextlib
 import json
 import os
 import re
@@ -192,6 +193,49 @@ def test_every_and_batches_zero_mean_at_the_end_and_never(tmp_path, corpus, caps
     assert code == 0 and not any("val_loss" in r for r in metrics(tmp_path / "b")) and "nan" not in " ".join(out)
 
 
+def small_repo(root, names):
+    """A directory of a few real Python files (copies of one stdlib module)."""
+    import sysconfig
+    source = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")).read()
+    root.mkdir()
+    for name in names:
+        (root / name).write_text(source)
+    return str(root)
+
+
+def test_a_repo_of_any_size_trains_without_validation_when_none_is_held_out(tmp_path, capsys):
+    """3 files hold out none at --val-fraction 0.02: one line says so and every file trains;
+    --eval-batches 0 and --val-fraction 0 build no val stream at all."""
+    repo = small_repo(tmp_path / "repo", ["a.py", "b.py", "c.py"])
+    base = ["--val-fraction", "0.02", "--max-steps", "2", "--eval-every", "1"]
+    code, out, err = run(flags(tmp_path / "o", repo, *base), capsys)
+    assert code == 0, err
+    assert [line for line in out if line.startswith("no validation")] == [
+        f"no validation: {repo} has too few documents for --val-fraction 0.02 to set one aside; every "
+        f"document trains"]
+    assert [r["step"] for r in metrics(tmp_path / "o")] == [1, 2]       # no val_loss rows
+    for extra in (["--eval-batches", "0"], ["--val-fraction", "0"]):
+        code, out, err = run(flags(tmp_path / extra[0], repo, *base, *extra), capsys)
+        assert code == 0 and not any(line.startswith("no validation") for line in out), err
+
+
+def test_a_one_file_repo_that_falls_to_validation_trains_on_it_and_resumes(tmp_path, capsys):
+    import data
+    names = (f"m{i}.py" for i in range(100))               # a name whose file hashes into val at 0.9
+    for i, name in enumerate(names):
+        repo = small_repo(tmp_path / f"repo{i}", [name])
+        try:
+            data.TokenStream(repo, 4, 32, split="train", val_fraction=0.9)
+        except data.EmptySplit:
+            break
+    argv = flags(tmp_path / "o", repo, "--val-fraction", "0.9", "--max-steps", "2")
+    code, out, err = run(argv, capsys)
+    assert code == 0 and any(line.startswith("no validation") for line in out), err
+    code, out, err = run(argv[:-1] + ["3"], capsys)                   # resumes: same split, same stream
+    assert code == 0 and out[0].startswith("resuming"), err
+    assert [r["step"] for r in metrics(tmp_path / "o")] == [1, 2, 3]
+
+
 def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setattr(tpu, "peak_flops", lambda device=None: None)
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
@@ -374,6 +418,26 @@ def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, t
     newest = tmp_path / f"ckpt-{steps[-1]:07d}"
     assert code == 0 and out[0] == f"resuming {tmp_path} from {newest} (step {steps[-1]} of 8)"
     assert_same_run(whole, losses(tmp_path))
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, corpus, tiny_init):
+    """Two real processes: the second exits 2 at once with one line naming the first's PID and
+    writes nothing; once the first is killed with SIGKILL, the lock is free again."""
+    first = start(tmp_path, corpus, tiny_init, "--save-every", "0")
+    for line in first.stdout:
+        if line.startswith("step      1/"):
+            break
+    second = subprocess.run([sys.executable, "train.py", *script_flags(tmp_path, corpus, tiny_init)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    first.kill()
+    first.communicate(timeout=300)
+    assert second.returncode == 2 and second.stdout == "", second.stderr
+    assert second.stderr.splitlines() == [f"error: --out {tmp_path} is in use by another training run "
+                                          f"(PID {first.pid}); wait for it to end, or pick another --out"]
+    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))             # one run's rows, none interleaved
+    with contextlib.ExitStack() as held:
+        assert train.lock_run(tmp_path, held) is not None      # free after the kill
 
 
 def test_checkpoint_loads_in_transformers_and_init_from_starts_at_its_loss(tmp_path, corpus, finished, capsys):
