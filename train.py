@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from functools import partial
@@ -277,6 +278,23 @@ def make_recipe(args, given, saved=None):
     return Recipe(**r, dtype=args.dtype, remat=args.remat)
 
 
+def size_of_checkpoint(args, given, argv, config):
+    """(args, given, a note or None) for a run that starts from a checkpoint of `config`. A --size
+    given must be that model's; without one, the recipe's defaults are those of the preset the
+    checkpoint matches (the note says which), or --size nano's for an architecture of its own."""
+    named = next((name for name, preset in model.CONFIGS.items() if preset == config), None)
+    if "size" in given:
+        if model.CONFIGS[args.size] != config:
+            what = f"a {named} model" if named else f"n_layer={config.n_layer}, n_embd={config.n_embd}"
+            raise ValueError(f"--size {args.size} is not the model of --init-from {args.init_from} ({what}); "
+                             f"drop --size to train it with its own preset's recipe")
+        return args, given, None
+    if named is None or named == args.size:
+        return args, given, None
+    args, given = parse_args([*(sys.argv[1:] if argv is None else argv), "--size", named])
+    return args, given - {"size"}, f"--init-from {args.init_from} is a {named} model: --size {named}'s recipe"
+
+
 def default_out(args):
     """out/SIZE; with --init-from, out/NAME-ft, a new directory beside the source run's."""
     if not args.init_from:
@@ -401,10 +419,10 @@ def catch_stop_signals():
 def main(argv=None):
     args, given = parse_args(argv)
     with contextlib.ExitStack() as held:  # the run directory's lock, released on any exit
-        return run(args, given, held)
+        return run(args, given, held, argv)
 
 
-def run(args, given, held):
+def run(args, given, held, argv):
     """The script after parsing: checks, then the training loop."""
     if args.plot:
         return plot(args.plot)
@@ -414,17 +432,18 @@ def run(args, given, held):
         raise ValueError("--topology only plans a run (nothing runs on its devices): add --dry-run")
     else:
         tpu.init_distributed()  # before anything else touches a JAX backend
-    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
-        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
     log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
 
     # ---- the model: a preset, or the architecture of the checkpoint we start from
-    config, init_params = model.CONFIGS[args.size], None
+    config, init_params, size_note = model.CONFIGS[args.size], None, None
     if args.init_from:
         try:
             config, init_params = model.load_hf(args.init_from)
         except (OSError, ValueError) as e:
             raise ValueError(f"--init-from {args.init_from}: {e}") from None
+        args, given, size_note = size_of_checkpoint(args, given, argv, config)
+    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
+        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
 
     # ---- the run: resume --out when it holds a checkpoint, else start a new one there
     args.out = args.out or default_out(args)
@@ -470,6 +489,8 @@ def run(args, given, held):
     log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps})" if checkpoints else
         f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)" if args.init_from else
         f"training {args.size} from scratch into {args.out}")
+    if size_note:
+        log(size_note)
     log(f"config: {config}\nrecipe: {recipe}")
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")

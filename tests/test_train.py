@@ -287,6 +287,23 @@ def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path,
     assert snapshot(source) == before
 
 
+def test_init_from_takes_the_recipe_of_its_size_and_refuses_another(tmp_path, corpus, finished, capsys,
+                                                                      monkeypatch):
+    """finished is a --size tiny run: without --size its recipe is tiny's (a distinct lr here), said
+    in one line; --size nano (another model) is refused, one line, nothing written."""
+    monkeypatch.setitem(train.PRESETS, TINY_SIZE, train.PRESETS["nano"] | {"lr": 1e-4})
+    argv = flags(tmp_path / "o", corpus, "--max-steps", "1", "--init-from", finished)[2:]  # no --size
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert out[1] == f"--init-from {finished} is a {TINY_SIZE} model: --size {TINY_SIZE}'s recipe"
+    recipe_of_run = json.load(open(tmp_path / "o" / "run.json"))["recipe"]
+    assert recipe_of_run["lr"] == 1e-4 and recipe_of_run["min_lr"] == pytest.approx(1e-5)
+    code, out, err = run(["--size", "nano", *argv[:-2]] + ["--out", tmp_path / "p", "--init-from", finished], capsys)
+    assert code == 2 and out == [] and not (tmp_path / "p").exists()
+    assert err == [f"error: --size nano is not the model of --init-from {finished} (a {TINY_SIZE} model); drop "
+                   f"--size to train it with its own preset's recipe"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seq-len", "100000"], "longer than the model's context"),
     (["--batch-size", "5", "--grad-accum", "2"], "not divisible by --grad-accum"),
