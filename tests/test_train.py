@@ -440,12 +440,14 @@ def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, t
 def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, corpus, tiny_init):
     """Two real processes: the second exits 2 at once with one line naming the first's PID and
     writes nothing; once the first is killed with SIGKILL, the lock is free again."""
-    first = start(tmp_path, corpus, tiny_init, "--save-every", "0")
+    endless = ("--save-every", "0", "--max-steps", "1000000")  # the first runs until it is killed
+    first = start(tmp_path, corpus, tiny_init, *endless)
     for line in first.stdout:
         if line.startswith("step      1/"):
             break
-    second = subprocess.run([sys.executable, "train.py", *script_flags(tmp_path, corpus, tiny_init)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    cmd = [sys.executable, "train.py", *script_flags(tmp_path, corpus, tiny_init, *endless)]
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"JAX_PLATFORMS": "cpu"})
     first.kill()
     first.communicate(timeout=300)
     assert second.returncode == 2 and second.stdout == "", second.stderr
