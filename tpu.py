@@ -468,6 +468,30 @@ def _target_peak(peak, devices_peak):
     return found
 
 
+def plan_train_step(step, state, windows, mesh):
+    """compile_plan of a train step(state, windows) -> (state, metrics) laid out on `mesh` as
+    training lays it out (state_shardings, batch_sharding, the state donated). `state` and
+    `windows` need only shapes and dtypes. The compiled step runs the training loop itself."""
+    state_sh = state_shardings(state, mesh)
+    state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
+    windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=batch_sharding(mesh))
+    return compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def memory_budget(device):
+    """(bytes a program may use on `device`, where they come from): an accelerator's own
+    limit (memory_stats), or for a CPU the machine's available RAM (/proc/meminfo)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], f"{device.device_kind} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+
+
 def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *, topology=None,
             device_memory_gib=None, peak=None, mfu=0.4):
     """Compile a training step for a mesh on abstract shapes and report, per device, what it
@@ -482,11 +506,9 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
     hbm_b = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b
     target = _target_peak(peak, devices_peak)
 
+    _, seconds, used = plan_train_step(step, state, windows, mesh)
     state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
-    state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
-    _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
-                                    donate_argnums=0)
 
     platform = mesh.devices.flat[0].platform
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

@@ -382,6 +382,41 @@ def claim_run(lock):
     lock.flush()
 
 
+def fitting_step(plan, args, remat, mesh, resident=0):
+    """The train step compiled by plan(grad_accum, remat) -> tpu.plan_train_step's (compiled, seconds,
+    bytes per device or XLA:TPU's refusal), or, when it cannot fit one device's memory, a ValueError
+    line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
+    compiling: a binary search over the divisors of --batch-size), without and then with remat."""
+    compiled, _, used = plan(args.grad_accum, remat)
+    device = mesh.devices.flat[0]
+    budget, where = tpu.memory_budget(device)
+    budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
+
+    def fits(bytes_used):
+        return not isinstance(bytes_used, str) and bytes_used["total"] <= budget
+    if fits(used):
+        return compiled
+    need = "more than that" if isinstance(used, str) else f"{used['total'] / 2 ** 30:,.1f} GiB"
+    more = [k for k in range(args.grad_accum + 1, args.batch_size + 1) if args.batch_size % k == 0]
+    advice = None
+    if not remat and fits(plan(args.grad_accum, True)[2]):
+        advice = "--remat"
+    for try_remat in sorted({remat, True}):
+        if advice is None and more and fits(plan(more[-1], try_remat)[2]):
+            low, high = 0, len(more) - 1                  # more[high] fits
+            while low < high:
+                middle = (low + high) // 2
+                if fits(plan(more[middle], try_remat)[2]):
+                    high = middle
+                else:
+                    low = middle + 1
+            advice = f"--grad-accum {more[high]}" + (" --remat" if try_remat else "")
+    advice = f"{advice} fits" if advice else "no --grad-accum or --remat fits"
+    raise ValueError(f"a step of {args.batch_size} x {args.seq_len} tokens needs {need} per device and "
+                     f"{device.platform} has {budget / 2 ** 30:,.1f} GiB ({where}): {advice}; else lower "
+                     f"--batch-size or --seq-len, or add devices with --mesh (plan with --dry-run)")
+
+
 def plot(out):
     try:
         import matplotlib
@@ -463,16 +498,23 @@ def run(args, given, held, argv):
     if extra.get("val_fraction") == [args.val_fraction, 0.0]:  # it trained on every document (open_data)
         args.val_fraction = 0.0
     check_args(args, config)
+    shapes = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))
     if args.dry_run:
-        state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
         windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
                                        jnp.int32)
-        return log(tpu.dry_run(make_train_step(config, recipe), state, windows, config, recipe,
+        return log(tpu.dry_run(make_train_step(config, recipe), shapes, windows, config, recipe,
                                model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
                                device_memory_gib=args.device_memory, peak=args.peak))
     mesh = tpu.make_mesh(args.mesh)
     tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
+    # ---- compiled ahead of time on shapes: a step too big for the devices is refused before allocating
+    def plan(accum, remat):
+        step = make_train_step(config, dataclasses.replace(recipe, remat=remat))
+        micro_batches = jax.ShapeDtypeStruct((accum, args.batch_size // accum, args.seq_len + 1), jnp.int32)
+        return tpu.plan_train_step(step, shapes, micro_batches, mesh)
+    resident = sum(a.nbytes for a in jax.tree.leaves((state, init_params)))  # on CPU, already in the RAM
+    train_step = fitting_step(plan, args, recipe.remat, mesh, resident)
     if state is None:
         state = init_state(init_params if init_params is not None
                            else model.init_params(config, jax.random.PRNGKey(args.seed)))
@@ -512,8 +554,6 @@ def run(args, given, held, argv):
     state_sh = tpu.state_shardings(state, mesh)
     batch_sh = tpu.batch_sharding(mesh)
     state = jax.device_put(state, state_sh)
-    train_step = jax.jit(make_train_step(config, recipe), in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, None), donate_argnums=0)
     eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
                         in_shardings=(state_sh["params"], batch_sh))
 

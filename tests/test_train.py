@@ -321,6 +321,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, capsy
     assert out == [] and not (tmp_path / "o").exists()
 
 
+def test_a_step_too_big_for_the_device_is_refused_before_allocating(tmp_path, corpus, capsys, monkeypatch):
+    """The step is compiled ahead of time and its bytes compared with the device's memory (here a
+    pretend 1 GiB less than a 64-sequence step needs): one line, the --grad-accum that fits (checked
+    by compiling it), exit 2, nothing written."""
+    argv = flags(tmp_path / "o", corpus, "--batch-size", "64", "--seq-len", "128", "--max-steps", "1")
+    wanted = {}
+
+    def plan_train_step(step, state, windows, mesh):
+        compiled, seconds, used = plan(step, state, windows, mesh)
+        wanted[windows.shape[0]] = used["total"]
+        return compiled, seconds, used
+    plan = tpu.plan_train_step
+    monkeypatch.setattr(tpu, "plan_train_step", plan_train_step)
+    monkeypatch.setattr(tpu, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == [] and len(err) == 1 and not (tmp_path / "o").exists(), err
+    accum = int(re.search(r"--grad-accum (\d+) fits", err[0])[1])
+    assert accum > 1 and wanted[accum] <= wanted[1] * 0.7 < wanted[1]
+    assert err[0].startswith(f"error: a step of 64 x 128 tokens needs {wanted[1] / 2 ** 30:,.1f} GiB per device and "
+                             f"cpu has {wanted[1] * 0.7 / 2 ** 30:,.1f} GiB (pretend RAM): --grad-accum {accum} fits")
+    code, out, err = run(argv + ["--grad-accum", accum], capsys)   # and it does
+    assert code == 0, err
+
+
 def test_a_refused_resume_changes_nothing_on_disk(tmp_path, finished, capsys):
     out = copy_of(finished, tmp_path / "o")
     before = snapshot(out)
