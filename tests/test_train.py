@@ -117,6 +117,7 @@ def test_help_shows_the_chosen_presets_real_defaults_and_documents_every_flag(ca
     for action in train.build_parser("nano")._actions:
         assert action.help and len(action.help) > 10, action.option_strings
     assert train.parse_args(["--lr", "1e-3"])[1] == {"lr"}  # the flags the user gave, for resuming
+    assert "(default: None)" not in out and "--init-from NAME) (default" not in out  # each default once
 
 
 # ----------------------------------------------------------------------------- the script, in-process
