@@ -342,6 +342,8 @@ def check_args(args, config):
         raise ValueError("--seq-len, --batch-size, --grad-accum, --max-steps and --keep must be positive")
     if min(args.eval_every, args.eval_batches, args.save_every, args.sample_tokens) < 0:
         raise ValueError("--eval-every, --eval-batches, --save-every and --sample-tokens must be 0 or more")
+    if min(args.lr, args.min_lr, args.warmup, args.anneal, args.weight_decay, args.clip, args.z_loss) < 0:
+        raise ValueError("--lr, --min-lr, --warmup, --anneal, --weight-decay, --clip and --z-loss must be 0 or more")
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if (args.batch_size // args.grad_accum) % jax.process_count():
@@ -533,6 +535,9 @@ def run(args, given, held, argv):
         f"training {args.size} from scratch into {args.out}")
     if size_note:
         log(size_note)
+    if recipe.warmup >= args.max_steps > start_step:
+        log(f"note: --warmup {recipe.warmup} is not shorter than the run ({args.max_steps} steps): the learning "
+            f"rate peaks at {float(lr_at(args.max_steps, recipe)):.2e}, not --lr {recipe.lr:g}; give a shorter --warmup")
     log(f"config: {config}\nrecipe: {recipe}")
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")
@@ -583,6 +588,10 @@ def run(args, given, held, argv):
         "no datasheet peak for this device: achieved TFLOP/s per device instead of MFU")
     t_start, timed_steps, timed_seconds = time.time(), 0, 0.0
     step = saved_step = start_step
+    if val_batches and args.eval_every and start_step == 0:  # where the loss starts: about ln(vocabulary)
+        val = evaluate()
+        log(f"step {0:6d} | val_loss {val:.4f}")
+        record({"step": 0, "val_loss": val})
     stop, restore_handlers = catch_stop_signals()
     try:
         while step < args.max_steps and not stop:
@@ -614,6 +623,11 @@ def run(args, given, held, argv):
                 checkpoint()
             log(f"stopped by {signal.Signals(stop[0]).name} at step {step}: run the same command to resume")
             raise SystemExit(128 + stop[0])
+    except KeyboardInterrupt:  # a second signal: stop at once; the newest checkpoint stays
+        saved = list_checkpoints(args.out)
+        print("interrupted: " + (f"run the same command to resume from {saved[-1]}" if saved else
+                                 "no checkpoint was written, so the same command starts over"), file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         restore_handlers()
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoints in {args.out}")

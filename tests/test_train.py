@@ -237,6 +237,17 @@ def test_a_one_file_repo_that_falls_to_validation_trains_on_it_and_resumes(tmp_p
     assert [r["step"] for r in metrics(tmp_path / "o")] == [1, 2, 3]
 
 
+def test_validation_starts_at_step_0_and_a_warmup_longer_than_the_run_is_told(tmp_path, corpus, capsys):
+    code, out, err = run(flags(tmp_path, corpus, "--max-steps", "2", "--eval-every", "2", "--warmup", "30"), capsys)
+    assert code == 0, err
+    val = {r["step"]: r["val_loss"] for r in metrics(tmp_path) if "val_loss" in r}
+    assert sorted(val) == [0, 2] and abs(val[0] - np.log(WIDE.vocab_size)) < 1    # a fresh model: about ln V
+    assert f"step      0 | val_loss {val[0]:.4f}" in out
+    peak = train.PRESETS["nano"]["lr"] * 2 / 30
+    assert (f"note: --warmup 30 is not shorter than the run (2 steps): the learning rate peaks at {peak:.2e}, "
+            f"not --lr {train.PRESETS['nano']['lr']:g}; give a shorter --warmup") in out
+
+
 def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setattr(tpu, "peak_flops", lambda device=None: None)
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
@@ -315,6 +326,7 @@ def test_init_from_takes_the_recipe_of_its_size_and_refuses_another(tmp_path, co
     (["--data", "/nonexistent-dir"], "--data"),
     (["--mesh", "3x1x1"], "mesh"),
     (["--lr", "fast"], "--lr"),
+    (["--lr", "-1"], "--lr, --min-lr, --warmup, --anneal, --weight-decay, --clip and --z-loss must be 0 or more"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, capsys, extra, message):
     code, out, err = run(flags(tmp_path / "o", corpus, *extra), capsys)
@@ -344,6 +356,14 @@ def test_a_step_too_big_for_the_device_is_refused_before_allocating(tmp_path, co
                              f"cpu has {wanted[1] * 0.7 / 2 ** 30:,.1f} GiB (pretend RAM): --grad-accum {accum} fits")
     code, out, err = run(argv + ["--grad-accum", accum], capsys)   # and it does
     assert code == 0, err
+
+
+def test_plot_draws_the_loss_curves_of_a_run(tmp_path, finished, capsys):
+    pytest.importorskip("matplotlib", reason="--plot draws with matplotlib (requirements-test.txt)")
+    out = copy_of(finished, tmp_path / "o")
+    code, stdout, err = run(["--plot", out], capsys)
+    assert code == 0 and stdout == [f"wrote {out / 'loss.png'}"], err
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_refused_resume_changes_nothing_on_disk(tmp_path, finished, capsys):
@@ -460,6 +480,27 @@ def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, t
     newest = tmp_path / f"ckpt-{steps[-1]:07d}"
     assert code == 0 and out[0] == f"resuming {tmp_path} from {newest} (step {steps[-1]} of 8)"
     assert_same_run(whole, losses(tmp_path))
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path, corpus, capsys, monkeypatch):
+    """The second signal's KeyboardInterrupt, raised here in step 2 (as the handler raises it), with
+    no checkpoint yet: one line that does not promise a resume; with one, it names it."""
+    steps = []
+
+    def global_batch(local, mesh):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return batch(local, mesh)
+    batch = tpu.global_batch
+    monkeypatch.setattr(tpu, "global_batch", global_batch)
+    argv = flags(tmp_path, corpus, "--max-steps", "3", "--eval-batches", "0")   # the steps' batches only
+    code, out, err = run(argv + ["--save-every", "0"], capsys)
+    assert code == 130 and train.list_checkpoints(tmp_path) == []
+    assert err == ["interrupted: no checkpoint was written, so the same command starts over"]
+    steps.clear()
+    code, out, err = run(argv + ["--save-every", "1"], capsys)
+    assert code == 130 and err == [f"interrupted: run the same command to resume from {tmp_path / 'ckpt-0000001'}"]
 
 
 def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, corpus, tiny_init):
