@@ -601,8 +601,7 @@ def run(args, given, held, argv):
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             dt = time.time() - t0
             step += 1
-            if step > start_step + 1:  # the first step includes compilation
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt  # compiled before the loop
             tok_s, flop_s = tokens_per_step / dt, flops_per_step / dt / jax.device_count()
             speed = {"mfu": flop_s / peak[0]} if peak else {"tflops": flop_s / 1e12}
             eta = (args.max_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
