@@ -60,8 +60,11 @@ def skip_absent_tpu():
     and finds the GPU or CPU as before. JAX_PLATFORMS (or JAX_FORCE_TPU_INIT) given by
     the user is left alone. Runs when this file is imported, before any backend starts.
     """
-    from jax._src import hardware_utils
     from jax.extend import backend
+    try:
+        from jax._src import hardware_utils  # JAX's own test, as jax._src.cloud_tpu_init uses it
+    except ImportError:                      # another JAX layout: leave its search as it is
+        return
     if jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
         return
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
