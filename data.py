@@ -134,6 +134,10 @@ def _hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
+class EmptySplit(ValueError):
+    """A split with no document: a corpus too small for its val_fraction to hold one out."""
+
+
 def _in_val(doc_key: str, val_fraction: float) -> bool:
     return int.from_bytes(_hash("split:" + doc_key), "big") < val_fraction * 2**64
 
@@ -241,7 +245,7 @@ class TokenStream:
                     yield (epoch, i, d), self.cleaning.tagged(payload, name) if isinstance(payload, str) else payload
             if whole_epoch and not found:
                 why = f", {len(self._skipped)} skipped" if self._skipped else ""
-                raise ValueError(f"the {self.split} split of {self.sources} has no documents "
+                raise EmptySplit(f"the {self.split} split of {self.sources} has no documents "
                                  f"(val_fraction={self.val_fraction}, {len(self._files)} files{why})")
             yield None, None  # end of epoch: encode what is gathered
             epoch, file, doc, whole_epoch = epoch + 1, 0, 0, True

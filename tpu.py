@@ -29,8 +29,9 @@ a TPU slice, compiled for by XLA:TPU itself, which is what the chips would alloc
     python train.py --size 16B --mesh 1x16x4 --dry-run                     # simulated CPU devices
     python train.py --size 350M --mesh 1x4x1 --dry-run --topology v5p:2x2x1  # XLA:TPU
 
-Without a TPU, JAX_PLATFORMS=cpu keeps libtpu from looking for one when JAX starts
-(docs/sharding.md); the topology path needs no such setting.
+On a machine without a TPU chip, importing this file keeps JAX's backend search from
+loading libtpu (`skip_absent_tpu`), so CPU and GPU runs print none of its errors; the
+topology path loads it on its own, as a compiler.
 """
 import importlib.util
 import json
@@ -47,6 +48,30 @@ from jax.sharding import PartitionSpec as P
 
 import common
 import model
+
+
+
+def skip_absent_tpu():
+    """Leave the TPU out of JAX's backend search where no TPU chip is attached.
+
+    With libtpu installed, JAX's first backend call loads it to look for a TPU, and on
+    a CPU or GPU machine libtpu prints errors about TPU workers it cannot find. JAX's
+    own test for TPU chips (their PCI ids) decides here; the search then skips the TPU
+    and finds the GPU or CPU as before. JAX_PLATFORMS (or JAX_FORCE_TPU_INIT) given by
+    the user is left alone. Runs when this file is imported, before any backend starts.
+    """
+    from jax.extend import backend
+    try:
+        from jax._src import hardware_utils  # JAX's own test, as jax._src.cloud_tpu_init uses it
+    except ImportError:                      # another JAX layout: leave its search as it is
+        return
+    if jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        backend.register_backend_factory("tpu", lambda: None, priority=300)
+
+
+skip_absent_tpu()
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -446,6 +471,30 @@ def _target_peak(peak, devices_peak):
     return found
 
 
+def plan_train_step(step, state, windows, mesh):
+    """compile_plan of a train step(state, windows) -> (state, metrics) laid out on `mesh` as
+    training lays it out (state_shardings, batch_sharding, the state donated). `state` and
+    `windows` need only shapes and dtypes. The compiled step runs the training loop itself."""
+    state_sh = state_shardings(state, mesh)
+    state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
+    windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=batch_sharding(mesh))
+    return compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def memory_budget(device):
+    """(bytes a program may use on `device`, where they come from): an accelerator's own
+    limit (memory_stats), or for a CPU the machine's available RAM (/proc/meminfo)."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], f"{device.device_kind} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available RAM"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+
+
 def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *, topology=None,
             device_memory_gib=None, peak=None, mfu=0.4):
     """Compile a training step for a mesh on abstract shapes and report, per device, what it
@@ -460,11 +509,9 @@ def dry_run(step, state, windows, config, recipe, flops_per_token, mesh_spec, *,
     hbm_b = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b
     target = _target_peak(peak, devices_peak)
 
+    _, seconds, used = plan_train_step(step, state, windows, mesh)
     state_sh, windows_sh = state_shardings(state, mesh), batch_sharding(mesh)
-    state_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     windows_in = jax.ShapeDtypeStruct(windows.shape, windows.dtype, sharding=windows_sh)
-    _, seconds, used = compile_plan(step, (state_in, windows_in), mesh, out_shardings=(state_sh, None),
-                                    donate_argnums=0)
 
     platform = mesh.devices.flat[0].platform
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

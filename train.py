@@ -22,11 +22,14 @@ SIGTERM finishes the step, checkpoints it and exits; the same command resumes, r
 the uninterrupted run's losses step for step (docs/training.md).
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from functools import partial
@@ -276,6 +279,23 @@ def make_recipe(args, given, saved=None):
     return Recipe(**r, dtype=args.dtype, remat=args.remat)
 
 
+def size_of_checkpoint(args, given, argv, config):
+    """(args, given, a note or None) for a run that starts from a checkpoint of `config`. A --size
+    given must be that model's; without one, the recipe's defaults are those of the preset the
+    checkpoint matches (the note says which), or --size nano's for an architecture of its own."""
+    named = next((name for name, preset in model.CONFIGS.items() if preset == config), None)
+    if "size" in given:
+        if model.CONFIGS[args.size] != config:
+            what = f"a {named} model" if named else f"n_layer={config.n_layer}, n_embd={config.n_embd}"
+            raise ValueError(f"--size {args.size} is not the model of --init-from {args.init_from} ({what}); "
+                             f"drop --size to train it with its own preset's recipe")
+        return args, given, None
+    if named is None or named == args.size:
+        return args, given, None
+    args, given = parse_args([*(sys.argv[1:] if argv is None else argv), "--size", named])
+    return args, given - {"size"}, f"--init-from {args.init_from} is a {named} model: --size {named}'s recipe"
+
+
 def default_out(args):
     """out/SIZE; with --init-from, out/NAME-ft, a new directory beside the source run's."""
     if not args.init_from:
@@ -286,6 +306,35 @@ def default_out(args):
     return os.path.join("out", os.path.basename(source) + "-ft")
 
 
+def open_data(args, micro, state):
+    """(train stream, validation batches, a note or None). Validation is left out when none
+    is asked for (--eval-batches 0, --val-fraction 0) and when the corpus is too small for
+    --val-fraction to hold out a document and keep one to train on; the note then says so,
+    and every document trains (args.val_fraction becomes 0 if it held them all; a checkpoint
+    keeps both values, so that the same command resumes the same stream)."""
+    share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
+                 cleaning=data.Cleaning.from_args(args), val_fraction=args.val_fraction)
+    alone = jax.process_count() == 1  # with several, another process's share may differ: no fallback
+    note = (f"no validation: {args.data} has too few documents for --val-fraction {args.val_fraction} "
+            f"to set one aside; every document trains")
+    try:
+        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
+    except data.EmptySplit:  # every document fell to validation
+        if not (args.val_fraction and alone):
+            raise
+        args.val_fraction = share["val_fraction"] = 0.0
+        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
+        return stream, [], note
+    if not (args.eval_batches and args.val_fraction):
+        return stream, [], None
+    try:
+        return stream, data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share), None
+    except data.EmptySplit:  # no document fell to validation: every one trains already
+        if not alone:
+            raise
+        return stream, [], note
+
+
 def check_args(args, config):
     """Everything a user can get wrong, as one ValueError line each, before any compute or write."""
     if args.seq_len > config.n_ctx:
@@ -294,6 +343,8 @@ def check_args(args, config):
         raise ValueError("--seq-len, --batch-size, --grad-accum, --max-steps and --keep must be positive")
     if min(args.eval_every, args.eval_batches, args.save_every, args.sample_tokens) < 0:
         raise ValueError("--eval-every, --eval-batches, --save-every and --sample-tokens must be 0 or more")
+    if min(args.lr, args.min_lr, args.warmup, args.anneal, args.weight_decay, args.clip, args.z_loss) < 0:
+        raise ValueError("--lr, --min-lr, --warmup, --anneal, --weight-decay, --clip and --z-loss must be 0 or more")
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if (args.batch_size // args.grad_accum) % jax.process_count():
@@ -306,6 +357,67 @@ def check_args(args, config):
         tempfile.TemporaryFile(dir=existing).close()  # gone when closed
     except OSError as e:
         raise ValueError(f"cannot write to --out {args.out} ({existing}: {e.strerror}); pick another --out") from None
+
+
+def lock_run(out, held, create=True):
+    """Hold an exclusive OS lock on OUT/train.lock until `held` (an ExitStack) closes, so two
+    trainings never write one run directory; the OS drops it when the process ends, by kill -9
+    too. The file holds the PID of the run writing there (`claim_run`), for the refusal. With
+    create=False, a directory without the file is left as it is (None)."""
+    path = os.path.join(out, "train.lock")
+    if not create and not os.path.exists(path):
+        return None
+    f = held.enter_context(open(path, "a+"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise ValueError(f"--out {out} is in use by another training run (PID {holder}); wait for it "
+                         f"to end, or pick another --out") from None
+    return f
+
+
+def claim_run(lock):
+    """Write this process's PID into the held lock file: the run now writes to its directory."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+
+
+def fitting_step(plan, args, remat, mesh, resident=0):
+    """The train step compiled by plan(grad_accum, remat) -> tpu.plan_train_step's (compiled, seconds,
+    bytes per device or XLA:TPU's refusal), or, when it cannot fit one device's memory, a ValueError
+    line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
+    compiling: a binary search over the divisors of --batch-size), without and then with remat."""
+    compiled, _, used = plan(args.grad_accum, remat)
+    device = mesh.devices.flat[0]
+    budget, where = tpu.memory_budget(device)
+    budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
+
+    def fits(bytes_used):
+        return not isinstance(bytes_used, str) and bytes_used["total"] <= budget
+    if fits(used):
+        return compiled
+    need = "more than that" if isinstance(used, str) else f"{used['total'] / 2 ** 30:,.1f} GiB"
+    more = [k for k in range(args.grad_accum + 1, args.batch_size + 1) if args.batch_size % k == 0]
+    advice = None
+    if not remat and fits(plan(args.grad_accum, True)[2]):
+        advice = "--remat"
+    for try_remat in sorted({remat, True}):
+        if advice is None and more and fits(plan(more[-1], try_remat)[2]):
+            low, high = 0, len(more) - 1                  # more[high] fits
+            while low < high:
+                middle = (low + high) // 2
+                if fits(plan(more[middle], try_remat)[2]):
+                    high = middle
+                else:
+                    low = middle + 1
+            advice = f"--grad-accum {more[high]}" + (" --remat" if try_remat else "")
+    advice = f"{advice} fits" if advice else "no --grad-accum or --remat fits"
+    raise ValueError(f"a step of {args.batch_size} x {args.seq_len} tokens needs {need} per device and "
+                     f"{device.platform} has {budget / 2 ** 30:,.1f} GiB ({where}): {advice}; else lower "
+                     f"--batch-size or --seq-len, or add devices with --mesh (plan with --dry-run)")
 
 
 def plot(out):
@@ -344,6 +456,12 @@ def catch_stop_signals():
 
 def main(argv=None):
     args, given = parse_args(argv)
+    with contextlib.ExitStack() as held:  # the run directory's lock, released on any exit
+        return run(args, given, held, argv)
+
+
+def run(args, given, held, argv):
+    """The script after parsing: checks, then the training loop."""
     if args.plot:
         return plot(args.plot)
     if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
@@ -352,17 +470,18 @@ def main(argv=None):
         raise ValueError("--topology only plans a run (nothing runs on its devices): add --dry-run")
     else:
         tpu.init_distributed()  # before anything else touches a JAX backend
-    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
-        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
     log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
 
     # ---- the model: a preset, or the architecture of the checkpoint we start from
-    config, init_params = model.CONFIGS[args.size], None
+    config, init_params, size_note = model.CONFIGS[args.size], None, None
     if args.init_from:
         try:
             config, init_params = hf.load_hf(args.init_from)
         except (OSError, ValueError) as e:
             raise ValueError(f"--init-from {args.init_from}: {e}") from None
+        args, given, size_note = size_of_checkpoint(args, given, argv, config)
+    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
+        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
 
     # ---- the run: resume --out when it holds a checkpoint, else start a new one there
     args.out = args.out or default_out(args)
@@ -370,22 +489,35 @@ def main(argv=None):
             os.path.abspath(args.out):
         raise ValueError(f"--out {args.out} is the run --init-from {args.init_from} reads: pick another --out "
                          f"(default: {default_out(args)}), or drop --init-from to resume that run")
+    lock = None
+    if tpu.is_main() and not args.dry_run:  # a run writing there: refused before any work
+        lock = lock_run(args.out, held, create=False)
     checkpoints = [] if args.dry_run else list_checkpoints(args.out)
     if args.resume and not checkpoints:
         raise ValueError(f"--resume given but --out {args.out} holds no checkpoint")
     state, extra = load_checkpoint(checkpoints[-1], config) if checkpoints else (None, {})
     recipe = make_recipe(args, given, extra.get("recipe"))
+    asked_val_fraction = args.val_fraction
+    if extra.get("val_fraction") == [args.val_fraction, 0.0]:  # it trained on every document (open_data)
+        args.val_fraction = 0.0
     check_args(args, config)
+    shapes = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))
     if args.dry_run:
-        state = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))  # shapes
         windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
                                        jnp.int32)
-        return log(tpu.dry_run(make_train_step(config, recipe), state, windows, config, recipe,
+        return log(tpu.dry_run(make_train_step(config, recipe), shapes, windows, config, recipe,
                                model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
                                device_memory_gib=args.device_memory, peak=args.peak))
     mesh = tpu.make_mesh(args.mesh)
     tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
+    # ---- compiled ahead of time on shapes: a step too big for the devices is refused before allocating
+    def plan(accum, remat):
+        step = make_train_step(config, dataclasses.replace(recipe, remat=remat))
+        micro_batches = jax.ShapeDtypeStruct((accum, args.batch_size // accum, args.seq_len + 1), jnp.int32)
+        return tpu.plan_train_step(step, shapes, micro_batches, mesh)
+    resident = sum(a.nbytes for a in jax.tree.leaves((state, init_params)))  # on CPU, already in the RAM
+    train_step = fitting_step(plan, args, recipe.remat, mesh, resident)
     if state is None:
         state = init_state(init_params if init_params is not None
                            else model.init_params(config, jax.random.PRNGKey(args.seed)))
@@ -394,11 +526,7 @@ def main(argv=None):
     # ---- data: each process reads its own share of the files
     micro = args.batch_size // args.grad_accum // jax.process_count()
     try:
-        share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
-                     val_fraction=args.val_fraction, cleaning=data.Cleaning.from_args(args))
-        train_stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed,
-                                        state=extra.get("data_state"), **share)
-        val_batches = data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share)
+        train_stream, val_batches, data_note = open_data(args, micro, extra.get("data_state"))
     except (OSError, ValueError) as e:
         raise ValueError(f"--data {args.data}: {e}") from None
 
@@ -406,13 +534,21 @@ def main(argv=None):
     log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps})" if checkpoints else
         f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)" if args.init_from else
         f"training {args.size} from scratch into {args.out}")
+    if size_note:
+        log(size_note)
+    if recipe.warmup >= args.max_steps > start_step:
+        log(f"note: --warmup {recipe.warmup} is not shorter than the run ({args.max_steps} steps): the learning "
+            f"rate peaks at {float(lr_at(args.max_steps, recipe)):.2e}, not --lr {recipe.lr:g}; give a shorter --warmup")
     log(f"config: {config}\nrecipe: {recipe}")
     log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
         f"{args.batch_size} x {args.seq_len} tokens per step")
     log(train_stream.describe())
+    if data_note:
+        log(data_note)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if tpu.is_main():
         os.makedirs(args.out, exist_ok=True)
+        claim_run(lock or lock_run(args.out, held))
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(config), "recipe": dataclasses.asdict(recipe),
                        "args": vars(args)}, f, indent=1)
@@ -424,8 +560,6 @@ def main(argv=None):
     state_sh = tpu.state_shardings(state, mesh)
     batch_sh = tpu.batch_sharding(mesh)
     state = jax.device_put(state, state_sh)
-    train_step = jax.jit(make_train_step(config, recipe), in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, None), donate_argnums=0)
     eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
                         in_shardings=(state_sh["params"], batch_sh))
 
@@ -439,7 +573,8 @@ def main(argv=None):
                 common.append_jsonl(f, [row])
 
     def checkpoint():
-        extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe)}
+        extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
+                 "val_fraction": [asked_val_fraction, args.val_fraction]}
         host_state = tpu.to_host(state)  # every process takes part: shards on other hosts are gathered
         path = save_checkpoint(args.out, host_state, config, extra, args.keep) if tpu.is_main() else None
         log(f"saved {path}")
@@ -454,6 +589,10 @@ def main(argv=None):
         "no datasheet peak for this device: achieved TFLOP/s per device instead of MFU")
     t_start, timed_steps, timed_seconds = time.time(), 0, 0.0
     step = saved_step = start_step
+    if val_batches and args.eval_every and start_step == 0:  # where the loss starts: about ln(vocabulary)
+        val = evaluate()
+        log(f"step {0:6d} | val_loss {val:.4f}")
+        record({"step": 0, "val_loss": val})
     stop, restore_handlers = catch_stop_signals()
     try:
         while step < args.max_steps and not stop:
@@ -463,8 +602,7 @@ def main(argv=None):
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             dt = time.time() - t0
             step += 1
-            if step > start_step + 1:  # the first step includes compilation
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt  # compiled before the loop
             tok_s, flop_s = tokens_per_step / dt, flops_per_step / dt / jax.device_count()
             speed = {"mfu": flop_s / peak[0]} if peak else {"tflops": flop_s / 1e12}
             eta = (args.max_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
@@ -473,7 +611,7 @@ def main(argv=None):
                 + (f"MFU {100 * speed['mfu']:5.2f}%" if peak else f"{speed['tflops']:.3g} TFLOP/s")
                 + f" | ETA {eta / 60:5.1f} min")
             record({"step": step, **metrics, "tokens_per_s": tok_s, "ms": dt * 1000, **speed})
-            if args.eval_batches and every(args.eval_every):
+            if val_batches and every(args.eval_every):
                 val = evaluate()
                 log(f"step {step:6d} | val_loss {val:.4f}")
                 record({"step": step, "val_loss": val})
@@ -485,6 +623,11 @@ def main(argv=None):
                 checkpoint()
             log(f"stopped by {signal.Signals(stop[0]).name} at step {step}: run the same command to resume")
             raise SystemExit(128 + stop[0])
+    except KeyboardInterrupt:  # a second signal: stop at once; the newest checkpoint stays
+        saved = list_checkpoints(args.out)
+        print("interrupted: " + (f"run the same command to resume from {saved[-1]}" if saved else
+                                 "no checkpoint was written, so the same command starts over"), file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         restore_handlers()
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoints in {args.out}")

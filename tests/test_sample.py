@@ -5,6 +5,7 @@ prompt, stop strings, EOS, input checks and the CLI.
 
 Shapes are shared between tests on purpose (batch, 64-token prompt bucket, 64-token
 output bucket), so the whole file compiles only a handful of programs."""
+import re
 import subprocess
 import sys
 from functools import cache, partial
@@ -304,6 +305,13 @@ def test_stop_string_split_across_two_tokens(monkeypatch):
     assert raw == ids[:len(raw)] and i + 2 <= len(raw) <= i + 2 + 4
 
 
+def test_one_str_is_one_stop_string():
+    """stop="xy" is the string "xy", not the stop strings "x" and "y" (as transformers' stop_strings)."""
+    text = data.get_tokenizer().decode(wide_greedy()[1], skip_special_tokens=False)
+    k = next(k for k in range(1, len(text) - 3) if text.find(text[k:k + 3]) == k and text[k] in text[:k])
+    assert sample.complete(wide(), WIDE, [PROMPT_TEXT], NEW, stop=text[k:k + 3]) == [text[:k]]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -345,16 +353,31 @@ def test_cli_prints_completions_and_throughput(checkpoint, capsys):
     tok = data.get_tokenizer()
     assert PROMPT_TEXT + tok.decode(wide_greedy()[1]) in out and "sample 1/1" in out
     assert f"prompt tokens {len(wide_greedy()[0])}, new tokens {NEW}," in out and "tokens/s" in out
+    seconds, rate, compiling, compiled_rate = re.search(
+        r", ([\d.]+) s, ([\d.]+) tokens/s; without the ([\d.]+) s of compilation ([\d.]+) tokens/s", out).groups()
+    assert float(compiled_rate) >= float(rate) > 0 and 0 <= float(compiling) <= float(seconds)
+
+
+def test_cli_reads_the_prompt_from_stdin_with_prompt_file_dash(checkpoint, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT_TEXT))
+    sample.main(["--init-from", str(checkpoint), "--prompt-file", "-", "--temperature", "0",
+                 "--max-new-tokens", str(NEW)])
+    tok = data.get_tokenizer()
+    assert PROMPT_TEXT + tok.decode(wide_greedy()[1]) in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line_with_status_2(tmp_path, checkpoint, capsys):
     ok = ["--init-from", str(checkpoint)]
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)))
     for argv, message in [(["--init-from", str(tmp_path / "nothing")], "run `python train.py` first or pass --init-from"),
                           (ok + ["--prompt", "x " * 100], "prompt 0 has"),
-                          (ok + ["--top-p", "2"], "top_p must be in"),
-                          (ok + ["--num-samples", "0"], "num_samples must be >= 1"),
-                          (ok + ["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-                          (ok + ["--top-k", "-1"], "top_k must be >= 0"),
+                          (ok + ["--top-p", "2"], "--top-p must be in"),
+                          (ok + ["--num-samples", "0"], "--num-samples must be >= 1"),
+                          (ok + ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                          (ok + ["--top-k", "-1"], "--top-k must be >= 0"),
+                          (ok + ["--prompt-file", str(binary)], f"--prompt-file {binary} is not UTF-8 text"),
                           (ok + ["--temperature", "hot"], "invalid float value"),
                           (ok + ["--dtype", "float16"], "invalid choice"),
                           (ok + ["--prompt-file", str(tmp_path / "none.txt")], "cannot read --prompt-file"),

@@ -7,6 +7,7 @@ this file registers; only the runs that are signalled or killed are processes. T
 from a finished run share one (`finished`) and copy it when they change it.
 
 Run: python -m pytest -q tests/test_train.py"""
+import contextlib
 import json
 import os
 import re
@@ -117,6 +118,7 @@ def test_help_shows_the_chosen_presets_real_defaults_and_documents_every_flag(ca
     for action in train.build_parser("nano")._actions:
         assert action.help and len(action.help) > 10, action.option_strings
     assert train.parse_args(["--lr", "1e-3"])[1] == {"lr"}  # the flags the user gave, for resuming
+    assert "(default: None)" not in out and "--init-from NAME) (default" not in out  # each default once
 
 
 # ----------------------------------------------------------------------------- the script, in-process
@@ -193,6 +195,60 @@ def test_every_and_batches_zero_mean_at_the_end_and_never(tmp_path, corpus, caps
     assert code == 0 and not any("val_loss" in r for r in metrics(tmp_path / "b")) and "nan" not in " ".join(out)
 
 
+def small_repo(root, names):
+    """A directory of a few real Python files (copies of one stdlib module)."""
+    import sysconfig
+    source = open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")).read()
+    root.mkdir()
+    for name in names:
+        (root / name).write_text(source)
+    return str(root)
+
+
+def test_a_repo_of_any_size_trains_without_validation_when_none_is_held_out(tmp_path, capsys):
+    """3 files hold out none at --val-fraction 0.02: one line says so and every file trains;
+    --eval-batches 0 and --val-fraction 0 build no val stream at all."""
+    repo = small_repo(tmp_path / "repo", ["a.py", "b.py", "c.py"])
+    base = ["--val-fraction", "0.02", "--max-steps", "2", "--eval-every", "1"]
+    code, out, err = run(flags(tmp_path / "o", repo, *base), capsys)
+    assert code == 0, err
+    assert [line for line in out if line.startswith("no validation")] == [
+        f"no validation: {repo} has too few documents for --val-fraction 0.02 to set one aside; every "
+        f"document trains"]
+    assert [r["step"] for r in metrics(tmp_path / "o")] == [1, 2]       # no val_loss rows
+    for extra in (["--eval-batches", "0"], ["--val-fraction", "0"]):
+        code, out, err = run(flags(tmp_path / extra[0], repo, *base, *extra), capsys)
+        assert code == 0 and not any(line.startswith("no validation") for line in out), err
+
+
+def test_a_one_file_repo_that_falls_to_validation_trains_on_it_and_resumes(tmp_path, capsys):
+    import data
+    names = (f"m{i}.py" for i in range(100))               # a name whose file hashes into val at 0.9
+    for i, name in enumerate(names):
+        repo = small_repo(tmp_path / f"repo{i}", [name])
+        try:
+            data.TokenStream(repo, 4, 32, split="train", val_fraction=0.9)
+        except data.EmptySplit:
+            break
+    argv = flags(tmp_path / "o", repo, "--val-fraction", "0.9", "--max-steps", "2")
+    code, out, err = run(argv, capsys)
+    assert code == 0 and any(line.startswith("no validation") for line in out), err
+    code, out, err = run(argv[:-1] + ["3"], capsys)                   # resumes: same split, same stream
+    assert code == 0 and out[0].startswith("resuming"), err
+    assert [r["step"] for r in metrics(tmp_path / "o")] == [1, 2, 3]
+
+
+def test_validation_starts_at_step_0_and_a_warmup_longer_than_the_run_is_told(tmp_path, corpus, capsys):
+    code, out, err = run(flags(tmp_path, corpus, "--max-steps", "2", "--eval-every", "2", "--warmup", "30"), capsys)
+    assert code == 0, err
+    val = {r["step"]: r["val_loss"] for r in metrics(tmp_path) if "val_loss" in r}
+    assert sorted(val) == [0, 2] and abs(val[0] - np.log(WIDE.vocab_size)) < 1    # a fresh model: about ln V
+    assert f"step      0 | val_loss {val[0]:.4f}" in out
+    peak = train.PRESETS["nano"]["lr"] * 2 / 30
+    assert (f"note: --warmup 30 is not shorter than the run (2 steps): the learning rate peaks at {peak:.2e}, "
+            f"not --lr {train.PRESETS['nano']['lr']:g}; give a shorter --warmup") in out
+
+
 def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setattr(tpu, "peak_flops", lambda device=None: None)
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
@@ -244,6 +300,23 @@ def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path,
     assert snapshot(source) == before
 
 
+def test_init_from_takes_the_recipe_of_its_size_and_refuses_another(tmp_path, corpus, finished, capsys,
+                                                                      monkeypatch):
+    """finished is a --size tiny run: without --size its recipe is tiny's (a distinct lr here), said
+    in one line; --size nano (another model) is refused, one line, nothing written."""
+    monkeypatch.setitem(train.PRESETS, TINY_SIZE, train.PRESETS["nano"] | {"lr": 1e-4})
+    argv = flags(tmp_path / "o", corpus, "--max-steps", "1", "--init-from", finished)[2:]  # no --size
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert out[1] == f"--init-from {finished} is a {TINY_SIZE} model: --size {TINY_SIZE}'s recipe"
+    recipe_of_run = json.load(open(tmp_path / "o" / "run.json"))["recipe"]
+    assert recipe_of_run["lr"] == 1e-4 and recipe_of_run["min_lr"] == pytest.approx(1e-5)
+    code, out, err = run(["--size", "nano", *argv[:-2]] + ["--out", tmp_path / "p", "--init-from", finished], capsys)
+    assert code == 2 and out == [] and not (tmp_path / "p").exists()
+    assert err == [f"error: --size nano is not the model of --init-from {finished} (a {TINY_SIZE} model); drop "
+                   f"--size to train it with its own preset's recipe"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seq-len", "100000"], "longer than the model's context"),
     (["--batch-size", "5", "--grad-accum", "2"], "not divisible by --grad-accum"),
@@ -254,11 +327,44 @@ def test_init_from_fine_tunes_into_a_new_run_and_never_into_its_source(tmp_path,
     (["--data", "/nonexistent-dir"], "--data"),
     (["--mesh", "3x1x1"], "mesh"),
     (["--lr", "fast"], "--lr"),
+    (["--lr", "-1"], "--lr, --min-lr, --warmup, --anneal, --weight-decay, --clip and --z-loss must be 0 or more"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, capsys, extra, message):
     code, out, err = run(flags(tmp_path / "o", corpus, *extra), capsys)
     assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("error: "), err
     assert out == [] and not (tmp_path / "o").exists()
+
+
+def test_a_step_too_big_for_the_device_is_refused_before_allocating(tmp_path, corpus, capsys, monkeypatch):
+    """The step is compiled ahead of time and its bytes compared with the device's memory (here a
+    pretend 1 GiB less than a 64-sequence step needs): one line, the --grad-accum that fits (checked
+    by compiling it), exit 2, nothing written."""
+    argv = flags(tmp_path / "o", corpus, "--batch-size", "64", "--seq-len", "128", "--max-steps", "1")
+    wanted = {}
+
+    def plan_train_step(step, state, windows, mesh):
+        compiled, seconds, used = plan(step, state, windows, mesh)
+        wanted[windows.shape[0]] = used["total"]
+        return compiled, seconds, used
+    plan = tpu.plan_train_step
+    monkeypatch.setattr(tpu, "plan_train_step", plan_train_step)
+    monkeypatch.setattr(tpu, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == [] and len(err) == 1 and not (tmp_path / "o").exists(), err
+    accum = int(re.search(r"--grad-accum (\d+) fits", err[0])[1])
+    assert accum > 1 and wanted[accum] <= wanted[1] * 0.7 < wanted[1]
+    assert err[0].startswith(f"error: a step of 64 x 128 tokens needs {wanted[1] / 2 ** 30:,.1f} GiB per device and "
+                             f"cpu has {wanted[1] * 0.7 / 2 ** 30:,.1f} GiB (pretend RAM): --grad-accum {accum} fits")
+    code, out, err = run(argv + ["--grad-accum", accum], capsys)   # and it does
+    assert code == 0, err
+
+
+def test_plot_draws_the_loss_curves_of_a_run(tmp_path, finished, capsys):
+    pytest.importorskip("matplotlib", reason="--plot draws with matplotlib (requirements-test.txt)")
+    out = copy_of(finished, tmp_path / "o")
+    code, stdout, err = run(["--plot", out], capsys)
+    assert code == 0 and stdout == [f"wrote {out / 'loss.png'}"], err
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_refused_resume_changes_nothing_on_disk(tmp_path, finished, capsys):
@@ -375,6 +481,49 @@ def test_ctrl_c_and_sigterm_save_the_step_and_resume_exactly(tmp_path, corpus, t
     newest = tmp_path / f"ckpt-{steps[-1]:07d}"
     assert code == 0 and out[0] == f"resuming {tmp_path} from {newest} (step {steps[-1]} of 8)"
     assert_same_run(whole, losses(tmp_path))
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path, corpus, capsys, monkeypatch):
+    """The second signal's KeyboardInterrupt, raised here in step 2 (as the handler raises it), with
+    no checkpoint yet: one line that does not promise a resume; with one, it names it."""
+    steps = []
+
+    def global_batch(local, mesh):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return batch(local, mesh)
+    batch = tpu.global_batch
+    monkeypatch.setattr(tpu, "global_batch", global_batch)
+    argv = flags(tmp_path, corpus, "--max-steps", "3", "--eval-batches", "0")   # the steps' batches only
+    code, out, err = run(argv + ["--save-every", "0"], capsys)
+    assert code == 130 and train.list_checkpoints(tmp_path) == []
+    assert err == ["interrupted: no checkpoint was written, so the same command starts over"]
+    steps.clear()
+    code, out, err = run(argv + ["--save-every", "1"], capsys)
+    assert code == 130 and err == [f"interrupted: run the same command to resume from {tmp_path / 'ckpt-0000001'}"]
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, corpus, tiny_init):
+    """Two real processes: the second exits 2 at once with one line naming the first's PID and
+    writes nothing; once the first is killed with SIGKILL, the lock is free again."""
+    endless = ("--save-every", "0", "--max-steps", "1000000")  # the first runs until it is killed
+    first = start(tmp_path, corpus, tiny_init, *endless)
+    for line in first.stdout:
+        if line.startswith("step      1/"):
+            break
+    cmd = [sys.executable, "train.py", *script_flags(tmp_path, corpus, tiny_init, *endless)]
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    first.kill()
+    first.communicate(timeout=300)
+    assert second.returncode == 2 and second.stdout == "", second.stderr
+    assert second.stderr.splitlines() == [f"error: --out {tmp_path} is in use by another training run "
+                                          f"(PID {first.pid}); wait for it to end, or pick another --out"]
+    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))             # one run's rows, none interleaved
+    with contextlib.ExitStack() as held:
+        assert train.lock_run(tmp_path, held) is not None      # free after the kill
 
 
 def test_checkpoint_loads_in_transformers_and_init_from_starts_at_its_loss(tmp_path, corpus, finished, capsys):
