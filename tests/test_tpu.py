@@ -408,7 +408,7 @@ def test_a_cpu_run_never_loads_libtpu(tmp_path):
     """JAX_PLATFORMS unset, libtpu installed, no TPU chip: the quick start's `python sample.py`
     prints no libtpu line (libtpu's 'unexpected worker hostname' errors) and runs on CPU."""
     from conftest import WIDE, random_params
-    model.save_hf(random_params(WIDE), WIDE, tmp_path)
+    hf.save_hf(random_params(WIDE), WIDE, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     run = subprocess.run([sys.executable, "sample.py", "--init-from", tmp_path, "--max-new-tokens", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
