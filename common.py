@@ -54,12 +54,19 @@ class ArgumentParser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 
+def first_line(error):
+    """The first line of an exception's message, or its type's name
+    when it has none: what a one-line error shows of it."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_main(main, argv=None):
     """Run a script's main(argv): user errors become one line and exit status 2."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:
-        die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        die(first_line(e))
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
@@ -171,7 +178,7 @@ def _together(share, compute):
     try:
         mine, error = {"value": compute()}, None
     except Exception as e:
-        mine, error = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}, e
+        mine, error = {"error": first_line(e)}, e
     everyone = share.allgather(mine)
     if error is not None:
         raise error

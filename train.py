@@ -44,6 +44,7 @@ import common
 import data
 import hf
 import model
+import plan
 import tpu
 
 # Every default of the schedule, once per --size (`--help` shows them). Paper sizes: JAXformer's
@@ -385,14 +386,14 @@ def claim_run(lock):
     lock.flush()
 
 
-def fitting_step(plan, args, remat, mesh, resident=0):
-    """The train step compiled by plan(grad_accum, remat) -> tpu.plan_train_step's (compiled, seconds,
+def fitting_step(compile_step, args, remat, mesh, resident=0):
+    """The train step compiled by compile_step(grad_accum, remat) -> plan.plan_train_step's (compiled, seconds,
     bytes per device or XLA:TPU's refusal), or, when it cannot fit one device's memory, a ValueError
     line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
     compiling: a binary search over the divisors of --batch-size), without and then with remat."""
-    compiled, _, used = plan(args.grad_accum, remat)
+    compiled, _, used = compile_step(args.grad_accum, remat)
     device = mesh.devices.flat[0]
-    budget, where = tpu.memory_budget(device)
+    budget, where = plan.memory_budget(device)
     budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
 
     def fits(bytes_used):
@@ -402,14 +403,14 @@ def fitting_step(plan, args, remat, mesh, resident=0):
     need = "more than that" if isinstance(used, str) else f"{used['total'] / 2 ** 30:,.1f} GiB"
     more = [k for k in range(args.grad_accum + 1, args.batch_size + 1) if args.batch_size % k == 0]
     advice = None
-    if not remat and fits(plan(args.grad_accum, True)[2]):
+    if not remat and fits(compile_step(args.grad_accum, True)[2]):
         advice = "--remat"
     for try_remat in sorted({remat, True}):
-        if advice is None and more and fits(plan(more[-1], try_remat)[2]):
+        if advice is None and more and fits(compile_step(more[-1], try_remat)[2]):
             low, high = 0, len(more) - 1                  # more[high] fits
             while low < high:
                 middle = (low + high) // 2
-                if fits(plan(more[middle], try_remat)[2]):
+                if fits(compile_step(more[middle], try_remat)[2]):
                     high = middle
                 else:
                     low = middle + 1
@@ -465,7 +466,7 @@ def run(args, given, held, argv):
     if args.plot:
         return plot(args.plot)
     if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
-        tpu.ensure_fake_devices(args.mesh, args.topology)
+        plan.ensure_fake_devices(args.mesh, args.topology)
     elif args.topology:
         raise ValueError("--topology only plans a run (nothing runs on its devices): add --dry-run")
     else:
@@ -505,19 +506,19 @@ def run(args, given, held, argv):
     if args.dry_run:
         windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
                                        jnp.int32)
-        return log(tpu.dry_run(make_train_step(config, recipe), shapes, windows, config, recipe,
+        return log(plan.train_dry_run(make_train_step(config, recipe), shapes, windows, config, recipe,
                                model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
                                device_memory_gib=args.device_memory, peak=args.peak))
     mesh = tpu.make_mesh(args.mesh)
     tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
     # ---- compiled ahead of time on shapes: a step too big for the devices is refused before allocating
-    def plan(accum, remat):
+    def compile_step(accum, remat):
         step = make_train_step(config, dataclasses.replace(recipe, remat=remat))
         micro_batches = jax.ShapeDtypeStruct((accum, args.batch_size // accum, args.seq_len + 1), jnp.int32)
-        return tpu.plan_train_step(step, shapes, micro_batches, mesh)
+        return plan.plan_train_step(step, shapes, micro_batches, mesh)
     resident = sum(a.nbytes for a in jax.tree.leaves((state, init_params)))  # on CPU, already in the RAM
-    train_step = fitting_step(plan, args, recipe.remat, mesh, resident)
+    train_step = fitting_step(compile_step, args, recipe.remat, mesh, resident)
     if state is None:
         state = init_state(init_params if init_params is not None
                            else model.init_params(config, jax.random.PRNGKey(args.seed)))
@@ -584,7 +585,7 @@ def run(args, given, held, argv):
 
     tokens_per_step = args.batch_size * args.seq_len
     flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
-    peak = tpu.peak_flops()  # (datasheet FLOP/s per device, its source), or None where unknown (CPU)
+    peak = plan.peak_flops()  # (datasheet FLOP/s per device, its source), or None where unknown (CPU)
     log(f"MFU is measured against {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})" if peak else
         "no datasheet peak for this device: achieved TFLOP/s per device instead of MFU")
     t_start, timed_steps, timed_seconds = time.time(), 0, 0.0

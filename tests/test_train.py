@@ -25,6 +25,7 @@ from conftest import TINY, WIDE, random_params, run_cli
 import common
 import hf
 import model
+import plan
 import train
 import tpu
 
@@ -250,7 +251,7 @@ def test_validation_starts_at_step_0_and_a_warmup_longer_than_the_run_is_told(tm
 
 
 def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setattr(tpu, "peak_flops", lambda device=None: None)
+    monkeypatch.setattr(plan, "peak_flops", lambda device=None: None)
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
     assert code == 0 and "MFU" not in steps[0] and " TFLOP/s | ETA" in steps[0]
@@ -258,7 +259,7 @@ def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, cap
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert rows and all("mfu" not in r for r in rows)
     assert all(r["tflops"] == pytest.approx(flops_per_step / (r["ms"] / 1e3) / 1e12, rel=1e-6) for r in rows)
-    monkeypatch.setattr(tpu, "peak_flops", lambda device=None: (1e15, "a datasheet"))
+    monkeypatch.setattr(plan, "peak_flops", lambda device=None: (1e15, "a datasheet"))
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "2"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
     last = metrics(tmp_path)[-2]
@@ -343,12 +344,12 @@ def test_a_step_too_big_for_the_device_is_refused_before_allocating(tmp_path, co
     wanted = {}
 
     def plan_train_step(step, state, windows, mesh):
-        compiled, seconds, used = plan(step, state, windows, mesh)
+        compiled, seconds, used = real(step, state, windows, mesh)
         wanted[windows.shape[0]] = used["total"]
         return compiled, seconds, used
-    plan = tpu.plan_train_step
-    monkeypatch.setattr(tpu, "plan_train_step", plan_train_step)
-    monkeypatch.setattr(tpu, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
+    real = plan.plan_train_step
+    monkeypatch.setattr(plan, "plan_train_step", plan_train_step)
+    monkeypatch.setattr(plan, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
     code, out, err = run(argv, capsys)
     assert code == 2 and out == [] and len(err) == 1 and not (tmp_path / "o").exists(), err
     accum = int(re.search(r"--grad-accum (\d+) fits", err[0])[1])
