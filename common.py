@@ -72,8 +72,10 @@ def flag_names(names):
 def check_flags(values, names, minimum):
     """One ValueError line when an attribute of `values` named in
     `names` (a parsed command line, a config) is below `minimum`,
-    0 or 1: "--a, --b and --c must be positive" (or "0 or more")."""
-    if min(getattr(values, name) for name in names) >= minimum:
+    0 or 1: "--a, --b and --c must be positive" (or "0 or more").
+    A flag left out (None) passes."""
+    given = [getattr(values, name) for name in names]
+    if all(v is None or v >= minimum for v in given):
         return
     bound = "positive" if minimum == 1 else f"{minimum} or more"
     raise ValueError(f"{flag_names(names)} must be {bound}")

@@ -146,8 +146,8 @@ def save_checkpoint(out, state, config, extra, keep):
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save_hf(state["params"], config, tmp)
     hf.save_tensors(_flat(state["mu"], "mu/") | _flat(state["nu"], "nu/"), os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump(extra | {"step": step}, f, indent=1)
+    common.write_json(os.path.join(tmp, "train_state.json"),
+                      extra | {"step": step})
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
