@@ -8,6 +8,7 @@ from a finished run share one (`finished`) and copy it when they change it.
 
 Run: python -m pytest -q tests/test_train.py"""
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,36 @@ def test_help_shows_the_chosen_presets_real_defaults_and_documents_every_flag(ca
         assert action.help and len(action.help) > 10, action.option_strings
     assert train.parse_args(["--lr", "1e-3"])[1] == {"lr"}  # the flags the user gave, for resuming
     assert "(default: None)" not in out and "--init-from NAME) (default" not in out  # each default once
+
+
+def test_one_run_configuration_built_once_from_preset_and_flags():
+    """parse_args: --size's preset over RunConfig's defaults, then the flags given; one frozen
+    RunConfig, and the set of flags given (which a resumed run's saved recipe yields to)."""
+    run, given = train.parse_args(["--size", "350M", "--lr", "1e-3", "--no-dedup", "--field", "code"])
+    assert isinstance(run, train.RunConfig) and given == {"size", "lr"}
+    assert (run.lr, run.batch_size, run.seq_len, run.warmup, run.z_loss) == (1e-3, 256, 2048, 3000, 1e-4)
+    assert run.field == "code" and run.cleaning == train.data.Cleaning(dedup=False)
+    assert run == dataclasses.replace(train.preset("350M"), lr=1e-3, field="code", cleaning=run.cleaning)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.lr = 1.0
+    r = train.make_recipe(run, given)                   # --lr given: --min-lr follows it, anneal the preset's
+    assert (r.lr, r.min_lr, r.anneal) == (1e-3, pytest.approx(1e-4), 300_000)
+    nano = train.make_recipe(*train.parse_args(["--max-steps", "50"]))
+    assert (nano.min_lr, nano.anneal) == (3e-4, 50 - 30)  # nano's cosine runs to --max-steps
+    saved = dataclasses.asdict(r)                       # a resumed run keeps its recipe unless given
+    assert train.make_recipe(*train.parse_args(["--warmup", "7"]), saved=saved).lr == 1e-3
+    assert train.make_recipe(*train.parse_args(["--warmup", "7"]), saved=saved).warmup == 7
+    for field in dataclasses.fields(train.RunConfig):   # every field documented
+        assert field.name in ("field", "cleaning") or len(field.metadata["help"]) > 10, field.name
+
+
+def test_flag_range_checks_are_one_helper():
+    values = SimpleNamespace(seq_len=8, keep=0, limit=None)
+    with pytest.raises(ValueError, match="^--seq-len and --keep must be positive$"):
+        common.check_flags(values, ("seq_len", "keep"), 1)
+    with pytest.raises(ValueError, match="^--keep must be 0 or more$"):
+        common.check_flags(SimpleNamespace(keep=-1), ("keep",), 0)
+    common.check_flags(values, ("seq_len", "limit"), 1)  # None: a flag left out passes
 
 
 # ----------------------------------------------------------------------------- the script, in-process
