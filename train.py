@@ -773,7 +773,7 @@ def open_run(s, held):
     check_args(s.run, s.recipe, s.config)
 
 
-def compile_step(s):
+def compile_step(s, held):
     """The mesh, and the train step compiled ahead of time on shapes:
     a step too big for the devices is refused before allocating.
     Then the state: resumed, --init-from's weights, or fresh."""
@@ -781,7 +781,8 @@ def compile_step(s):
     s.mesh = tpu.make_mesh(run.mesh)
     tpu.check_layout(s.config, s.mesh,
                      run.batch_size // run.grad_accum)
-    jax.set_mesh(s.mesh)  # model.forward's activation hint reads it
+    # model.forward's activation hint reads it; unset when main ends
+    held.enter_context(jax.set_mesh(s.mesh))
     shapes = abstract_state(s.config)
 
     def compile_for(accum, remat):
@@ -1044,7 +1045,7 @@ def main(argv=None):
     # the run directory's lock, released on any exit
     with contextlib.ExitStack() as held:
         open_run(s, held)
-        compile_step(s)
+        compile_step(s, held)
         load_data(s)
         announce(s, held)
         state = train_loop(s)
