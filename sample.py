@@ -458,7 +458,7 @@ def main(argv=None):
                args.num_samples)
     except ValueError as e:                                        # "top_p must be ..." -> "--top-p must be ..."
         name, rest = str(e).split(" ", 1)
-        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+        raise ValueError(f"{common.flag_names([name])} {rest}") from None
     if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
         plan.ensure_fake_devices(args.mesh, args.topology)
         steps = dict(prepare=prepare, prefill=_prefill, decode=_decode.__wrapped__, bucket=_bucket)

@@ -374,7 +374,7 @@ def add_option(group, field):
         flag["action"] = "store_true"
     else:
         flag.setdefault("type", type(field.default))
-    name = "--" + field.name.replace("_", "-")
+    name = common.flag_names([field.name])
     group.add_argument(name, default=field.default,
                        help=field.metadata["help"], **flag)
 
