@@ -75,8 +75,12 @@ def lr_at(step, r):
 
 
 def init_state(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return {"params": params, "mu": zeros(), "nu": zeros(), "step": jnp.zeros((), jnp.int32)}
+    """The train state: the parameters, AdamW's two moments (zeros
+    like the parameters) and the step counter."""
+    return {"params": params,
+            "mu": jax.tree.map(jnp.zeros_like, params),
+            "nu": jax.tree.map(jnp.zeros_like, params),
+            "step": jnp.zeros((), jnp.int32)}
 
 
 def make_train_step(config, r):
@@ -643,7 +647,10 @@ def plot(out):
     plt.plot(*zip(*train), label="train", lw=0.8)
     if val:
         plt.plot(*zip(*val), "o-", label="validation")
-    plt.xlabel("step"), plt.ylabel("loss (nats/token)"), plt.legend(), plt.grid(alpha=0.3)
+    plt.xlabel("step")
+    plt.ylabel("loss (nats/token)")
+    plt.legend()
+    plt.grid(alpha=0.3)
     plt.savefig(os.path.join(out, "loss.png"), dpi=120)
     print(f"wrote {os.path.join(out, 'loss.png')}")
 
@@ -657,8 +664,14 @@ def catch_stop_signals():
         if caught:
             raise KeyboardInterrupt
         caught.append(signum)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return caught, lambda: [signal.signal(s, h) for s, h in previous.items()]
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    return caught, restore
 
 
 # ----------------------------------------------------------------------------- the run, stage by stage
