@@ -26,7 +26,6 @@ import common
 import hf
 import model
 import tpu
-from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT_WAY = dict(  # heads, MLP and vocabulary divide 8 ways
