@@ -54,12 +54,39 @@ class ArgumentParser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 
+def first_line(error):
+    """The first line of an exception's message, or its type's name
+    when it has none: what a one-line error shows of it."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def flag_names(names):
+    """('seq_len', 'keep') -> '--seq-len and --keep'."""
+    flags = ["--" + name.replace("_", "-") for name in names]
+    if len(flags) == 1:
+        return flags[0]
+    return ", ".join(flags[:-1]) + " and " + flags[-1]
+
+
+def check_flags(values, names, minimum):
+    """One ValueError line when an attribute of `values` named in
+    `names` (a parsed command line, a config) is below `minimum`,
+    0 or 1: "--a, --b and --c must be positive" (or "0 or more").
+    A flag left out (None) passes."""
+    given = [getattr(values, name) for name in names]
+    if all(v is None or v >= minimum for v in given):
+        return
+    bound = "positive" if minimum == 1 else f"{minimum} or more"
+    raise ValueError(f"{flag_names(names)} must be {bound}")
+
+
 def run_main(main, argv=None):
     """Run a script's main(argv): user errors become one line and exit status 2."""
     try:
         return main(argv)
     except (ValueError, OSError) as e:
-        die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        die(first_line(e))
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         raise SystemExit(130) from None
@@ -109,6 +136,11 @@ def write_atomic(path, lines):
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write one indented JSON value, atomically (write_atomic)."""
+    write_atomic(path, [json.dumps(obj, indent=1) + "\n"])
 
 
 def write_jsonl(path, rows):
@@ -171,7 +203,7 @@ def _together(share, compute):
     try:
         mine, error = {"value": compute()}, None
     except Exception as e:
-        mine, error = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}, e
+        mine, error = {"error": first_line(e)}, e
     everyone = share.allgather(mine)
     if error is not None:
         raise error
@@ -239,7 +271,7 @@ def generate_jsonl(path, wanted, key, produce, batch_size, group=lambda key: Non
             everyone = [mine()] if share is None else _together(share, mine)
             if main and f is None:
                 if made_by is not None and n_rows == 0:  # what made the rows, before the first
-                    write_atomic(made_by_path(path), [json.dumps(made_by, indent=1) + "\n"])
+                    write_json(made_by_path(path), made_by)
                 f = stack.enter_context(open(path, "a", encoding="utf-8"))
             if main:
                 for got in everyone:

@@ -35,7 +35,7 @@ import tiktoken
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import corpus
-from common import ArgumentParser, run_main
+from common import ArgumentParser, run_main, write_json
 from corpus import Cleaning
 
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
@@ -380,7 +380,7 @@ def prepare(sources, out, *, ext=(".py",), field: str | None = None, cleaning: C
     index["complete"] = True
     index["skipped"] = sorted(skipped.items())
     _write_index(out, index)
-    _write_json(out / "stats.json", {**index["counts"], "tokens": index["tokens"]})
+    write_json(out / "stats.json", {**index["counts"], "tokens": index["tokens"]})
     for key, reason in index["skipped"]:
         log(f"prepare: skipped {key}: {reason}")
     log(f"prepare: {out} holds {index['tokens']:,} tokens of {len(files)} files in {len(index['shards'])} "
@@ -506,13 +506,7 @@ class _ShardWriter:
 
 
 def _write_index(out: Path, index: dict):
-    _write_json(out / "index.json", index)  # atomic: a kill leaves the previous, consistent index
-
-
-def _write_json(path: Path, obj: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    write_json(out / "index.json", index)  # atomic: a kill leaves the previous, consistent index
 
 
 # ----------------------------------------------------------------------------- throughput

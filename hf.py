@@ -311,7 +311,7 @@ def _read_or_explain(reader, file):
     except RefusedPickle:
         raise
     except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = common.first_line(e)
         raise ValueError(f"cannot read {file} ({why}): truncated or corrupt; copy or save it again") from None
 
 

@@ -18,8 +18,8 @@ import os
 from collections import Counter, defaultdict
 
 import sandbox
-from common import (ArgumentParser, Progress, check_made_by, check_writable, checkpoint_dir, checkpoint_identity,
-                    generate_jsonl, made_by_path, on_first_process, read_humaneval, read_jsonl, results_path,
+from common import (ArgumentParser, Progress, check_flags, check_made_by, check_writable, checkpoint_dir,
+                    checkpoint_identity, generate_jsonl, made_by_path, on_first_process, read_humaneval, read_jsonl, results_path,
                     run_main, sha256_of, write_jsonl)
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # Codex §3.2
@@ -260,9 +260,7 @@ def _main(argv):
                         help="programs run in parallel (the default is this machine's CPU count)")
     parser.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds per program")
     args = parser.parse_args(argv)
-    for flag in ("n", "batch_size", "max_new_tokens", "workers", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    check_flags(args, ("n", "batch_size", "max_new_tokens", "workers", "limit"), 1)
     if args.timeout <= 0 or not 0 < args.top_p <= 1:
         parser.error(f"--timeout must be > 0 (got {args.timeout:g})" if args.timeout <= 0 else
                      f"--top-p must be in (0, 1], got {args.top_p:g}")

@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 
 import sandbox
-from common import (ArgumentParser, Progress, beside, check_made_by, check_writable, checkpoint_dir,
+from common import (ArgumentParser, Progress, beside, check_made_by, check_writable, checkpoint_dir, flag_names,
                     checkpoint_identity, generate_jsonl, made_by_path, on_first_process, read_jsonl, results_path,
                     run_main, sha256_of, write_jsonl)
 from mtpb_check import REFERENCE_GRACE, format_compare, format_report, missing_requirement, program_for, summarize
@@ -456,7 +456,7 @@ def _main(argv):
                      ("top_k", args.top_k >= 0), ("timeout", args.timeout > 0), ("workers", args.workers >= 1),
                      ("memory_mb", args.memory_mb >= 64), ("batch_size", args.batch_size >= 1)):
         if not ok:
-            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range")
+            ap.error(f"{flag_names([flag])} {getattr(args, flag)} is out of range")
     if args.compare:
         runs = [_load_results(p) for p in args.compare]
         labels = [next((r["mode"] for r in rs if "mode" in r), Path(p).name) for rs, p in zip(runs, args.compare)]

@@ -50,6 +50,7 @@ import common
 import data
 import hf
 import model
+import plan
 import tpu
 
 BUCKET = 64         # prompt and output lengths are rounded up to a multiple of this
@@ -414,37 +415,6 @@ def load(path, dtype="float32", mesh=None):
     return config, params if mesh is None else jax.device_put(params, tpu.param_shardings(params, mesh))
 
 
-def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, device_memory_gib=None):
-    """Compile prefill and decode for `rows` prompts as long as max_new_tokens allows (generate's largest
-    KV cache) on abstract shapes for a mesh (tpu.plan_mesh), and report what one device needs."""
-    mesh, words, hbm_b, _ = tpu.plan_mesh(mesh_spec, topology)
-    hbm_b, platform = device_memory_gib * 2 ** 30 if device_memory_gib else hbm_b, mesh.devices.flat[0].platform
-    tpu.check_layout(config, mesh, rows)
-    T, new_bucket = _bucket(config.n_ctx + 1 - max_new_tokens), _bucket(max_new_tokens)
-    on = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))  # noqa: E731
-    params = jax.eval_shape(lambda: prepare(model.init_params(config, jax.random.key(0)), dtype))
-    params = jax.tree.map(lambda a, s: on(a, s.spec), params, tpu.param_shardings(params, mesh))
-    prompt = [on(jax.ShapeDtypeStruct((rows, T), t), PartitionSpec(tpu.BATCH_AXES)) for t in (jnp.int32, bool)]
-    key, limit, *knobs = (on(jax.ShapeDtypeStruct(s, t), PartitionSpec())
-                          for s, t in (((2,), jnp.uint32), ((), jnp.int32), ((), jnp.float32), ((3,), jnp.float32)))
-    knobs, prefill = tuple(knobs), partial(_prefill, config=config, new_bucket=new_bucket, num_samples=1, mode=mode)
-    state = jax.eval_shape(prefill, params, *prompt, key, knobs)
-    state = jax.tree.map(on, state, tpu.decode_specs(state))
-    lines = [f"dry run: sampling {config.n_layer} layers of {config.n_embd} in {dtype}, mesh "
-             f"{'x'.join(str(mesh.shape[a]) for a in tpu.AXES)} on {words}",
-             f"  {rows} rows of {T + new_bucket} tokens ({T}-token prompts, {new_bucket} new), {mode[0]}; per device:",
-             f"    parameters       {tpu.human_size(tpu.bytes_per_device(params))}",
-             f"    KV cache         {tpu.human_size(tpu.bytes_per_device(state['cache']))}  (heads over model)"]
-    for name, fn, args in (("prefill", prefill, (params, *prompt, key, knobs)),
-                           ("decode", partial(_decode.__wrapped__, config=config, mode=mode),  # unjitted: compile_plan
-                            (params, state, limit, key, knobs))):                                # jits it for the mesh
-        _, seconds, used = tpu.compile_plan(fn, args, mesh, donate_argnums=(1,) if name == "decode" else ())
-        lines += [f"  {name}: compiled by XLA:{platform.upper()} in {seconds:.0f} s",
-                  *tpu.memory_lines(used, hbm_b, platform, "parameters and prompts or decode state",
-                                    "activations, logits" + (", the new KV cache" if name == "prefill" else ""))]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- command line
 
 def read_prompt(path):
@@ -488,11 +458,13 @@ def main(argv=None):
                args.num_samples)
     except ValueError as e:                                        # "top_p must be ..." -> "--top-p must be ..."
         name, rest = str(e).split(" ", 1)
-        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+        raise ValueError(f"{common.flag_names([name])} {rest}") from None
     if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
-        tpu.ensure_fake_devices(args.mesh, args.topology)
-        return print(dry_run(model.CONFIGS[args.size], args.dtype, args.mesh, args.topology, args.num_samples,
-                             args.max_new_tokens, _mode(args.temperature, args.top_k, args.top_p), args.device_memory))
+        plan.ensure_fake_devices(args.mesh, args.topology)
+        steps = dict(prepare=prepare, prefill=_prefill, decode=_decode.__wrapped__, bucket=_bucket)
+        return print(plan.sample_dry_run(model.CONFIGS[args.size], args.dtype, args.mesh, args.topology,
+                                         args.num_samples, args.max_new_tokens,
+                                         _mode(args.temperature, args.top_k, args.top_p), args.device_memory, **steps))
     if args.topology:
         raise ValueError("--topology only plans (nothing runs on its devices): add --dry-run")
     mesh = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None

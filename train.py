@@ -44,20 +44,8 @@ import common
 import data
 import hf
 import model
+import plan
 import tpu
-
-# Every default of the schedule, once per --size (`--help` shows them). Paper sizes: JAXformer's
-# codegen_*_nl configs (lr, warmup 3000, cosine over 300k steps to lr/10, 350k total, ~0.5M/1M
-# tokens per step, z-loss 1e-4; the 16B numbers from the paper's blog summary: lr 0.5e-4, 2M
-# tokens/step). Laptop presets finish in minutes; their cosine (anneal None) runs to --max-steps.
-PRESETS = {
-    "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300, batch_size=8, seq_len=256, z_loss=0.0),
-    "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000, batch_size=16, seq_len=512, z_loss=0.0),
-    "350M": dict(lr=3.0e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=256, seq_len=2048, z_loss=1e-4),
-    "2B": dict(lr=1.6e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
-    "6B": dict(lr=1.2e-4, warmup=3000, anneal=300_000, max_steps=350_000, batch_size=512, seq_len=2048, z_loss=1e-4),
-    "16B": dict(lr=0.5e-4, warmup=3000, anneal=147_000, max_steps=150_000, batch_size=1024, seq_len=2048, z_loss=1e-4),
-}
 
 # ----------------------------------------------------------------------------- the recipe
 
@@ -87,8 +75,12 @@ def lr_at(step, r):
 
 
 def init_state(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return {"params": params, "mu": zeros(), "nu": zeros(), "step": jnp.zeros((), jnp.int32)}
+    """The train state: the parameters, AdamW's two moments (zeros
+    like the parameters) and the step counter."""
+    return {"params": params,
+            "mu": jax.tree.map(jnp.zeros_like, params),
+            "nu": jax.tree.map(jnp.zeros_like, params),
+            "step": jnp.zeros((), jnp.int32)}
 
 
 def make_train_step(config, r):
@@ -158,8 +150,8 @@ def save_checkpoint(out, state, config, extra, keep):
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save_hf(state["params"], config, tmp)
     hf.save_tensors(_flat(state["mu"], "mu/") | _flat(state["nu"], "nu/"), os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump(extra | {"step": step}, f, indent=1)
+    common.write_json(os.path.join(tmp, "train_state.json"),
+                      extra | {"step": step})
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -187,7 +179,7 @@ def load_checkpoint(path, config):
             if any(m.shape != p.shape for t in ("mu", "nu") for m, p in zip(jax.tree.leaves(state[t]), leaves)):
                 raise ValueError("optimizer.safetensors does not match the weights")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = common.first_line(e)
         raise ValueError(f"checkpoint {path} is unreadable ({why}); delete it to resume from the one "
                          f"before, or pick another --out") from None
     if ckpt_config != config:
@@ -196,167 +188,386 @@ def load_checkpoint(path, config):
     return state, extra
 
 
-# ----------------------------------------------------------------------------- the script
+# ----------------------------------------------------------------------------- the run configuration
 
-def build_parser(size, explicit_only=False):
-    """The command line, its defaults those of `--size` (or, with explicit_only, no defaults
-    at all: parsing then yields just the flags the user gave)."""
-    preset = PRESETS[size]
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"Defaults shown are those of "
-                              f"--size {size}; `--size NAME --help` shows another preset's.")
-    p.add_argument("--size", default="nano", choices=list(model.CONFIGS), help="model preset")
-    p.add_argument("--data", default="stdlib", help="comma-separated sources: 'stdlib', directories, .jsonl[.gz|.zst] "
-                   "and .parquet files, or a directory prepared by `python data.py --prepare`")
-    data.add_cleaning_flags(p)  # the paper's filters, dedup, decontamination (on unless switched off)
-    p.add_argument("--out", default=None, help="run directory: resumed when it holds a checkpoint (default: "
-                   "out/SIZE, or out/NAME-ft with --init-from NAME)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out for validation "
-                   "(chosen by a hash of each document's name, so stable across runs)")
-    p.add_argument("--init-from", default=None, help="start from a Hugging Face CodeGen directory or one of our "
-                   "checkpoints, with a fresh optimizer (ignored when --out holds a checkpoint to resume)")
-    p.add_argument("--resume", action="store_true", help="require a checkpoint in --out to continue from "
-                   "(without the flag, a run continues from one when --out holds it)")
-    g = p.add_argument_group(f"schedule (defaults of --size {size}; a resumed run keeps its own unless given)")
-    g.add_argument("--max-steps", type=int, default=preset["max_steps"], help="optimizer steps of the whole run")
-    g.add_argument("--batch-size", type=int, default=preset["batch_size"], help="sequences per optimizer step (global)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    g.add_argument("--seq-len", type=int, default=preset["seq_len"], help="tokens per sequence (at most n_ctx)")
-    g.add_argument("--lr", type=float, default=preset["lr"], help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=float(f"{preset['lr'] / 10:.3g}"),
-                   help="final learning rate, --lr/10 unless given")
-    g.add_argument("--warmup", type=int, default=preset["warmup"], help="linear warmup steps")
-    g.add_argument("--anneal", type=int, default=preset["anneal"] or preset["max_steps"] - preset["warmup"],
-                   help="cosine steps after warmup, then flat at --min-lr" +
-                   (" (unless given: to --max-steps)" if preset["anneal"] is None else ""))
-    g.add_argument("--weight-decay", type=float, default=Recipe.weight_decay, help="AdamW decoupled weight decay")
-    g.add_argument("--clip", type=float, default=Recipe.clip, help="global gradient-norm clip")
-    g.add_argument("--z-loss", type=float, default=preset["z_loss"], help="weight of JAXformer's z-loss")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
-    g.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass (saves memory)")
-    g.add_argument("--seed", type=int, default=0, help="parameter init and data order")
-    o = p.add_argument_group("evaluation, checkpoints, devices")
-    o.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (0: at the end only)")
-    o.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation (0: no validation)")
-    o.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (0: at the end only); "
-                   "Ctrl-C and SIGTERM also write one")
-    o.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    o.add_argument("--sample-tokens", type=int, default=64, help="tokens sampled at the end (0: none)")
-    o.add_argument("--mesh", default=None, help="DPxFSDPxMP device mesh (default: all devices data-parallel)")
-    o.add_argument("--dry-run", action="store_true", help="print parameter, FLOP and per-device memory estimates "
-                   "for --mesh without allocating the model, then exit")
-    o.add_argument("--topology", default=None, help="for --dry-run: compile with XLA:TPU for this TPU slice, "
-                   "e.g. v4:2x2x1, v5p:4x4x4, v5e:4x4 (needs `pip install libtpu`, no TPU); default: this "
-                   "machine's devices, simulated on CPU if fewer than --mesh")
-    o.add_argument("--device-memory", type=float, default=None, help="GiB per device, for --dry-run "
-                   "(default: the --topology chip's HBM)")
-    o.add_argument("--peak", default=None, help="for --dry-run: peak FLOP/s per device, or a datasheet name "
-                   "('TPU v4', 'TPU v5p', 'H100', 'A100', ...); default: this machine's device")
-    o.add_argument("--plot", metavar="OUT", default=None, help="plot OUT/metrics.jsonl to OUT/loss.png and exit")
-    if explicit_only:
-        for action in p._actions:
-            action.default = argparse.SUPPRESS
+def option(default, help, group="run", **flag):
+    """A RunConfig field and its flag: `help`, the --help `group`, and
+    argparse's `flag` arguments (type, choices, metavar) where the
+    default alone does not say them."""
+    meta = {"help": help, "group": group, "flag": flag}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+DEFAULT_CLEANING = data.Cleaning()
+SCHEDULE_HELP = "schedule (a resumed run keeps its own unless given)"
+OTHER_HELP = "evaluation, checkpoints, devices"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run, built once by parse_args: these defaults
+    (--size nano's), then PRESETS[size], then the flags given."""
+    size: str = option("nano", "model preset",
+                       choices=model.CONFIGS)  # its names, live
+    data: str = option(
+        "stdlib", "comma-separated sources: 'stdlib', directories, "
+        ".jsonl[.gz|.zst] and .parquet files, or a directory "
+        "prepared by `python data.py --prepare`")
+    out: str | None = option(
+        None, "run directory: resumed when it holds a checkpoint "
+        "(default: out/SIZE, or out/NAME-ft with --init-from NAME)",
+        type=str)
+    val_fraction: float = option(
+        0.02, "share of documents held out for validation (chosen by "
+        "a hash of each document's name, so stable across runs)")
+    init_from: str | None = option(
+        None, "start from a Hugging Face CodeGen directory or one of "
+        "our checkpoints, with a fresh optimizer (ignored when --out "
+        "holds a checkpoint to resume)", type=str)
+    resume: bool = option(
+        False, "require a checkpoint in --out to continue from "
+        "(without the flag, a run continues from one when --out "
+        "holds it)")
+    max_steps: int = option(300, "optimizer steps of the whole run",
+                            SCHEDULE_HELP)
+    batch_size: int = option(
+        8, "sequences per optimizer step (global)", SCHEDULE_HELP)
+    grad_accum: int = option(
+        1, "micro-batches per step (batch-size must divide)",
+        SCHEDULE_HELP)
+    seq_len: int = option(
+        256, "tokens per sequence (at most n_ctx)", SCHEDULE_HELP)
+    lr: float = option(3e-3, "peak learning rate", SCHEDULE_HELP)
+    min_lr: float | None = option(
+        None, "final learning rate, --lr/10 unless given",
+        SCHEDULE_HELP, type=float)
+    warmup: int = option(30, "linear warmup steps", SCHEDULE_HELP)
+    anneal: int | None = option(
+        None, "cosine steps after warmup, then flat at --min-lr "
+        "(nano, small: to --max-steps unless given)", SCHEDULE_HELP,
+        type=int)
+    weight_decay: float = option(
+        0.1, "AdamW decoupled weight decay", SCHEDULE_HELP)
+    clip: float = option(1.0, "global gradient-norm clip",
+                         SCHEDULE_HELP)
+    z_loss: float = option(0.0, "weight of JAXformer's z-loss",
+                           SCHEDULE_HELP)
+    dtype: str = option(
+        "auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 "
+        "on CPU", SCHEDULE_HELP,
+        choices=["auto", "float32", "bfloat16"])
+    remat: bool = option(
+        False, "recompute each layer in the backward pass (saves "
+        "memory)", SCHEDULE_HELP)
+    seed: int = option(0, "parameter init and data order",
+                       SCHEDULE_HELP)
+    eval_every: int = option(
+        100, "steps between validation losses (0: at the end only)",
+        OTHER_HELP)
+    eval_batches: int = option(
+        8, "validation batches per evaluation (0: no validation)",
+        OTHER_HELP)
+    save_every: int = option(
+        200, "steps between checkpoints (0: at the end only); Ctrl-C "
+        "and SIGTERM also write one", OTHER_HELP)
+    keep: int = option(3, "checkpoints kept", OTHER_HELP)
+    sample_tokens: int = option(
+        64, "tokens sampled at the end (0: none)", OTHER_HELP)
+    mesh: str | None = option(
+        None, "DPxFSDPxMP device mesh (default: all devices "
+        "data-parallel)", OTHER_HELP, type=str)
+    dry_run: bool = option(
+        False, "print parameter, FLOP and per-device memory "
+        "estimates for --mesh without allocating the model, then "
+        "exit (plan.py)", OTHER_HELP)
+    topology: str | None = option(
+        None, "for --dry-run: compile with XLA:TPU for this TPU "
+        "slice, e.g. v4:2x2x1, v5p:4x4x4, v5e:4x4 (needs `pip "
+        "install libtpu`, no TPU); default: this machine's devices, "
+        "simulated on CPU if fewer than --mesh", OTHER_HELP, type=str)
+    device_memory: float | None = option(
+        None, "GiB per device, for --dry-run (default: the "
+        "--topology chip's HBM)", OTHER_HELP, type=float)
+    peak: str | None = option(
+        None, "for --dry-run: peak FLOP/s per device, or a datasheet "
+        "name ('TPU v4', 'TPU v5p', 'H100', 'A100', ...); default: "
+        "this machine's device", OTHER_HELP, type=str)
+    plot: str | None = option(
+        None, "plot OUT/metrics.jsonl to OUT/loss.png and exit",
+        OTHER_HELP, type=str, metavar="OUT")
+    # the flags of data.add_cleaning_flags, gathered
+    field: str | None = None
+    cleaning: "data.Cleaning" = DEFAULT_CLEANING
+
+
+# Each --size's schedule, over RunConfig's defaults. Paper sizes:
+# JAXformer's codegen_*_nl configs (lr, warmup 3000, cosine over 300k
+# steps to lr/10, 350k total, ~0.5M/1M tokens per step, z-loss 1e-4;
+# the 16B numbers from the paper's blog summary: lr 0.5e-4, 2M
+# tokens/step). Laptop presets finish in minutes; their cosine
+# (anneal None) runs to --max-steps.
+PAPER = dict(warmup=3000, seq_len=2048, z_loss=1e-4)
+PRESETS = {
+    "nano": dict(lr=3e-3, warmup=30, anneal=None, max_steps=300,
+                 batch_size=8, seq_len=256, z_loss=0.0),
+    "small": dict(lr=1e-3, warmup=200, anneal=None, max_steps=5000,
+                  batch_size=16, seq_len=512, z_loss=0.0),
+    "350M": PAPER | dict(lr=3.0e-4, anneal=300_000,
+                         max_steps=350_000, batch_size=256),
+    "2B": PAPER | dict(lr=1.6e-4, anneal=300_000, max_steps=350_000,
+                       batch_size=512),
+    "6B": PAPER | dict(lr=1.2e-4, anneal=300_000, max_steps=350_000,
+                       batch_size=512),
+    "16B": PAPER | dict(lr=0.5e-4, anneal=147_000, max_steps=150_000,
+                        batch_size=1024),
+}
+
+
+def preset(size):
+    """RunConfig of --size `size` with no other flag given."""
+    return dataclasses.replace(RunConfig(), size=size,
+                               **PRESETS.get(size, {}))
+
+
+def tenth(lr):
+    """--min-lr's default: --lr/10, to 3 digits."""
+    return float(f"{lr / 10:.3g}")
+
+
+def shown_defaults(run):
+    """The defaults --help shows for `run`: min_lr and anneal as a
+    run of it would compute them."""
+    anneal = run.anneal or run.max_steps - run.warmup
+    return dataclasses.replace(run, min_lr=tenth(run.lr),
+                               anneal=anneal)
+
+
+class PresetHelp(argparse.Action):
+    """--help showing the defaults of the --size given before it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0,
+                         help="show this message with the defaults "
+                         "of the --size given before it, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        size = getattr(namespace, "size", "nano")
+        show_defaults(parser, shown_defaults(preset(size)))
+        parser.print_help()
+        parser.exit()
+
+
+def show_defaults(parser, run):
+    """Set the help's defaults to `run`'s and say which --size."""
+    parser.epilog = (f"Defaults shown are those of --size {run.size}"
+                     f"; `--size NAME --help` shows another preset's.")
+    for action in parser._actions:
+        if action.dest in RUN_FIELDS:
+            action.default = getattr(run, action.dest)
+
+
+# The fields that are flags of their own (not field and cleaning)
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)
+              if "group" in f.metadata}
+
+
+def add_option(group, field):
+    """The flag of one RunConfig field."""
+    flag = dict(field.metadata["flag"])
+    if isinstance(field.default, bool):
+        flag["action"] = "store_true"
+    else:
+        flag.setdefault("type", type(field.default))
+    name = common.flag_names([field.name])
+    group.add_argument(name, default=field.default,
+                       help=field.metadata["help"], **flag)
+
+
+def build_parser(size="nano"):
+    """The command line, one flag per RunConfig field (plus the
+    cleaning flags of data.py), its help showing --size's defaults."""
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              add_help=False)
+    p.add_argument("-h", "--help", action=PresetHelp)
+    groups = {"run": p}
+    for field in RUN_FIELDS.values():
+        title = field.metadata["group"]
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        add_option(groups[title], field)
+    cleaning = p.add_argument_group("cleaning (data.py)")
+    data.add_cleaning_flags(cleaning)
+    show_defaults(p, shown_defaults(preset(size)))
     return p
 
 
 def parse_args(argv=None):
-    """(args with the --size preset's defaults, the set of flags given on the command line)."""
-    size_only = common.ArgumentParser(add_help=False)
-    size_only.add_argument("--size", default="nano", choices=list(model.CONFIGS))
-    size = size_only.parse_known_args(argv)[0].size
-    args = build_parser(size).parse_args(argv)
-    return args, set(vars(build_parser(size, explicit_only=True).parse_args(argv)))
+    """(the run's RunConfig, the set of flags given): --size's
+    preset, then every flag given on the command line over it."""
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest in RUN_FIELDS:
+            action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    cleaning = argparse.Namespace()
+    for name in list(given):
+        if name not in RUN_FIELDS:
+            setattr(cleaning, name, given.pop(name))
+    run = dataclasses.replace(
+        preset(given.get("size", "nano")), **given,
+        field=cleaning.field,
+        cleaning=data.Cleaning.from_args(cleaning))
+    return run, set(given)
 
 
-def make_recipe(args, given, saved=None):
-    """The run's Recipe: a flag given on the command line, else what a resumed run was started
-    with (`saved`, its checkpoint's recipe), else the --size preset's default."""
-    r = {k: getattr(args, k) if k in given or not saved else saved[k] for k in SCHEDULE}
+def make_recipe(run, given, saved=None):
+    """The run's Recipe: a flag given on the command line, else what a
+    resumed run was started with (`saved`, its checkpoint's recipe),
+    else the --size preset's default."""
+    r = {}
+    for name in SCHEDULE:
+        if saved and name not in given:
+            r[name] = saved[name]
+        else:
+            r[name] = getattr(run, name)
     if "lr" in given and "min_lr" not in given:
         r["min_lr"] = r["lr"] / 10
-    if not saved and "anneal" not in given and PRESETS[args.size]["anneal"] is None:
-        r["anneal"] = max(args.max_steps - r["warmup"], 1)
-    return Recipe(**r, dtype=args.dtype, remat=args.remat)
+    if r["min_lr"] is None:
+        r["min_lr"] = tenth(r["lr"])
+    if r["anneal"] is None:
+        r["anneal"] = max(run.max_steps - r["warmup"], 1)
+    return Recipe(**r, dtype=run.dtype, remat=run.remat)
 
 
-def size_of_checkpoint(args, given, argv, config):
-    """(args, given, a note or None) for a run that starts from a checkpoint of `config`. A --size
-    given must be that model's; without one, the recipe's defaults are those of the preset the
-    checkpoint matches (the note says which), or --size nano's for an architecture of its own."""
-    named = next((name for name, preset in model.CONFIGS.items() if preset == config), None)
+def size_of_checkpoint(run, given, config):
+    """(run, a note or None) for a run that starts from a checkpoint
+    of `config`. A --size given must be that model's; without one,
+    the recipe's defaults are those of the preset the checkpoint
+    matches (the note says which), or --size nano's for an
+    architecture of its own."""
+    named = None
+    for name, known in model.CONFIGS.items():
+        if named is None and known == config:
+            named = name
     if "size" in given:
-        if model.CONFIGS[args.size] != config:
-            what = f"a {named} model" if named else f"n_layer={config.n_layer}, n_embd={config.n_embd}"
-            raise ValueError(f"--size {args.size} is not the model of --init-from {args.init_from} ({what}); "
-                             f"drop --size to train it with its own preset's recipe")
-        return args, given, None
-    if named is None or named == args.size:
-        return args, given, None
-    args, given = parse_args([*(sys.argv[1:] if argv is None else argv), "--size", named])
-    return args, given - {"size"}, f"--init-from {args.init_from} is a {named} model: --size {named}'s recipe"
+        if model.CONFIGS[run.size] != config:
+            what = f"a {named} model" if named else (
+                f"n_layer={config.n_layer}, n_embd={config.n_embd}")
+            raise ValueError(
+                f"--size {run.size} is not the model of --init-from "
+                f"{run.init_from} ({what}); drop --size to train it "
+                f"with its own preset's recipe")
+        return run, None
+    if named is None or named == run.size:
+        return run, None
+    flags = {name: getattr(run, name) for name in given}
+    run = dataclasses.replace(preset(named), **flags, field=run.field,
+                              cleaning=run.cleaning)
+    note = (f"--init-from {run.init_from} is a {named} model: "
+            f"--size {named}'s recipe")
+    return run, note
 
 
-def default_out(args):
-    """out/SIZE; with --init-from, out/NAME-ft, a new directory beside the source run's."""
-    if not args.init_from:
-        return os.path.join("out", args.size)
-    source = os.path.abspath(args.init_from)
-    if os.path.basename(source).startswith("ckpt-"):  # a checkpoint inside a run: name it after the run
+def default_out(run):
+    """out/SIZE; with --init-from, out/NAME-ft, a new directory beside
+    the source run's."""
+    if not run.init_from:
+        return os.path.join("out", run.size)
+    source = os.path.abspath(run.init_from)
+    # a checkpoint inside a run: name it after the run
+    if os.path.basename(source).startswith("ckpt-"):
         source = os.path.dirname(source)
     return os.path.join("out", os.path.basename(source) + "-ft")
 
 
-def open_data(args, micro, state):
-    """(train stream, validation batches, a note or None). Validation is left out when none
-    is asked for (--eval-batches 0, --val-fraction 0) and when the corpus is too small for
-    --val-fraction to hold out a document and keep one to train on; the note then says so,
-    and every document trains (args.val_fraction becomes 0 if it held them all; a checkpoint
-    keeps both values, so that the same command resumes the same stream)."""
-    share = dict(process_index=jax.process_index(), process_count=jax.process_count(), field=args.field,
-                 cleaning=data.Cleaning.from_args(args), val_fraction=args.val_fraction)
-    alone = jax.process_count() == 1  # with several, another process's share may differ: no fallback
-    note = (f"no validation: {args.data} has too few documents for --val-fraction {args.val_fraction} "
-            f"to set one aside; every document trains")
-    try:
-        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
-    except data.EmptySplit:  # every document fell to validation
-        if not (args.val_fraction and alone):
-            raise
-        args.val_fraction = share["val_fraction"] = 0.0
-        stream = data.TokenStream(args.data, micro, args.seq_len, split="train", seed=args.seed, state=state, **share)
-        return stream, [], note
-    if not (args.eval_batches and args.val_fraction):
-        return stream, [], None
-    try:
-        return stream, data.eval_batches(args.data, micro, args.seq_len, args.eval_batches, **share), None
-    except data.EmptySplit:  # no document fell to validation: every one trains already
-        if not alone:
-            raise
-        return stream, [], note
-
-
-def check_args(args, config):
-    """Everything a user can get wrong, as one ValueError line each, before any compute or write."""
-    if args.seq_len > config.n_ctx:
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context ({config.n_ctx})")
-    if min(args.seq_len, args.batch_size, args.grad_accum, args.max_steps, args.keep) < 1:
-        raise ValueError("--seq-len, --batch-size, --grad-accum, --max-steps and --keep must be positive")
-    if min(args.eval_every, args.eval_batches, args.save_every, args.sample_tokens) < 0:
-        raise ValueError("--eval-every, --eval-batches, --save-every and --sample-tokens must be 0 or more")
-    if min(args.lr, args.min_lr, args.warmup, args.anneal, args.weight_decay, args.clip, args.z_loss) < 0:
-        raise ValueError("--lr, --min-lr, --warmup, --anneal, --weight-decay, --clip and --z-loss must be 0 or more")
-    if args.batch_size % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if (args.batch_size // args.grad_accum) % jax.process_count():
-        raise ValueError(f"micro-batch {args.batch_size // args.grad_accum} cannot be split over "
-                         f"{jax.process_count()} processes")
-    existing = os.path.abspath(args.out)
-    while not os.path.exists(existing):  # --out is made later, once every check has passed
+def check_out(run):
+    """--out is never the run --init-from reads, and can be written."""
+    out = os.path.abspath(run.out)
+    if run.init_from:
+        source = os.path.abspath(run.init_from)
+        if os.path.commonpath([out, source]) == out:
+            raise ValueError(
+                f"--out {run.out} is the run --init-from "
+                f"{run.init_from} reads: pick another --out (default: "
+                f"{default_out(run)}), or drop --init-from to resume "
+                f"that run")
+    existing = out
+    while not os.path.exists(existing):  # made once every check passed
         existing = os.path.dirname(existing)
     try:
         tempfile.TemporaryFile(dir=existing).close()  # gone when closed
     except OSError as e:
-        raise ValueError(f"cannot write to --out {args.out} ({existing}: {e.strerror}); pick another --out") from None
+        raise ValueError(
+            f"cannot write to --out {run.out} ({existing}: "
+            f"{e.strerror}); pick another --out") from None
+
+
+def check_args(run, recipe, config):
+    """Everything a user can get wrong, as one ValueError line each,
+    before any compute or write."""
+    if run.seq_len > config.n_ctx:
+        raise ValueError(f"--seq-len {run.seq_len} is longer than the "
+                         f"model's context ({config.n_ctx})")
+    common.check_flags(run, ("seq_len", "batch_size", "grad_accum",
+                             "max_steps", "keep"), 1)
+    common.check_flags(run, ("eval_every", "eval_batches",
+                             "save_every", "sample_tokens"), 0)
+    common.check_flags(recipe, SCHEDULE, 0)
+    if run.batch_size % run.grad_accum:
+        raise ValueError(f"--batch-size {run.batch_size} is not "
+                         f"divisible by --grad-accum {run.grad_accum}")
+    micro = run.batch_size // run.grad_accum
+    if micro % jax.process_count():
+        raise ValueError(f"micro-batch {micro} cannot be split over "
+                         f"{jax.process_count()} processes")
+
+
+# ----------------------------------------------------------------------------- helpers of the run
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """What open_data opened: the train stream, the validation
+    batches, a note or None, and the val_fraction the stream uses."""
+    stream: data.TokenStream
+    val_batches: list
+    note: str | None
+    val_fraction: float
+
+
+def open_data(run, micro, state):
+    """The run's data (Opened). Validation is left out when none is
+    asked for (--eval-batches 0, --val-fraction 0) and when the corpus
+    is too small for --val-fraction to hold out a document and keep
+    one to train on; the note then says so, and every document trains
+    (val_fraction becomes 0 if it held them all; a checkpoint keeps
+    both values, so that the same command resumes the same stream)."""
+    share = dict(process_index=jax.process_index(),
+                 process_count=jax.process_count(), field=run.field,
+                 cleaning=run.cleaning, val_fraction=run.val_fraction)
+    # with several processes, another's share may differ: no fallback
+    alone = jax.process_count() == 1
+    note = (f"no validation: {run.data} has too few documents for "
+            f"--val-fraction {run.val_fraction} to set one aside; "
+            f"every document trains")
+    stream_of = partial(data.TokenStream, run.data, micro, run.seq_len,
+                        split="train", seed=run.seed, state=state)
+    try:
+        stream = stream_of(**share)
+    except data.EmptySplit:  # every document fell to validation
+        if not (run.val_fraction and alone):
+            raise
+        share["val_fraction"] = 0.0
+        return Opened(stream_of(**share), [], note, 0.0)
+    if not (run.eval_batches and run.val_fraction):
+        return Opened(stream, [], None, run.val_fraction)
+    try:
+        val = data.eval_batches(run.data, micro, run.seq_len,
+                                run.eval_batches, **share)
+    except data.EmptySplit:  # none fell to validation: all train
+        if not alone:
+            raise
+        return Opened(stream, [], note, run.val_fraction)
+    return Opened(stream, val, None, run.val_fraction)
 
 
 def lock_run(out, held, create=True):
@@ -385,14 +596,14 @@ def claim_run(lock):
     lock.flush()
 
 
-def fitting_step(plan, args, remat, mesh, resident=0):
-    """The train step compiled by plan(grad_accum, remat) -> tpu.plan_train_step's (compiled, seconds,
+def fitting_step(compile_step, args, remat, mesh, resident=0):
+    """The train step compiled by compile_step(grad_accum, remat) -> plan.plan_train_step's (compiled, seconds,
     bytes per device or XLA:TPU's refusal), or, when it cannot fit one device's memory, a ValueError
     line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
     compiling: a binary search over the divisors of --batch-size), without and then with remat."""
-    compiled, _, used = plan(args.grad_accum, remat)
+    compiled, _, used = compile_step(args.grad_accum, remat)
     device = mesh.devices.flat[0]
-    budget, where = tpu.memory_budget(device)
+    budget, where = plan.memory_budget(device)
     budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
 
     def fits(bytes_used):
@@ -402,14 +613,14 @@ def fitting_step(plan, args, remat, mesh, resident=0):
     need = "more than that" if isinstance(used, str) else f"{used['total'] / 2 ** 30:,.1f} GiB"
     more = [k for k in range(args.grad_accum + 1, args.batch_size + 1) if args.batch_size % k == 0]
     advice = None
-    if not remat and fits(plan(args.grad_accum, True)[2]):
+    if not remat and fits(compile_step(args.grad_accum, True)[2]):
         advice = "--remat"
     for try_remat in sorted({remat, True}):
-        if advice is None and more and fits(plan(more[-1], try_remat)[2]):
+        if advice is None and more and fits(compile_step(more[-1], try_remat)[2]):
             low, high = 0, len(more) - 1                  # more[high] fits
             while low < high:
                 middle = (low + high) // 2
-                if fits(plan(more[middle], try_remat)[2]):
+                if fits(compile_step(more[middle], try_remat)[2]):
                     high = middle
                 else:
                     low = middle + 1
@@ -436,7 +647,10 @@ def plot(out):
     plt.plot(*zip(*train), label="train", lw=0.8)
     if val:
         plt.plot(*zip(*val), "o-", label="validation")
-    plt.xlabel("step"), plt.ylabel("loss (nats/token)"), plt.legend(), plt.grid(alpha=0.3)
+    plt.xlabel("step")
+    plt.ylabel("loss (nats/token)")
+    plt.legend()
+    plt.grid(alpha=0.3)
     plt.savefig(os.path.join(out, "loss.png"), dpi=120)
     print(f"wrote {os.path.join(out, 'loss.png')}")
 
@@ -450,194 +664,405 @@ def catch_stop_signals():
         if caught:
             raise KeyboardInterrupt
         caught.append(signum)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    return caught, lambda: [signal.signal(s, h) for s, h in previous.items()]
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+
+    def restore():
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    return caught, restore
+
+
+# ----------------------------------------------------------------------------- the run, stage by stage
+
+@dataclasses.dataclass
+class Session:
+    """What the stages of main open, one after another: the run and
+    its model; its recipe and where it resumes; the mesh and the
+    compiled step; the data. A plain record, filled in order."""
+    run: RunConfig
+    given: set
+    config: model.Config
+    init_params: dict | None = None
+    size_note: str | None = None
+    data_note: str | None = None
+    checkpoints: list = dataclasses.field(default_factory=list)
+    state: dict | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    recipe: Recipe | None = None
+    lock: object = None
+    mesh: object = None
+    train_step: object = None
+    stream: object = None
+    val_batches: list = dataclasses.field(default_factory=list)
+    asked_val_fraction: float = 0.0
+
+
+def log(*parts):
+    """print on process 0 only, flushed: `| tee` shows each step."""
+    if tpu.is_main():
+        print(*parts, flush=True)
+
+
+def start_devices(run):
+    """The devices, before anything else touches a JAX backend."""
+    if run.dry_run:
+        # fewer devices than the mesh: re-runs this command on CPU
+        # with enough simulated ones
+        plan.ensure_fake_devices(run.mesh, run.topology)
+    elif run.topology:
+        raise ValueError("--topology only plans a run (nothing runs "
+                         "on its devices): add --dry-run")
+    else:
+        tpu.init_distributed()
+
+
+def choose_model(run, given):
+    """The Session of a run: the model of --size, or the checkpoint's
+    that --init-from names; its dtype and --out settled."""
+    s = Session(run, given, model.CONFIGS[run.size])
+    if run.init_from:
+        try:
+            s.config, s.init_params = hf.load_hf(run.init_from)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--init-from {run.init_from}: {e}") from None
+        run, s.size_note = size_of_checkpoint(run, given, s.config)
+    if run.dtype == "auto":
+        # a dry run describes an accelerator run, even on CPU
+        on_cpu = jax.default_backend() == "cpu" and not run.dry_run
+        dtype = "float32" if on_cpu else "bfloat16"
+        run = dataclasses.replace(run, dtype=dtype)
+    s.run = dataclasses.replace(run, out=run.out or default_out(run))
+    check_out(s.run)
+    return s
+
+
+def abstract_state(config):
+    """The train state's shapes and dtypes; nothing is allocated."""
+    def init():
+        params = model.init_params(config, jax.random.PRNGKey(0))
+        return init_state(params)
+    return jax.eval_shape(init)
+
+
+def micro_batches(run, accum):
+    """(K, B, W) int32 shapes of one step in `accum` micro-batches."""
+    shape = (accum, run.batch_size // accum, run.seq_len + 1)
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def dry_run(s):
+    """plan.py's report of this run's step on --mesh."""
+    run = s.run
+    recipe = make_recipe(run, s.given)
+    check_args(run, recipe, s.config)
+    step = make_train_step(s.config, recipe)
+    flops = model.flops_per_token(s.config, run.seq_len)
+    return plan.train_dry_run(
+        step, abstract_state(s.config),
+        micro_batches(run, run.grad_accum), s.config, recipe, flops,
+        run.mesh, topology=run.topology,
+        device_memory_gib=run.device_memory, peak=run.peak)
+
+
+def open_run(s, held):
+    """Resume --out when it holds a checkpoint, else start a new run
+    there: its recipe, and every check, before any compute."""
+    run = s.run
+    if tpu.is_main():  # a run writing there: refused before any work
+        s.lock = lock_run(run.out, held, create=False)
+    s.checkpoints = list_checkpoints(run.out)
+    if run.resume and not s.checkpoints:
+        raise ValueError(f"--resume given but --out {run.out} holds "
+                         f"no checkpoint")
+    if s.checkpoints:
+        s.state, s.extra = load_checkpoint(s.checkpoints[-1], s.config)
+    s.recipe = make_recipe(run, s.given, s.extra.get("recipe"))
+    s.asked_val_fraction = run.val_fraction
+    # it trained on every document (open_data)
+    if s.extra.get("val_fraction") == [run.val_fraction, 0.0]:
+        s.run = dataclasses.replace(run, val_fraction=0.0)
+    check_args(s.run, s.recipe, s.config)
+
+
+def compile_step(s, held):
+    """The mesh, and the train step compiled ahead of time on shapes:
+    a step too big for the devices is refused before allocating.
+    Then the state: resumed, --init-from's weights, or fresh."""
+    run = s.run
+    s.mesh = tpu.make_mesh(run.mesh)
+    tpu.check_layout(s.config, s.mesh,
+                     run.batch_size // run.grad_accum)
+    # model.forward's activation hint reads it; unset when main ends
+    held.enter_context(jax.set_mesh(s.mesh))
+    shapes = abstract_state(s.config)
+
+    def compile_for(accum, remat):
+        recipe = dataclasses.replace(s.recipe, remat=remat)
+        step = make_train_step(s.config, recipe)
+        windows = micro_batches(run, accum)
+        return plan.plan_train_step(step, shapes, windows, s.mesh)
+    # on CPU, the state loaded already is in the RAM
+    loaded = jax.tree.leaves((s.state, s.init_params))
+    resident = sum(a.nbytes for a in loaded)
+    s.train_step = fitting_step(compile_for, run, s.recipe.remat,
+                                s.mesh, resident)
+    if s.state is None and s.init_params is not None:
+        s.state = init_state(s.init_params)
+    if s.state is None:
+        key = jax.random.PRNGKey(run.seed)
+        s.state = init_state(model.init_params(s.config, key))
+
+
+def load_data(s):
+    """The train stream and validation batches: each process reads
+    its own share of the files."""
+    run = s.run
+    micro = run.batch_size // run.grad_accum // jax.process_count()
+    try:
+        opened = open_data(run, micro, s.extra.get("data_state"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--data {run.data}: {e}") from None
+    s.stream = opened.stream
+    s.val_batches = opened.val_batches
+    s.data_note = opened.note
+    s.run = dataclasses.replace(run, val_fraction=opened.val_fraction)
+
+
+def announce(s, held):
+    """Every check has passed: say what this run is, then write to
+    --out (its lock, run.json, the metrics its checkpoint covers)."""
+    run = s.run
+    step = int(s.state["step"])
+    if s.checkpoints:
+        log(f"resuming {run.out} from {s.checkpoints[-1]} (step "
+            f"{step} of {run.max_steps})")
+    elif run.init_from:
+        log(f"fine-tuning {run.init_from} into a new run in {run.out} "
+            f"(fresh optimizer)")
+    else:
+        log(f"training {run.size} from scratch into {run.out}")
+    if s.size_note:
+        log(s.size_note)
+    r = s.recipe
+    if r.warmup >= run.max_steps > step:
+        peak = float(lr_at(run.max_steps, r))
+        log(f"note: --warmup {r.warmup} is not shorter than the run "
+            f"({run.max_steps} steps): the learning rate peaks at "
+            f"{peak:.2e}, not --lr {r.lr:g}; give a shorter --warmup")
+    log(f"config: {s.config}\nrecipe: {r}")
+    log(f"{model.param_count(s.config) / 1e6:.1f}M parameters, mesh "
+        f"{dict(s.mesh.shape)}, {run.batch_size} x {run.seq_len} "
+        f"tokens per step")
+    log(s.stream.describe())
+    if s.data_note:
+        log(s.data_note)
+    if not tpu.is_main():
+        return
+    os.makedirs(run.out, exist_ok=True)
+    claim_run(s.lock or lock_run(run.out, held))
+    about = {"config": dataclasses.asdict(s.config),
+             "recipe": dataclasses.asdict(r),
+             "args": dataclasses.asdict(run)}
+    common.write_json(os.path.join(run.out, "run.json"), about)
+    # keep the metrics the checkpoint covers: a resumed log reads as
+    # one run
+    path = metrics_path(run)
+    kept = common.resume_jsonl(path, "metrics")
+    common.write_jsonl(path, [r for r in kept if r["step"] <= step])
+
+
+def metrics_path(run):
+    return os.path.join(run.out, "metrics.jsonl")
+
+
+def record(run, row):
+    """Append one row to OUT/metrics.jsonl (process 0)."""
+    if tpu.is_main():
+        with open(metrics_path(run), "a") as f:
+            common.append_jsonl(f, [row])
+
+
+def evaluator(s, params):
+    """evaluate(params) -> the mean validation loss, compiled once for
+    `params` as laid out on the mesh."""
+    dtype = jnp.dtype(s.recipe.dtype)
+    params_sh = tpu.param_shardings(params, s.mesh)
+
+    def loss(params, batch):
+        return model.loss_fn(model.cast(params, dtype), batch[0],
+                             s.config)
+    eval_loss = jax.jit(loss, in_shardings=(
+        params_sh, tpu.batch_sharding(s.mesh)))
+
+    def evaluate(params):
+        losses = []
+        for b in s.val_batches:
+            batch = tpu.global_batch(b[None], s.mesh)
+            losses.append(float(eval_loss(params, batch)))
+        return float(np.mean(losses))
+    return evaluate
+
+
+def validate(s, evaluate, state, step):
+    val = evaluate(state["params"])
+    log(f"step {step:6d} | val_loss {val:.4f}")
+    record(s.run, {"step": step, "val_loss": val})
+
+
+def checkpoint(s, state):
+    """Save the state and where the data stream is (every process
+    takes part: shards on other hosts are gathered)."""
+    run = s.run
+    extra = {"data_state": s.stream.state(), "seed": run.seed,
+             "recipe": dataclasses.asdict(s.recipe),
+             "val_fraction": [s.asked_val_fraction, run.val_fraction]}
+    host_state = tpu.to_host(state)
+    path = None
+    if tpu.is_main():
+        path = save_checkpoint(run.out, host_state, s.config, extra,
+                               run.keep)
+    log(f"saved {path}")
+
+
+class Speed:
+    """Tokens/s, MFU (or TFLOP/s without a datasheet peak) and ETA of
+    each step, for the log line and metrics.jsonl."""
+
+    def __init__(self, run, config):
+        self.tokens = run.batch_size * run.seq_len
+        per_token = model.flops_per_token(config, run.seq_len)
+        self.flops = per_token * self.tokens
+        self.max_steps = run.max_steps
+        self.peak = plan.peak_flops()  # (FLOP/s per device, source)
+        self.seconds = []
+
+    def describe(self):
+        if self.peak is None:
+            return ("no datasheet peak for this device: achieved "
+                    "TFLOP/s per device instead of MFU")
+        return (f"MFU is measured against {self.peak[0] / 1e12:.3g} "
+                f"TFLOP/s per device ({self.peak[1]})")
+
+    def __call__(self, step, dt):
+        """(the log line's tail, the metrics of the step's speed)."""
+        self.seconds.append(dt)
+        flop_s = self.flops / dt / jax.device_count()
+        row = {"tokens_per_s": self.tokens / dt, "ms": dt * 1000}
+        if self.peak:
+            row["mfu"] = flop_s / self.peak[0]
+            rate = f"MFU {100 * row['mfu']:5.2f}%"
+        else:
+            row["tflops"] = flop_s / 1e12
+            rate = f"{row['tflops']:.3g} TFLOP/s"
+        mean = sum(self.seconds) / len(self.seconds)
+        eta = (self.max_steps - step) * mean
+        line = (f"{dt * 1000:6.0f} ms | {row['tokens_per_s']:8.0f} "
+                f"tok/s | {rate} | ETA {eta / 60:5.1f} min")
+        return line, row
+
+
+def train_loop(s):
+    """The loop: a step, its log line and metrics, validation and
+    checkpoints when due; a signal saves the step reached and exits.
+    Returns the final state."""
+    run = s.run
+    state = jax.device_put(s.state, tpu.state_shardings(s.state, s.mesh))
+    s.state = None  # the loop's state is the only copy
+    evaluate = evaluator(s, state["params"])
+    speed = Speed(run, s.config)
+    log(speed.describe())
+    t_start = time.time()
+    step = saved_step = int(state["step"])
+    # where the loss starts: about ln(vocabulary)
+    if s.val_batches and run.eval_every and step == 0:
+        validate(s, evaluate, state, 0)
+
+    def due(every):  # 0: never on the way, only at the end
+        return (every and step % every == 0) or step == run.max_steps
+    stop, restore_handlers = catch_stop_signals()
+    try:
+        while step < run.max_steps and not stop:
+            local = np.stack([next(s.stream)
+                              for _ in range(run.grad_accum)])
+            t0 = time.time()
+            batch = tpu.global_batch(local, s.mesh)
+            state, metrics = s.train_step(state, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            step += 1
+            tail, speed_row = speed(step, time.time() - t0)
+            log(f"step {step:6d}/{run.max_steps} | loss "
+                f"{metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                f"grad-norm {metrics['grad_norm']:.3f} | {tail}")
+            record(run, {"step": step, **metrics, **speed_row})
+            if s.val_batches and due(run.eval_every):
+                validate(s, evaluate, state, step)
+            if due(run.save_every):
+                checkpoint(s, state)
+                saved_step = step
+        if stop:  # a signal: save the step reached, then stop
+            if step > saved_step:
+                checkpoint(s, state)
+            name = signal.Signals(stop[0]).name
+            log(f"stopped by {name} at step {step}: run the same "
+                f"command to resume")
+            raise SystemExit(128 + stop[0])
+    except KeyboardInterrupt:  # a second signal: stop at once
+        interrupted(run)
+    finally:
+        restore_handlers()
+    minutes = (time.time() - t_start) / 60
+    log(f"done: {step} steps in {minutes:.1f} min; checkpoints in "
+        f"{run.out}")
+    return state
+
+
+def interrupted(run):
+    """Stop at once; the newest checkpoint stays."""
+    saved = list_checkpoints(run.out)
+    if saved:
+        how = f"run the same command to resume from {saved[-1]}"
+    else:
+        how = ("no checkpoint was written, so the same command starts "
+               "over")
+    print(f"interrupted: {how}", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
+def sample_at_the_end(s, state):
+    """A few tokens from the trained model (--sample-tokens)."""
+    run = s.run
+    if not run.sample_tokens:
+        return
+    params = tpu.to_host(state["params"])  # a collective: every process
+    if not tpu.is_main():
+        return
+    import sample
+    prompt = "def fibonacci(n):\n"
+    text = sample.complete(params, s.config, [prompt], run.sample_tokens,
+                           temperature=0.2, top_p=0.95, seed=0)[0]
+    log(f"sample ({run.sample_tokens} tokens, temperature 0.2):\n"
+        f"{prompt}{text}")
 
 
 def main(argv=None):
-    args, given = parse_args(argv)
-    with contextlib.ExitStack() as held:  # the run directory's lock, released on any exit
-        return run(args, given, held, argv)
-
-
-def run(args, given, held, argv):
-    """The script after parsing: checks, then the training loop."""
-    if args.plot:
-        return plot(args.plot)
-    if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
-        tpu.ensure_fake_devices(args.mesh, args.topology)
-    elif args.topology:
-        raise ValueError("--topology only plans a run (nothing runs on its devices): add --dry-run")
-    else:
-        tpu.init_distributed()  # before anything else touches a JAX backend
-    log = partial(print, flush=True) if tpu.is_main() else (lambda *a, **k: None)  # flush: `| tee` shows each step
-
-    # ---- the model: a preset, or the architecture of the checkpoint we start from
-    config, init_params, size_note = model.CONFIGS[args.size], None, None
-    if args.init_from:
-        try:
-            config, init_params = hf.load_hf(args.init_from)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--init-from {args.init_from}: {e}") from None
-        args, given, size_note = size_of_checkpoint(args, given, argv, config)
-    if args.dtype == "auto":  # a dry run describes an accelerator run, even when it compiles on CPU
-        args.dtype = "bfloat16" if args.dry_run or jax.default_backend() != "cpu" else "float32"
-
-    # ---- the run: resume --out when it holds a checkpoint, else start a new one there
-    args.out = args.out or default_out(args)
-    if args.init_from and os.path.commonpath([os.path.abspath(args.out), os.path.abspath(args.init_from)]) == \
-            os.path.abspath(args.out):
-        raise ValueError(f"--out {args.out} is the run --init-from {args.init_from} reads: pick another --out "
-                         f"(default: {default_out(args)}), or drop --init-from to resume that run")
-    lock = None
-    if tpu.is_main() and not args.dry_run:  # a run writing there: refused before any work
-        lock = lock_run(args.out, held, create=False)
-    checkpoints = [] if args.dry_run else list_checkpoints(args.out)
-    if args.resume and not checkpoints:
-        raise ValueError(f"--resume given but --out {args.out} holds no checkpoint")
-    state, extra = load_checkpoint(checkpoints[-1], config) if checkpoints else (None, {})
-    recipe = make_recipe(args, given, extra.get("recipe"))
-    asked_val_fraction = args.val_fraction
-    if extra.get("val_fraction") == [args.val_fraction, 0.0]:  # it trained on every document (open_data)
-        args.val_fraction = 0.0
-    check_args(args, config)
-    shapes = jax.eval_shape(lambda: init_state(model.init_params(config, jax.random.PRNGKey(0))))
-    if args.dry_run:
-        windows = jax.ShapeDtypeStruct((args.grad_accum, args.batch_size // args.grad_accum, args.seq_len + 1),
-                                       jnp.int32)
-        return log(tpu.dry_run(make_train_step(config, recipe), shapes, windows, config, recipe,
-                               model.flops_per_token(config, args.seq_len), args.mesh, topology=args.topology,
-                               device_memory_gib=args.device_memory, peak=args.peak))
-    mesh = tpu.make_mesh(args.mesh)
-    tpu.check_layout(config, mesh, args.batch_size // args.grad_accum)
-    jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
-    # ---- compiled ahead of time on shapes: a step too big for the devices is refused before allocating
-    def plan(accum, remat):
-        step = make_train_step(config, dataclasses.replace(recipe, remat=remat))
-        micro_batches = jax.ShapeDtypeStruct((accum, args.batch_size // accum, args.seq_len + 1), jnp.int32)
-        return tpu.plan_train_step(step, shapes, micro_batches, mesh)
-    resident = sum(a.nbytes for a in jax.tree.leaves((state, init_params)))  # on CPU, already in the RAM
-    train_step = fitting_step(plan, args, recipe.remat, mesh, resident)
-    if state is None:
-        state = init_state(init_params if init_params is not None
-                           else model.init_params(config, jax.random.PRNGKey(args.seed)))
-    start_step = int(state["step"])
-
-    # ---- data: each process reads its own share of the files
-    micro = args.batch_size // args.grad_accum // jax.process_count()
-    try:
-        train_stream, val_batches, data_note = open_data(args, micro, extra.get("data_state"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--data {args.data}: {e}") from None
-
-    # ---- every check has passed: say what this run is, then write to --out
-    log(f"resuming {args.out} from {checkpoints[-1]} (step {start_step} of {args.max_steps})" if checkpoints else
-        f"fine-tuning {args.init_from} into a new run in {args.out} (fresh optimizer)" if args.init_from else
-        f"training {args.size} from scratch into {args.out}")
-    if size_note:
-        log(size_note)
-    if recipe.warmup >= args.max_steps > start_step:
-        log(f"note: --warmup {recipe.warmup} is not shorter than the run ({args.max_steps} steps): the learning "
-            f"rate peaks at {float(lr_at(args.max_steps, recipe)):.2e}, not --lr {recipe.lr:g}; give a shorter --warmup")
-    log(f"config: {config}\nrecipe: {recipe}")
-    log(f"{model.param_count(config) / 1e6:.1f}M parameters, mesh {dict(mesh.shape)}, "
-        f"{args.batch_size} x {args.seq_len} tokens per step")
-    log(train_stream.describe())
-    if data_note:
-        log(data_note)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if tpu.is_main():
-        os.makedirs(args.out, exist_ok=True)
-        claim_run(lock or lock_run(args.out, held))
-        with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(config), "recipe": dataclasses.asdict(recipe),
-                       "args": vars(args)}, f, indent=1)
-        # keep the metrics the checkpoint covers, so a resumed log reads as one run
-        kept = common.resume_jsonl(metrics_path, "metrics")
-        common.write_jsonl(metrics_path, [row for row in kept if row["step"] <= start_step])
-
-    # ---- compiled step and evaluation, laid out on the mesh
-    state_sh = tpu.state_shardings(state, mesh)
-    batch_sh = tpu.batch_sharding(mesh)
-    state = jax.device_put(state, state_sh)
-    eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
-                        in_shardings=(state_sh["params"], batch_sh))
-
-    def evaluate():
-        losses = [eval_loss(state["params"], tpu.global_batch(b[None], mesh)) for b in val_batches]
-        return float(np.mean([float(x) for x in losses]))
-
-    def record(row):
-        if tpu.is_main():
-            with open(metrics_path, "a") as f:
-                common.append_jsonl(f, [row])
-
-    def checkpoint():
-        extra = {"data_state": train_stream.state(), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
-                 "val_fraction": [asked_val_fraction, args.val_fraction]}
-        host_state = tpu.to_host(state)  # every process takes part: shards on other hosts are gathered
-        path = save_checkpoint(args.out, host_state, config, extra, args.keep) if tpu.is_main() else None
-        log(f"saved {path}")
-
-    def every(n):  # 0: never on the way, only at the end
-        return (n and step % n == 0) or step == args.max_steps
-
-    tokens_per_step = args.batch_size * args.seq_len
-    flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
-    peak = tpu.peak_flops()  # (datasheet FLOP/s per device, its source), or None where unknown (CPU)
-    log(f"MFU is measured against {peak[0] / 1e12:.3g} TFLOP/s per device ({peak[1]})" if peak else
-        "no datasheet peak for this device: achieved TFLOP/s per device instead of MFU")
-    t_start, timed_steps, timed_seconds = time.time(), 0, 0.0
-    step = saved_step = start_step
-    if val_batches and args.eval_every and start_step == 0:  # where the loss starts: about ln(vocabulary)
-        val = evaluate()
-        log(f"step {0:6d} | val_loss {val:.4f}")
-        record({"step": 0, "val_loss": val})
-    stop, restore_handlers = catch_stop_signals()
-    try:
-        while step < args.max_steps and not stop:
-            local = np.stack([next(train_stream) for _ in range(args.grad_accum)])  # (K, B, W) on this process
-            t0 = time.time()
-            state, metrics = train_step(state, tpu.global_batch(local, mesh))
-            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            dt = time.time() - t0
-            step += 1
-            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + dt  # compiled before the loop
-            tok_s, flop_s = tokens_per_step / dt, flops_per_step / dt / jax.device_count()
-            speed = {"mfu": flop_s / peak[0]} if peak else {"tflops": flop_s / 1e12}
-            eta = (args.max_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
-            log(f"step {step:6d}/{args.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                f"grad-norm {metrics['grad_norm']:.3f} | {dt * 1000:6.0f} ms | {tok_s:8.0f} tok/s | "
-                + (f"MFU {100 * speed['mfu']:5.2f}%" if peak else f"{speed['tflops']:.3g} TFLOP/s")
-                + f" | ETA {eta / 60:5.1f} min")
-            record({"step": step, **metrics, "tokens_per_s": tok_s, "ms": dt * 1000, **speed})
-            if val_batches and every(args.eval_every):
-                val = evaluate()
-                log(f"step {step:6d} | val_loss {val:.4f}")
-                record({"step": step, "val_loss": val})
-            if every(args.save_every):
-                checkpoint()
-                saved_step = step
-        if stop:  # a signal: save the step reached (unless just saved), then stop
-            if step > saved_step:
-                checkpoint()
-            log(f"stopped by {signal.Signals(stop[0]).name} at step {step}: run the same command to resume")
-            raise SystemExit(128 + stop[0])
-    except KeyboardInterrupt:  # a second signal: stop at once; the newest checkpoint stays
-        saved = list_checkpoints(args.out)
-        print("interrupted: " + (f"run the same command to resume from {saved[-1]}" if saved else
-                                 "no checkpoint was written, so the same command starts over"), file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        restore_handlers()
-    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoints in {args.out}")
-
-    params = tpu.to_host(state["params"]) if args.sample_tokens else None  # a collective: all processes
-    if args.sample_tokens and tpu.is_main():
-        import sample
-        prompt = "def fibonacci(n):\n"
-        text = sample.complete(params, config, [prompt], args.sample_tokens, temperature=0.2, top_p=0.95, seed=0)[0]
-        log(f"sample ({args.sample_tokens} tokens, temperature 0.2):\n{prompt}{text}")
+    """config -> data -> state -> loop -> checkpoint."""
+    run, given = parse_args(argv)
+    if run.plot:
+        return plot(run.plot)
+    start_devices(run)
+    s = choose_model(run, given)
+    if s.run.dry_run:
+        return log(dry_run(s))
+    # the run directory's lock, released on any exit
+    with contextlib.ExitStack() as held:
+        open_run(s, held)
+        compile_step(s, held)
+        load_data(s)
+        announce(s, held)
+        state = train_loop(s)
+        sample_at_the_end(s, state)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from a finished run share one (`finished`) and copy it when they change it.
 
 Run: python -m pytest -q tests/test_train.py"""
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from conftest import TINY, WIDE, random_params, run_cli
 import common
 import hf
 import model
+import plan
 import train
 import tpu
 
@@ -121,6 +124,36 @@ def test_help_shows_the_chosen_presets_real_defaults_and_documents_every_flag(ca
     assert "(default: None)" not in out and "--init-from NAME) (default" not in out  # each default once
 
 
+def test_one_run_configuration_built_once_from_preset_and_flags():
+    """parse_args: --size's preset over RunConfig's defaults, then the flags given; one frozen
+    RunConfig, and the set of flags given (which a resumed run's saved recipe yields to)."""
+    run, given = train.parse_args(["--size", "350M", "--lr", "1e-3", "--no-dedup", "--field", "code"])
+    assert isinstance(run, train.RunConfig) and given == {"size", "lr"}
+    assert (run.lr, run.batch_size, run.seq_len, run.warmup, run.z_loss) == (1e-3, 256, 2048, 3000, 1e-4)
+    assert run.field == "code" and run.cleaning == train.data.Cleaning(dedup=False)
+    assert run == dataclasses.replace(train.preset("350M"), lr=1e-3, field="code", cleaning=run.cleaning)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.lr = 1.0
+    r = train.make_recipe(run, given)                   # --lr given: --min-lr follows it, anneal the preset's
+    assert (r.lr, r.min_lr, r.anneal) == (1e-3, pytest.approx(1e-4), 300_000)
+    nano = train.make_recipe(*train.parse_args(["--max-steps", "50"]))
+    assert (nano.min_lr, nano.anneal) == (3e-4, 50 - 30)  # nano's cosine runs to --max-steps
+    saved = dataclasses.asdict(r)                       # a resumed run keeps its recipe unless given
+    assert train.make_recipe(*train.parse_args(["--warmup", "7"]), saved=saved).lr == 1e-3
+    assert train.make_recipe(*train.parse_args(["--warmup", "7"]), saved=saved).warmup == 7
+    for field in dataclasses.fields(train.RunConfig):   # every field documented
+        assert field.name in ("field", "cleaning") or len(field.metadata["help"]) > 10, field.name
+
+
+def test_flag_range_checks_are_one_helper():
+    values = SimpleNamespace(seq_len=8, keep=0, limit=None)
+    with pytest.raises(ValueError, match="^--seq-len and --keep must be positive$"):
+        common.check_flags(values, ("seq_len", "keep"), 1)
+    with pytest.raises(ValueError, match="^--keep must be 0 or more$"):
+        common.check_flags(SimpleNamespace(keep=-1), ("keep",), 0)
+    common.check_flags(values, ("seq_len", "limit"), 1)  # None: a flag left out passes
+
+
 # ----------------------------------------------------------------------------- the script, in-process
 
 @pytest.fixture(scope="module")
@@ -189,6 +222,7 @@ def snapshot(root):
 def test_every_and_batches_zero_mean_at_the_end_and_never(tmp_path, corpus, capsys):
     code, out, _ = run(flags(tmp_path / "a", corpus, "--max-steps", "3", "--eval-every", "0", "--save-every", "0"), capsys)
     assert code == 0 and out[0] == f"training {TINY_SIZE} from scratch into {tmp_path / 'a'}"
+    assert jax.sharding.get_abstract_mesh().empty  # main's mesh is unset when it returns
     assert [r["step"] for r in metrics(tmp_path / "a") if "val_loss" in r] == [3]
     assert train.list_checkpoints(tmp_path / "a") == [str(tmp_path / "a" / "ckpt-0000003")]
     code, out, _ = run(flags(tmp_path / "b", corpus, "--max-steps", "2", "--eval-batches", "0"), capsys)
@@ -250,7 +284,7 @@ def test_validation_starts_at_step_0_and_a_warmup_longer_than_the_run_is_told(tm
 
 
 def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setattr(tpu, "peak_flops", lambda device=None: None)
+    monkeypatch.setattr(plan, "peak_flops", lambda device=None: None)
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "1"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
     assert code == 0 and "MFU" not in steps[0] and " TFLOP/s | ETA" in steps[0]
@@ -258,7 +292,7 @@ def test_without_a_datasheet_peak_it_prints_tflops_not_mfu(tmp_path, corpus, cap
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert rows and all("mfu" not in r for r in rows)
     assert all(r["tflops"] == pytest.approx(flops_per_step / (r["ms"] / 1e3) / 1e12, rel=1e-6) for r in rows)
-    monkeypatch.setattr(tpu, "peak_flops", lambda device=None: (1e15, "a datasheet"))
+    monkeypatch.setattr(plan, "peak_flops", lambda device=None: (1e15, "a datasheet"))
     code, out, _ = run(flags(tmp_path, corpus, "--max-steps", "2"), capsys)
     steps = [line for line in out if line.startswith("step ") and "/" in line]
     last = metrics(tmp_path)[-2]
@@ -343,12 +377,12 @@ def test_a_step_too_big_for_the_device_is_refused_before_allocating(tmp_path, co
     wanted = {}
 
     def plan_train_step(step, state, windows, mesh):
-        compiled, seconds, used = plan(step, state, windows, mesh)
+        compiled, seconds, used = real(step, state, windows, mesh)
         wanted[windows.shape[0]] = used["total"]
         return compiled, seconds, used
-    plan = tpu.plan_train_step
-    monkeypatch.setattr(tpu, "plan_train_step", plan_train_step)
-    monkeypatch.setattr(tpu, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
+    real = plan.plan_train_step
+    monkeypatch.setattr(plan, "plan_train_step", plan_train_step)
+    monkeypatch.setattr(plan, "memory_budget", lambda device: (wanted[1] * 0.7, "pretend RAM"))
     code, out, err = run(argv, capsys)
     assert code == 2 and out == [] and len(err) == 1 and not (tmp_path / "o").exists(), err
     accum = int(re.search(r"--grad-accum (\d+) fits", err[0])[1])
