@@ -399,6 +399,7 @@ def test_a_corrupt_bin_is_one_line_and_exit_status_2(tmp_path, capsys, damage):
         with zipfile.ZipFile(file, "w") as zf:
             for name, content in entries.items():
                 zf.writestr(name, content)
+    capsys.readouterr()   # what transformers printed while writing the file is not the CLI's
     code, out, err = run_cli(sample.main, ["--init-from", tmp_path, "--max-new-tokens", 1], capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and "pytorch_model.bin" in err
