@@ -47,7 +47,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import common
-import model
+import model_fast
 
 
 
@@ -159,9 +159,9 @@ def check_layout(config, mesh, batch_size):
 
 def param_shardings(params, mesh):
     """NamedSharding for every parameter (arrays or ShapeDtypeStructs), from RULES. Layer weights
-    may be stacked (L, ...) or in model.decoding_layout (as sample.load returns them): there a
+    may be stacked (L, ...) or in model_fast.decoding_layout (as sample.load returns them): there a
     per-layer weight takes its rule without the L axis, and a matrix stored [out, in] reversed."""
-    decoding = model.in_decoding_layout(params)
+    decoding = model_fast.in_decoding_layout(params)
 
     def rule(path, leaf):
         name, spec = path[-1].key, RULES.get(path[-1].key)
@@ -169,7 +169,7 @@ def param_shardings(params, mesh):
             raise ValueError(f"no partition rule for parameter {name!r}; add one to tpu.RULES")
         if len(path) > 1 and isinstance(path[-2], jax.tree_util.SequenceKey):
             spec = P(*spec[1:])                                   # one layer of the list: no L axis
-        spec = P(*spec[::-1]) if decoding and name in model.TRANSPOSED_FOR_DECODING else spec  # [out, in]
+        spec = P(*spec[::-1]) if decoding and name in model_fast.TRANSPOSED_FOR_DECODING else spec  # [out, in]
         if len(spec) != leaf.ndim:
             raise ValueError(f"parameter {name!r} has {leaf.ndim} dims but its rule {spec} names {len(spec)}")
         return NamedSharding(mesh, spec)

@@ -44,6 +44,7 @@ import common
 import data
 import hf
 import model
+import model_fast
 import tpu
 
 # Every default of the schedule, once per --size (`--help` shows them). Paper sizes: JAXformer's
@@ -91,12 +92,18 @@ def init_state(params):
     return {"params": params, "mu": zeros(), "nu": zeros(), "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(config, r):
+def pick_loss(plain):
+    """model.loss_fn (full logits, cross entropy) with --plain, else model_fast's chunked twin."""
+    return model.loss_fn if plain else model_fast.loss_fn
+
+
+def make_train_step(config, r, plain=False):
     dtype = jnp.dtype(r.dtype)
+    loss_fn = pick_loss(plain)
 
     def objective(params, windows_BW):
         # Differentiate through the cast, so gradients arrive in fp32 for the fp32 master weights.
-        return model.loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
+        return loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
 
     def train_step(state, windows_KBW):
         params = state["params"]
@@ -234,6 +241,8 @@ def build_parser(size, explicit_only=False):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass (saves memory)")
+    g.add_argument("--plain", action="store_true", help="train with model.loss_fn, the plain twin of the "
+                   "default chunked head loss (model_fast.loss_fn): same losses, slower")
     g.add_argument("--seed", type=int, default=0, help="parameter init and data order")
     o = p.add_argument_group("evaluation, checkpoints, devices")
     o.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (0: at the end only)")
@@ -513,7 +522,7 @@ def run(args, given, held, argv):
     jax.set_mesh(mesh)  # model.forward's activation hint reads the mesh from here
     # ---- compiled ahead of time on shapes: a step too big for the devices is refused before allocating
     def plan(accum, remat):
-        step = make_train_step(config, dataclasses.replace(recipe, remat=remat))
+        step = make_train_step(config, dataclasses.replace(recipe, remat=remat), plain=args.plain)
         micro_batches = jax.ShapeDtypeStruct((accum, args.batch_size // accum, args.seq_len + 1), jnp.int32)
         return tpu.plan_train_step(step, shapes, micro_batches, mesh)
     resident = sum(a.nbytes for a in jax.tree.leaves((state, init_params)))  # on CPU, already in the RAM
@@ -560,7 +569,7 @@ def run(args, given, held, argv):
     state_sh = tpu.state_shardings(state, mesh)
     batch_sh = tpu.batch_sharding(mesh)
     state = jax.device_put(state, state_sh)
-    eval_loss = jax.jit(lambda p, b: model.loss_fn(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
+    eval_loss = jax.jit(lambda p, b: pick_loss(args.plain)(model.cast(p, jnp.dtype(recipe.dtype)), b[0], config),
                         in_shardings=(state_sh["params"], batch_sh))
 
     def evaluate():
