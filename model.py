@@ -33,6 +33,12 @@ Shapes are written into names (`x_BTD`) with these letters:
     V vocab_size        L n_layer               K micro-batches
     N = B·T tokens flattened for the head
     C tokens per head chunk, G chunks
+    P prompts (each copied num_samples times into B rows)
+    O new tokens of a decode output buffer
+    U vocabulary block width of the fast sampler, Q = V / U blocks
+    A candidate tokens drawn per rejection round
+
+One meaning per letter in every file.
 
     python -c "import model; print(model.param_count(model.CONFIGS['350M']))"
 """

@@ -124,7 +124,7 @@ def _mode(temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- compiled prefill and decode
-# Decode state, all on the device: the KV cache, the output buffer `out_BN` (new tokens,
+# Decode state, all on the device: the KV cache, the output buffer `out_BO` (new tokens,
 # EOS after a row is done), `done_B`, and `n`, the number of new tokens so far.
 # The random key for new token i is fold_in(key, i), so results do not depend on CHUNK.
 
@@ -162,8 +162,8 @@ def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num
     cache = _repeat_rows(cache, num_samples, plain)
     logits_BV = jnp.repeat(logits_P1V[:, 0], num_samples, axis=0)
     tok_B = pick(logits_BV, jax.random.fold_in(key, 0), knobs, mode)
-    out_BN = jnp.full((P * num_samples, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
-    return _laid_out({"cache": cache, "out": out_BN, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)})
+    out_BO = jnp.full((P * num_samples, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
+    return _laid_out({"cache": cache, "out": out_BO, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)})
 
 
 def _laid_out(state):

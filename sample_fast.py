@@ -6,9 +6,9 @@ equal (kept sets, per-token probabilities, greedy tokens).
 
 What is faster here, for a step that picks among 51,200 logits:
   - greedy: argmax as two plain reductions (`_argmax`);
-  - top-k: lax.top_k over the k blocks of W logits with the largest
+  - top-k: lax.top_k over the k blocks of U logits with the largest
     maxima, not all V (`_top_k_floor`);
-  - sampling: a block of W by its mass, then a token in it
+  - sampling: a block of U by its mass, then a token in it
     (`_draw`), instead of a categorical over V;
   - top-p: rejection sampling from the unsorted distribution, each
     candidate tested against the nucleus by float32 sums with a
@@ -24,7 +24,7 @@ import numpy as np
 
 import data
 
-W = 128             # vocabulary block width of the two-level searches
+U = 128             # vocabulary block width of the two-level searches
 CANDIDATES = 2      # nucleus draws tested per rejection round
 
 def _argmax(logits_BV):
@@ -36,41 +36,41 @@ def _argmax(logits_BV):
 
 
 def _blocks(a_BV, fill):
-    """(B, V) -> (B, N, W), V padded with `fill` to N·W."""
-    return jnp.pad(a_BV, ((0, 0), (0, -a_BV.shape[-1] % W)), constant_values=fill).reshape(a_BV.shape[0], -1, W)
+    """(B, V) -> (B, Q, U), V padded with `fill` to Q·U."""
+    return jnp.pad(a_BV, ((0, 0), (0, -a_BV.shape[-1] % U)), constant_values=fill).reshape(a_BV.shape[0], -1, U)
 
 
 def _top_k_floor(x_BV, k):
-    """The k-th largest value of each row, (B, 1). It lies in the k blocks of W values with
+    """The k-th largest value of each row, (B, 1). It lies in the k blocks of U values with
     the largest maxima: those maxima are k values >= the k-th largest block maximum m, and
-    every value outside those blocks is <= m. So lax.top_k runs on k·W values, not V."""
+    every value outside those blocks is <= m. So lax.top_k runs on k·U values, not V."""
     # The k-th is taken as the min of the top k: XLA:CPU turns top_k(...)[:, -1] into a full sort.
-    if 2 * k * W > x_BV.shape[-1]:
+    if 2 * k * U > x_BV.shape[-1]:
         return jax.lax.top_k(x_BV, k)[0].min(-1, keepdims=True)
-    x_BNW = _blocks(jax.lax.optimization_barrier(x_BV), -jnp.inf)  # unfused input: XLA:CPU's fast TopK
-    _, best_Bk = jax.lax.top_k(x_BNW.max(-1), k)
-    x_BkW = x_BNW[jnp.arange(x_BV.shape[0])[:, None], best_Bk]      # whole blocks: a cheap gather
-    return jax.lax.top_k(x_BkW.reshape(x_BV.shape[0], -1), k)[0].min(-1, keepdims=True)
+    x_BQU = _blocks(jax.lax.optimization_barrier(x_BV), -jnp.inf)  # unfused input: XLA:CPU's fast TopK
+    _, best_Bk = jax.lax.top_k(x_BQU.max(-1), k)
+    x_BkU = x_BQU[jnp.arange(x_BV.shape[0])[:, None], best_Bk]      # whole blocks: a cheap gather
+    return jax.lax.top_k(x_BkU.reshape(x_BV.shape[0], -1), k)[0].min(-1, keepdims=True)
 
 
-def _invert(w_BCn, u_BC):
+def _invert(w_BAn, u_BA):
     """Per (row, draw): the first index whose running sum of w exceeds u·sum(w), so index
     i comes out with probability w_i / sum(w); a zero weight never does (rounding that
     puts u·sum at the very end falls back to the last positive weight)."""
-    n = w_BCn.shape[-1]
+    n = w_BAn.shape[-1]
     index = jnp.arange(n, dtype=jnp.int32)
-    run = jnp.cumsum(w_BCn, axis=-1)
-    first = jnp.min(jnp.where((run > u_BC[..., None] * run[..., -1:]) & (w_BCn > 0), index, n), axis=-1)
-    return jnp.minimum(first, jnp.max(jnp.where(w_BCn > 0, index, 0), axis=-1))
+    run = jnp.cumsum(w_BAn, axis=-1)
+    first = jnp.min(jnp.where((run > u_BA[..., None] * run[..., -1:]) & (w_BAn > 0), index, n), axis=-1)
+    return jnp.minimum(first, jnp.max(jnp.where(w_BAn > 0, index, 0), axis=-1))
 
 
-def _draw(w_BV, u_BC2):
-    """C indices per row drawn with probability proportional to w_BV >= 0, two uniforms
-    each: a block of W by its mass, then a token in it by its weight."""
-    w_BNW = _blocks(w_BV, 0.0)
-    block_BC = _invert(w_BNW.sum(-1)[:, None, :], u_BC2[..., 0])
-    w_BCW = w_BNW[jnp.arange(w_BV.shape[0])[:, None], block_BC]
-    return block_BC * W + _invert(w_BCW, u_BC2[..., 1])
+def _draw(w_BV, u_BA2):
+    """A indices per row drawn with probability proportional to w_BV >= 0, two uniforms
+    each: a block of U by its mass, then a token in it by its weight."""
+    w_BQU = _blocks(w_BV, 0.0)
+    block_BA = _invert(w_BQU.sum(-1)[:, None, :], u_BA2[..., 0])
+    w_BAU = w_BQU[jnp.arange(w_BV.shape[0])[:, None], block_BA]
+    return block_BA * U + _invert(w_BAU, u_BA2[..., 1])
 
 
 # Exact sums in float32 (docs/sampling.md): e = h1 + h2 + h3 + r, h1 on a grid of 2^-8, h2
@@ -101,13 +101,13 @@ def _split_p(p):
     return np.array(out + [p], np.float32)
 
 
-def _below_p(mass_C4, total_4, p3):
+def _below_p(mass_A4, total_4, p3):
     """mass < p · total, both given as their four exact-split sums: the sign of
     mass - p·total summed in float32 pairs (sum + error) from exact products."""
     def halves(z):
         hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(z, jnp.int32) & -4096, jnp.float32)
         return hi, z - hi                                       # 12 significant bits each
-    terms = [mass_C4[..., i] for i in range(4)]
+    terms = [mass_A4[..., i] for i in range(4)]
     for i in range(4):
         z = total_4[..., i]
         terms += [-p * h for p in p3[:2] for h in halves(z)] + [-p3[2] * z]
@@ -128,35 +128,35 @@ def _scaled(logits_BV, temperature, top_k):
     return x_BV, jnp.exp(x_BV - x_BV.max(axis=-1, keepdims=True))
 
 
-def _in_nucleus(x_BV, parts, total_B4, x_BC, p3):
-    """Whether each candidate logit x_BC is in its row's nucleus: the tokens with larger
+def _in_nucleus(x_BV, parts, total_B4, x_BA, p3):
+    """Whether each candidate logit x_BA is in its row's nucleus: the tokens with larger
     logits hold less than p of the mass (p3 = _split_p(p)), from the exact sums of `_parts`.
     `pick` needs it only for candidates that `_float32_verdict` cannot decide."""
-    above_BCV = x_BV[:, None, :] > x_BC[..., None]
-    mass_BC4 = jnp.stack([jnp.where(above_BCV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
-    return _below_p(mass_BC4, total_B4[:, None, :], p3)
+    above_BAV = x_BV[:, None, :] > x_BA[..., None]
+    mass_BA4 = jnp.stack([jnp.where(above_BAV, h[:, None, :], 0.0).sum(-1) for h in parts], axis=-1)
+    return _below_p(mass_BA4, total_B4[:, None, :], p3)
 
 
-def _two_level_sum(w_BNW):
-    """Float32 sums over the last two axes, (..., N, W) -> (...): each block's W values, then
-    the N block sums. In whatever order XLA adds, every value goes through at most
-    k = (W - 1) + (N - 1) roundings, so the result is within γ = k·u / (1 - k·u) of the exact
+def _two_level_sum(w_BQU):
+    """Float32 sums over the last two axes, (..., Q, U) -> (...): each block's U values, then
+    the Q block sums. In whatever order XLA adds, every value goes through at most
+    k = (U - 1) + (Q - 1) roundings, so the result is within γ = k·u / (1 - k·u) of the exact
     sum of these nonnegative values (u = 2^-24; Higham, "Accuracy and Stability of Numerical
     Algorithms", 2nd ed., §4.2 and Lemma 3.3)."""
-    # The barrier keeps XLA from merging the two reductions into one, whose bound would be k = N·W - 1.
-    return jax.lax.optimization_barrier(w_BNW.sum(-1)).sum(-1)
+    # The barrier keeps XLA from merging the two reductions into one, whose bound would be k = Q·U - 1.
+    return jax.lax.optimization_barrier(w_BQU.sum(-1)).sum(-1)
 
 
-def _float32_verdict(x_BNW, e_BNW, total_B, x_BC, p3):
+def _float32_verdict(x_BQU, e_BQU, total_B, x_BA, p3):
     """_in_nucleus from plain float32 sums, given the blocked x and e (`_blocks`) and
-    total_B = _two_level_sum(e_BNW): (mass < p·total, whether that verdict is certain). The
+    total_B = _two_level_sum(e_BQU): (mass < p·total, whether that verdict is certain). The
     sums' errors are provably below 4γ·total (docs/sampling.md), so a float32 gap
     `mass - p·total` larger than that has the sign of the exact one."""
-    mass_BC = _two_level_sum(jnp.where(x_BNW[:, None] > x_BC[..., None, None], e_BNW[:, None], 0.0))
-    gap_BC = mass_BC - p3.sum() * total_B[:, None]                # p3.sum() is within 3u·p of p
-    k = W + x_BNW.shape[1] - 2
+    mass_BA = _two_level_sum(jnp.where(x_BQU[:, None] > x_BA[..., None, None], e_BQU[:, None], 0.0))
+    gap_BA = mass_BA - p3.sum() * total_B[:, None]                # p3.sum() is within 3u·p of p
+    k = U + x_BQU.shape[1] - 2
     margin = np.float32(4 * k * 2.0 ** -24 / (1 - k * 2.0 ** -24))  # 4γ
-    return gap_BC < 0, jnp.abs(gap_BC) > margin * total_B[:, None]
+    return gap_BA < 0, jnp.abs(gap_BA) > margin * total_B[:, None]
 
 
 def pick(logits_BV, key, knobs, mode):
@@ -178,21 +178,21 @@ def pick(logits_BV, key, knobs, mode):
     B = x_BV.shape[0]
     if not nucleus:
         return _draw(e_BV, jax.random.uniform(key, (B, 1, 2)))[:, 0]
-    x_BNW, e_BNW = _blocks(x_BV, -jnp.inf), _blocks(e_BV, 0.0)
-    total_B = _two_level_sum(e_BNW)
+    x_BQU, e_BQU = _blocks(x_BV, -jnp.inf), _blocks(e_BV, 0.0)
+    total_B = _two_level_sum(e_BQU)
 
     def round_(s, first=False):                                    # the first round has no floor yet
-        u_BC2 = jax.random.uniform(jax.random.fold_in(key, s["round"]), (B, CANDIDATES, 2))
-        cand_BC = _draw(e_BV if first else jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BC2)
-        x_BC = jnp.take_along_axis(x_BV, cand_BC, axis=1)
-        below_BC, sure_BC = _float32_verdict(x_BNW, e_BNW, total_B, x_BC, p3)
-        ok_BC = jax.lax.cond(jnp.any(~sure_BC & ~s["done"][:, None]),  # rare: then the exact test decides
-                             lambda: _in_nucleus(x_BV, *_parts(e_BV), x_BC, p3), lambda: below_BC)
-        first_B = jnp.min(jnp.where(ok_BC, jnp.arange(CANDIDATES), CANDIDATES), axis=-1)
-        got_B = jnp.take_along_axis(cand_BC, jnp.minimum(first_B, CANDIDATES - 1)[:, None], axis=1)[:, 0]
+        u_BA2 = jax.random.uniform(jax.random.fold_in(key, s["round"]), (B, CANDIDATES, 2))
+        cand_BA = _draw(e_BV if first else jnp.where(x_BV > s["floor"][:, None], e_BV, 0.0), u_BA2)
+        x_BA = jnp.take_along_axis(x_BV, cand_BA, axis=1)
+        below_BA, sure_BA = _float32_verdict(x_BQU, e_BQU, total_B, x_BA, p3)
+        ok_BA = jax.lax.cond(jnp.any(~sure_BA & ~s["done"][:, None]),  # rare: then the exact test decides
+                             lambda: _in_nucleus(x_BV, *_parts(e_BV), x_BA, p3), lambda: below_BA)
+        first_B = jnp.min(jnp.where(ok_BA, jnp.arange(CANDIDATES), CANDIDATES), axis=-1)
+        got_B = jnp.take_along_axis(cand_BA, jnp.minimum(first_B, CANDIDATES - 1)[:, None], axis=1)[:, 0]
         new = ~s["done"] & (first_B < CANDIDATES)
         return {"tok": jnp.where(new, got_B, s["tok"]), "done": s["done"] | new, "round": s["round"] + 1,
-                "floor": jnp.where(s["done"] | new, s["floor"], x_BC.max(-1))}
+                "floor": jnp.where(s["done"] | new, s["floor"], x_BA.max(-1))}
 
     start = {"tok": jnp.zeros(B, jnp.int32), "done": jnp.zeros(B, bool), "round": jnp.zeros((), jnp.int32),
              "floor": jnp.full(B, -jnp.inf)}

@@ -154,24 +154,24 @@ pick = jax.jit(sample_fast.pick, static_argnames="mode")  # one token per row, a
 
 
 @partial(jax.jit, static_argnums=2)
-def verdicts_of(x_BV, x_BC, top_k, p3):
-    """sample's verdicts for candidate logits x_BC, after temperature (x_BV) and top-k: the
+def verdicts_of(x_BV, x_BA, top_k, p3):
+    """sample's verdicts for candidate logits x_BA, after temperature (x_BV) and top-k: the
     exact test's, the float32 test's, and whether the float32 test says it is certain."""
     x_BV, e_BV = sample_fast._scaled(x_BV, 1.0, top_k)
-    x_BC = jnp.where(x_BC >= jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), -1, keepdims=True), x_BC, -jnp.inf)
-    exact = sample_fast._in_nucleus(x_BV, *sample_fast._parts(e_BV), x_BC, p3)
-    x_BNW, e_BNW = sample_fast._blocks(x_BV, -jnp.inf), sample_fast._blocks(e_BV, 0.0)
-    fast, sure = sample_fast._float32_verdict(x_BNW, e_BNW, sample_fast._two_level_sum(e_BNW), x_BC, p3)
-    return exact & jnp.isfinite(x_BC), fast & jnp.isfinite(x_BC), sure
+    x_BA = jnp.where(x_BA >= jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), -1, keepdims=True), x_BA, -jnp.inf)
+    exact = sample_fast._in_nucleus(x_BV, *sample_fast._parts(e_BV), x_BA, p3)
+    x_BQU, e_BQU = sample_fast._blocks(x_BV, -jnp.inf), sample_fast._blocks(e_BV, 0.0)
+    fast, sure = sample_fast._float32_verdict(x_BQU, e_BQU, sample_fast._two_level_sum(e_BQU), x_BA, p3)
+    return exact & jnp.isfinite(x_BA), fast & jnp.isfinite(x_BA), sure
 
 
-def check_verdicts(x_BV, x_BC, top_k, top_p, expected_BC):
+def check_verdicts(x_BV, x_BA, top_k, top_p, expected_BA):
     """Both tests give the expected verdicts (the float32 one wherever it says it is certain);
     returns how often it is certain."""
-    exact, fast, sure = map(np.asarray, verdicts_of(jnp.asarray(x_BV), jnp.asarray(x_BC), top_k or 1 << 30,
+    exact, fast, sure = map(np.asarray, verdicts_of(jnp.asarray(x_BV), jnp.asarray(x_BA), top_k or 1 << 30,
                                                     jnp.asarray(sample_fast._split_p(top_p))))
-    np.testing.assert_array_equal(exact, expected_BC)
-    np.testing.assert_array_equal(fast[sure], np.asarray(expected_BC)[sure])
+    np.testing.assert_array_equal(exact, expected_BA)
+    np.testing.assert_array_equal(fast[sure], np.asarray(expected_BA)[sure])
     return sure.mean()
 
 
