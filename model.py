@@ -194,6 +194,29 @@ def _heads(x_BTD, config):
     return x_BTD.reshape(B, T, config.n_head, config.head_dim)
 
 
+def _qkv_heads(q_BTD, k_BTD, v_BTD, sin, cos, config):
+    """Queries, keys, values split into heads, (B, H, T, hd), the
+    queries and keys turned by rotary."""
+    q = _rotary(_heads(q_BTD, config), sin, cos)
+    k = _rotary(_heads(k_BTD, config), sin, cos)
+    v = _heads(v_BTD, config)
+    q = q.transpose(0, 2, 1, 3)                    # (B, H, T, hd)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    return q, k, v
+
+
+def _write_cache(k_cache, v_cache, k_BHTd, v_BHTd, start):
+    """The caches (B, H, S, hd) with the T new keys and values
+    written at slots start ... start + T - 1."""
+    at = (0, 0, start, 0)
+    k = jax.lax.dynamic_update_slice(
+        k_cache, k_BHTd.astype(k_cache.dtype), at)
+    v = jax.lax.dynamic_update_slice(
+        v_cache, v_BHTd.astype(v_cache.dtype), at)
+    return k, v
+
+
 def _block(x_BTD, p, sin, cos, mask, config, kv=None):
     """One CodeGen layer. Without a cache the T tokens attend to each
     other (mask (B, T, T)). With one, `kv` = (k_BHSd, v_BHSd, start):
@@ -203,19 +226,11 @@ def _block(x_BTD, p, sin, cos, mask, config, kv=None):
     eps = config.layer_norm_epsilon
     h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], eps)
 
-    q = _rotary(_heads(h @ p["wq"], config), sin, cos)
-    k = _rotary(_heads(h @ p["wk"], config), sin, cos)
-    v = _heads(h @ p["wv"], config)
-    q = q.transpose(0, 2, 1, 3)                    # (B, H, T, hd)
-    k = k.transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
+    q, k, v = _qkv_heads(h @ p["wq"], h @ p["wk"], h @ p["wv"],
+                         sin, cos, config)
     if kv is not None:
         k_cache, v_cache, start = kv
-        at = (0, 0, start, 0)
-        k = jax.lax.dynamic_update_slice(
-            k_cache, k.astype(k_cache.dtype), at)
-        v = jax.lax.dynamic_update_slice(
-            v_cache, v.astype(v_cache.dtype), at)
+        k, v = _write_cache(k_cache, v_cache, k, v, start)
     o = _attend(q, k, v, mask)
     attn = o.reshape(B, T, D) @ p["wo"]
 
@@ -290,6 +305,14 @@ def _positions(seen_B, valid_BT):
     return jnp.maximum(pos_BT, 0)
 
 
+def _causal_mask(valid_BT):
+    """(B, T, T): each token sees itself and the real tokens before
+    it, never left padding."""
+    T = valid_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    return causal_TT[None] & valid_BT[:, None, :]
+
+
 def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     """Embedding, the layers (one jax.lax.scan over the stacked
     weights, and over the cache's layers) and the final LayerNorm:
@@ -305,8 +328,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     sin, cos = _sin_cos(_positions(seen_B, valid_BT), config)
     x = _split_batch(params["wte"][tokens_BT])     # (B, T, D)
     if cache is None:
-        causal_TT = jnp.tril(jnp.ones((T, T), bool))
-        mask_BTT = causal_TT[None] & valid_BT[:, None, :]
+        mask_BTT = _causal_mask(valid_BT)
         block = partial(_block, sin=sin, cos=cos, mask=mask_BTT,
                         config=config)
         if remat:  # recompute activations in the backward pass

@@ -104,14 +104,10 @@ def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
     eps = config.layer_norm_epsilon
     h = model._layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], eps)
 
-    q = model._rotary(model._heads(_times(h, p["wq"]), config),
-                      sin, cos)
-    k = model._rotary(model._heads(_times(h, p["wk"]), config),
-                      sin, cos)
-    v = model._heads(_times(h, p["wv"]), config)
-    q = q.transpose(0, 2, 1, 3)                    # (B, H, T, hd)
-    k = k.transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
+    q_BTD = _times(h, p["wq"])
+    k_BTD = _times(h, p["wk"])
+    v_BTD = _times(h, p["wv"])
+    q, k, v = model._qkv_heads(q_BTD, k_BTD, v_BTD, sin, cos, config)
 
     k_cache, v_cache, cache_valid_BS, start = past_kv
     if isinstance(start, int):                     # a fresh cache
@@ -119,11 +115,7 @@ def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
     else:
         o = _attend_cached(q, k, v, mask_BTT, k_cache, v_cache,
                            cache_valid_BS)
-    at = (0, 0, start, 0)
-    k = jax.lax.dynamic_update_slice(
-        k_cache, k.astype(k_cache.dtype), at)
-    v = jax.lax.dynamic_update_slice(
-        v_cache, v.astype(v_cache.dtype), at)
+    k, v = model._write_cache(k_cache, v_cache, k, v, start)
     attn = _times(o.reshape(B, T, D), p["wo"])
 
     up = _times(h, p["w_in"]) + p["b_in"]
@@ -167,8 +159,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache):
     seen_B = cache["pos"]
     pos_BT = model._positions(seen_B, valid_BT)
     sin, cos = model._sin_cos(pos_BT, config)
-    causal_TT = jnp.tril(jnp.ones((T, T), bool))
-    mask_BTT = causal_TT[None] & valid_BT[:, None, :]
+    mask_BTT = model._causal_mask(valid_BT)
     block = partial(_block, sin=sin, cos=cos, mask_BTT=mask_BTT,
                     config=config)
     x = model._split_batch(params["wte"][tokens_BT])   # (B, T, D)
