@@ -1,44 +1,55 @@
-"""Sampling from CodeGen: `generate` (token ids in, new token ids out), `complete` (text
-in, completion text out), `load` / `prepare` (a checkpoint / parameters made ready to
-decode), and the sampling CLI. The paper's multi-turn protocol and its chat: mtpb.py.
+"""Sampling from CodeGen: `generate` (token ids in, new token ids
+out), `complete` (text in, completion text out), `load` / `prepare`
+(a checkpoint / parameters made ready to decode), and the sampling
+CLI. The paper's multi-turn protocol and its chat: mtpb.py.
 
 How one call works:
 
-  1. Prompts are left-padded to a common length T, rounded up to a multiple of 64 (the
-     "bucket"), so prompts of many lengths compile only a handful of times. `valid_BT`
-     marks the padding; model.forward gives every real token the position it would have
+  1. Prompts are left-padded to a common length T, rounded up to a
+     multiple of 64 (the "bucket"), so prompts of many lengths
+     compile only a handful of times. `valid_BT` marks the padding;
+     the model gives every real token the position it would have
      without padding and hides padded keys from attention.
-  2. Prefill (one jitted call): each prompt goes through the model once, filling a KV
-     cache of T + bucket(max_new_tokens) slots; its `num_samples` rows then get copies of
-     that cache, so n samples of a HumanEval problem pay for one prefill, not n.
-  3. Decode (one jitted call): a `jax.lax.while_loop` feeds the last token through the
-     cached model, picks the next one and writes it into a preallocated buffer, until
-     every row has produced EOS or the budget is spent. Rows that are done ride along.
-  4. Stop strings (`complete`) are text, so the decode loop then runs in chunks of CHUNK
-     tokens; after each chunk the host decodes the rows and marks those holding a stop
-     string as done. The text is cut just before the first stop string.
+  2. Prefill (one jitted call): each prompt goes through the model
+     once, filling a KV cache of T + bucket(max_new_tokens) slots;
+     its `num_samples` rows then get copies of that cache, so n
+     samples of a HumanEval problem pay for one prefill, not n.
+  3. Decode (one jitted call): a `jax.lax.while_loop` feeds the last
+     token through the cached model, picks the next one and writes
+     it into a preallocated buffer, until every row has produced EOS
+     or the budget is spent. Rows that are done ride along.
+  4. Stop strings (`complete`) are text, so the decode loop then runs
+     in chunks of CHUNK tokens; after each chunk the host decodes the
+     rows and marks those holding a stop string as done. The text is
+     cut just before the first stop string.
 
-On a mesh (`mesh=`, `--mesh DPxFSDPxMP`), parameters are laid out by tpu.RULES and the decode
-state by tpu.decode_specs (KV cache heads over `model`, rows over the data axes; prompts padded
-with finished copies until the rows divide evenly); greedy tokens equal the one-device run's.
-`--dry-run [--topology v4:2x2x1]` plans prefill and decode per device instead (docs/sharding.md).
+On a mesh (`mesh=`, `--mesh DPxFSDPxMP`), parameters are laid out by
+tpu.RULES and the decode state by tpu.decode_specs (KV cache heads
+over `model`, rows over the data axes; prompts padded with finished
+copies until the rows divide evenly); greedy tokens equal the
+one-device run's. `--dry-run [--topology v4:2x2x1]` plans prefill
+and decode per device instead (docs/sharding.md).
 
-Picking a token: temperature, then top-k, then top-p (nucleus; ties at the boundary
-stay), Hugging Face's order; only the tokenizer's 50,295 real ids, not the head's padding
-to 51,200. `_pick` below is the plain way (lax.top_k, sort + cumsum, categorical).
+Picking a token: temperature, then top-k, then top-p (nucleus; ties
+at the boundary stay), Hugging Face's order; only the tokenizer's
+50,295 real ids, not the head's padding to 51,200. `_pick` below is
+the plain way (lax.top_k, sort + cumsum, categorical).
 
-Plain first, fast beside: by default decoding runs the fast twins, model_fast.py's
-decoding forward (weights [out, in], per-layer cache written in place) and
-sample_fast.py's picker (nothing sorts the vocabulary; why it is exact:
-docs/sampling.md). `plain=True` (`--plain`) runs model.forward with its simple cache
-and `_pick` instead: the same greedy tokens and the same sampling law, slower.
+Plain first, fast beside: by default decoding runs the fast twins,
+model_fast.py's decoding forward (weights [out, in], per-layer cache
+written in place) and sample_fast.py's picker (nothing sorts the
+vocabulary; why it is exact: docs/sampling.md). `plain=True`
+(`--plain`) runs model.forward with its simple cache and `_pick`
+instead: the same greedy tokens and the same sampling law, slower.
 
-The CLI's defaults are the paper's sampling script's (CodeGen `jaxformer/hf/sample.py`):
-temperature 0.2, top-p 0.95, 128 new tokens, seed 42.
+The CLI's defaults are the paper's sampling script's (CodeGen
+`jaxformer/hf/sample.py`): temperature 0.2, top-p 0.95, 128 new
+tokens, seed 42.
 
-    python sample.py --init-from out/nano --prompt "def fib(n):" --num-samples 4
-    python sample.py --init-from codegen-350M-mono --prompt-file prompt.py --stop '\ndef'
-    python sample.py --init-from out/nano --plain      # the plain model and sampler
+    python sample.py --init-from out/nano --prompt "def fib(n):"
+    python sample.py --init-from codegen-350M-mono \\
+        --prompt-file prompt.py --stop '\\ndef'
+    python sample.py --init-from out/nano --plain   # plain lane
 """
 import contextlib
 import math
@@ -150,44 +161,70 @@ def _repeat_rows(cache, n, plain):
     return out
 
 
-@partial(jax.jit, static_argnames=("config", "new_bucket", "num_samples", "mode", "plain"))
-def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config, new_bucket, num_samples, mode,
-             plain=False):
+@partial(jax.jit, static_argnames=(
+    "config", "new_bucket", "num_samples", "mode", "plain"))
+def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config,
+             new_bucket, num_samples, mode, plain=False):
+    """The decode state after each prompt's one prefill and first
+    token, its rows copied num_samples times (B = P·num_samples)."""
     forward, init_cache, pick = _lane(plain)
     P, T = prompt_PT.shape
-    cache = init_cache(config, P, T + new_bucket, params["wte"].dtype)
-    # All but the last token only fill the cache: XLA drops their unused head matmul.
-    _, cache = forward(params, prompt_PT[:, :-1], config, valid_BT=valid_PT[:, :-1], cache=cache)
-    logits_P1V, cache = forward(params, prompt_PT[:, -1:], config, cache=cache)  # last token: always real
+    dtype = params["wte"].dtype
+    cache = init_cache(config, P, T + new_bucket, dtype)
+    # All but the last token only fill the cache: XLA drops their
+    # unused head matmul.
+    _, cache = forward(params, prompt_PT[:, :-1], config,
+                       valid_BT=valid_PT[:, :-1], cache=cache)
+    # the last token: always real
+    logits_P1V, cache = forward(params, prompt_PT[:, -1:], config,
+                                cache=cache)
     cache = _repeat_rows(cache, num_samples, plain)
     logits_BV = jnp.repeat(logits_P1V[:, 0], num_samples, axis=0)
     tok_B = pick(logits_BV, jax.random.fold_in(key, 0), knobs, mode)
-    out_BO = jnp.full((P * num_samples, new_bucket), data.EOS, jnp.int32).at[:, 0].set(tok_B)
-    return _laid_out({"cache": cache, "out": out_BO, "done": tok_B == data.EOS, "n": jnp.ones((), jnp.int32)})
+    B = P * num_samples
+    out_BO = jnp.full((B, new_bucket), data.EOS, jnp.int32)
+    out_BO = out_BO.at[:, 0].set(tok_B)
+    return _laid_out({"cache": cache,
+                      "out": out_BO,
+                      "done": tok_B == data.EOS,
+                      "n": jnp.ones((), jnp.int32)})
 
 
 def _laid_out(state):
-    """Under generate's mesh (jax.set_mesh), the decode state split as tpu.decode_specs says."""
-    meshed = jax.sharding.get_abstract_mesh().axis_names
-    return jax.lax.with_sharding_constraint(state, tpu.decode_specs(state)) if meshed else state
+    """Under generate's mesh (jax.set_mesh), the decode state split
+    as tpu.decode_specs says."""
+    if not jax.sharding.get_abstract_mesh().axis_names:
+        return state
+    specs = tpu.decode_specs(state)
+    return jax.lax.with_sharding_constraint(state, specs)
 
 
-@partial(jax.jit, static_argnames=("config", "mode", "plain"), donate_argnames=("state",),
-         compiler_options=IN_PLACE)
-def _decode(params, state, limit, key, knobs, *, config, mode, plain=False):
-    """Decode until `n == limit` or every row is done; the state's buffers are reused in place."""
+@partial(jax.jit, static_argnames=("config", "mode", "plain"),
+         donate_argnames=("state",), compiler_options=IN_PLACE)
+def _decode(params, state, limit, key, knobs, *, config, mode,
+            plain=False):
+    """Decode until `n == limit` or every row is done; the state's
+    buffers are reused in place."""
     forward, _, pick = _lane(plain)
 
     def not_finished(s):
         return (s["n"] < limit) & ~jnp.all(s["done"])
 
     def step(s):
-        last_B1 = jax.lax.dynamic_slice_in_dim(s["out"], s["n"] - 1, 1, axis=1)
-        logits_B1V, cache = forward(params, last_B1, config, cache=s["cache"])
-        tok_B = pick(logits_B1V[:, 0], jax.random.fold_in(key, s["n"]), knobs, mode)
+        n = s["n"]
+        last_B1 = jax.lax.dynamic_slice_in_dim(s["out"], n - 1, 1,
+                                               axis=1)
+        logits_B1V, cache = forward(params, last_B1, config,
+                                    cache=s["cache"])
+        token_key = jax.random.fold_in(key, n)
+        tok_B = pick(logits_B1V[:, 0], token_key, knobs, mode)
         tok_B = jnp.where(s["done"], data.EOS, tok_B)
-        out = jax.lax.dynamic_update_slice_in_dim(s["out"], tok_B[:, None], s["n"], axis=1)
-        return _laid_out({"cache": cache, "out": out, "done": s["done"] | (tok_B == data.EOS), "n": s["n"] + 1})
+        out = jax.lax.dynamic_update_slice_in_dim(
+            s["out"], tok_B[:, None], n, axis=1)
+        return _laid_out({"cache": cache,
+                          "out": out,
+                          "done": s["done"] | (tok_B == data.EOS),
+                          "n": n + 1})
 
     return jax.lax.while_loop(not_finished, step, state)
 
