@@ -280,49 +280,94 @@ def _layout(params, plain, mesh):
     return params
 
 
-def generate(params, config, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+def _left_padded(prompts, rows_divide, num_samples):
+    """(prompt_PT, valid_PT, padding_B): the prompts left-padded to
+    one bucket, plus copies of prompt 0 until the P·num_samples rows
+    divide by `rows_divide`; padding_B marks those copies' rows
+    (done from the start)."""
+    copies = -len(prompts) % (rows_divide
+                              // math.gcd(rows_divide, num_samples))
+    padded = list(prompts) + [prompts[0]] * copies
+    P = len(padded)
+    T = _bucket(max(len(p) for p in prompts))
+    prompt_PT = np.zeros((P, T), np.int32)
+    valid_PT = np.zeros((P, T), bool)
+    for i, p in enumerate(padded):                 # left padding
+        prompt_PT[i, T - len(p):] = p
+        valid_PT[i, T - len(p):] = True
+    rows_B = np.arange(P * num_samples)
+    padding_B = rows_B >= len(prompts) * num_samples
+    return prompt_PT, valid_PT, padding_B
+
+
+def generate(params, config, prompts, max_new_tokens,
+             temperature=0.0, top_p=1.0, top_k=0, seed=0,
              num_samples=1, until=None, mesh=None, plain=False):
-    """Sample continuations of token-id prompts: len(prompts) * num_samples lists of NEW
-    token ids (all samples of prompt 0, then of prompt 1, ...), each ending before EOS.
-    temperature=0 is greedy; top_k=0 and top_p=1 are off; the same seed gives the same
-    samples. `params` as hf.load_hf gives them or `prepare`d (as `load` does: faster to reuse).
-    `until(ids) -> bool`, checked on the host every CHUNK tokens, ends a row early (its ids may run
-    up to CHUNK tokens past the point it first said True; `complete` cuts the text). `mesh`: above.
-    `plain=True` decodes with the plain twins (model.forward, `_pick`): the same tokens, slower."""
-    _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples)
+    """Sample continuations of token-id prompts: len(prompts) *
+    num_samples lists of NEW token ids (all samples of prompt 0, then
+    of prompt 1, ...), each ending before EOS. temperature=0 is
+    greedy; top_k=0 and top_p=1 are off; the same seed gives the same
+    samples. `params` as hf.load_hf gives them or `prepare`d (as
+    `load` does: faster to reuse). `until(ids) -> bool`, checked on
+    the host every CHUNK tokens, ends a row early (its ids may run up
+    to CHUNK tokens past the point it first said True; `complete`
+    cuts the text). `mesh`: above. `plain=True` decodes with the
+    plain twins (model.forward, `_pick`): the same tokens, slower."""
+    _check(config, prompts, max_new_tokens, temperature, top_p, top_k,
+           num_samples)
     if not prompts:
         return []
     params = _layout(params, plain, mesh)
-    d = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    padded = list(prompts) + [prompts[0]] * (-len(prompts) % (d // math.gcd(d, num_samples)))  # rows % d == 0
-    T = _bucket(max(len(p) for p in prompts))
-    prompt_PT, valid_PT = np.zeros((len(padded), T), np.int32), np.zeros((len(padded), T), bool)
-    for i, p in enumerate(padded):                                 # left padding
-        prompt_PT[i, T - len(p):], valid_PT[i, T - len(p):] = p, True
-    padding_B = np.arange(len(padded) * num_samples) >= len(prompts) * num_samples   # done from the start
+    d = 1
+    if mesh is not None:
+        d = mesh.shape["data"] * mesh.shape["fsdp"]
+    prompt_PT, valid_PT, padding_B = _left_padded(prompts, d,
+                                                  num_samples)
     if mesh is not None:
         tpu.check_layout(config, mesh, len(padding_B))
-        params = jax.device_put(params, tpu.param_shardings(params, mesh))
-        rows = PartitionSpec(tpu.BATCH_AXES if len(padded) % d == 0 else None)
-        prompt_PT, valid_PT = jax.device_put((prompt_PT, valid_PT), NamedSharding(mesh, rows))
+        shardings = tpu.param_shardings(params, mesh)
+        params = jax.device_put(params, shardings)
+        split = len(prompt_PT) % d == 0
+        rows = PartitionSpec(tpu.BATCH_AXES if split else None)
+        prompt_PT, valid_PT = jax.device_put(
+            (prompt_PT, valid_PT), NamedSharding(mesh, rows))
 
-    how = dict(config=config, mode=_mode(temperature, top_k, top_p), plain=plain)
-    args = (jax.random.PRNGKey(seed), _knobs(temperature, top_p, plain))
-    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        state = _prefill(params, prompt_PT, valid_PT, *args, new_bucket=_bucket(max_new_tokens),
+    mode = _mode(temperature, top_k, top_p)
+    how = dict(config=config, mode=mode, plain=plain)
+    args = (jax.random.PRNGKey(seed),
+            _knobs(temperature, top_p, plain))
+    n_rows = len(prompts) * num_samples
+    meshed = contextlib.nullcontext()
+    if mesh is not None:
+        meshed = jax.set_mesh(mesh)
+    with meshed:
+        state = _prefill(params, prompt_PT, valid_PT, *args,
+                         new_bucket=_bucket(max_new_tokens),
                          num_samples=num_samples, **how)
-        chunk = CHUNK if until else max_new_tokens                 # no check: one call does it all
+        # without `until`, one call does it all
+        chunk = CHUNK if until else max_new_tokens
         while True:
-            n, done, out = jax.device_get((state["n"], state["done"], state["out"]))
+            n, done, out = jax.device_get(
+                (state["n"], state["done"], state["out"]))
             ended = padding_B.copy()
             if until:
-                ended |= np.array([not e and until(_before_eos(o[:n])) for e, o in zip(done, out)])
+                ended |= _until_rows(until, done, out, n)
             if (ended & ~done).any():
                 done = done | ended
-                state["done"] = jax.device_put(done, state["done"].sharding)
+                state["done"] = jax.device_put(
+                    done, state["done"].sharding)
             if n >= max_new_tokens or done.all():
-                return [_before_eos(o[:n]) for o in out[:len(prompts) * num_samples]]
-            state = _decode(params, state, jnp.int32(min(n + chunk, max_new_tokens)), *args, **how)
+                return [_before_eos(o[:n]) for o in out[:n_rows]]
+            limit = jnp.int32(min(n + chunk, max_new_tokens))
+            state = _decode(params, state, limit, *args, **how)
+
+
+def _until_rows(until, done_B, out_BO, n):
+    """Which rows not yet done `until` ends, given their n ids."""
+    ended = []
+    for done, out in zip(done_B, out_BO):
+        ended.append(not done and until(_before_eos(out[:n])))
+    return np.array(ended)
 
 
 def _until_stop(stop, tok):
