@@ -231,40 +231,69 @@ def _decode(params, state, limit, key, knobs, *, config, mode,
 
 # ----------------------------------------------------------------------------- host side
 
-def _check(config, prompts, max_new_tokens, temperature, top_p, top_k, num_samples):
+def _check(config, prompts, max_new_tokens, temperature, top_p,
+           top_k, num_samples):
     """One-line ValueErrors for every input a caller can get wrong."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a list, got {type(prompts).__name__}: wrap one prompt as [prompt]")
-    for bad, message in ((max_new_tokens < 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
-                         (temperature < 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
-                         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
-                         (top_k < 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
-                         (num_samples < 1, f"num_samples must be >= 1, got {num_samples}")):
+    is_list = isinstance(prompts, (list, tuple))
+    if isinstance(prompts, (str, bytes)) or not is_list:
+        raise ValueError(
+            f"prompts must be a list, got {type(prompts).__name__}: "
+            f"wrap one prompt as [prompt]")
+    checks = [
+        (max_new_tokens < 1,
+         f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+        (temperature < 0,
+         f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+        (not 0 < top_p <= 1,
+         f"top_p must be in (0, 1], got {top_p}"),
+        (top_k < 0,
+         f"top_k must be >= 0 (0 = off), got {top_k}"),
+        (num_samples < 1,
+         f"num_samples must be >= 1, got {num_samples}")]
+    for bad, message in checks:
         if bad:
             raise ValueError(message)
-    room = config.n_ctx + 1 - max_new_tokens     # the last new token is never fed back, so it needs no slot
+    # the last new token is never fed back, so it needs no slot
+    room = config.n_ctx + 1 - max_new_tokens
     for i, p in enumerate(prompts):
-        if not isinstance(p, (list, tuple, np.ndarray)):
-            raise ValueError(f"prompts must be a list of token-id lists; prompt {i} is {type(p).__name__}")
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; give at least one token")
-        if len(p) > room:
-            raise ValueError(f"prompt {i} has {len(p)} tokens and max_new_tokens is {max_new_tokens}, but the "
-                             f"context holds {config.n_ctx} (+1 for the last new token): keep prompts <= "
-                             f"{max(room, 0)} tokens or lower max_new_tokens")
-        if min(p) < 0 or max(p) >= config.vocab_size:
-            raise ValueError(f"prompt {i} has a token id outside [0, {config.vocab_size})")
+        _check_prompt(config, i, p, room, max_new_tokens)
+
+
+def _check_prompt(config, i, p, room, max_new_tokens):
+    """One-line ValueErrors for prompt number i."""
+    if not isinstance(p, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"prompts must be a list of token-id lists; prompt {i} "
+            f"is {type(p).__name__}")
+    if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty; give at least one token")
+    if len(p) > room:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens and max_new_tokens is "
+            f"{max_new_tokens}, but the context holds {config.n_ctx} "
+            f"(+1 for the last new token): keep prompts <= "
+            f"{max(room, 0)} tokens or lower max_new_tokens")
+    if min(p) < 0 or max(p) >= config.vocab_size:
+        raise ValueError(f"prompt {i} has a token id outside "
+                         f"[0, {config.vocab_size})")
 
 
 def _first_stop(text, stop):
-    """Index of the earliest occurrence of any stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    """Index of the earliest occurrence of any stop string in `text`,
+    or None."""
+    hits = []
+    for s in stop:
+        i = text.find(s) if s else -1
+        if i >= 0:
+            hits.append(i)
     return min(hits) if hits else None
 
 
 def _before_eos(ids):
     ids = list(map(int, ids))
-    return ids[:ids.index(data.EOS)] if data.EOS in ids else ids
+    if data.EOS in ids:
+        return ids[:ids.index(data.EOS)]
+    return ids
 
 
 def _layout(params, plain, mesh):
@@ -274,9 +303,11 @@ def _layout(params, plain, mesh):
     if not plain:
         return model_fast.decoding_layout(params)
     if mesh is not None:
-        raise ValueError("plain decoding runs on one device: drop the mesh (--mesh) or plain (--plain)")
+        raise ValueError("plain decoding runs on one device: drop "
+                         "the mesh (--mesh) or plain (--plain)")
     if model_fast.in_decoding_layout(params):
-        raise ValueError("plain decoding takes stacked weights (hf.load_hf's); load them with plain=True")
+        raise ValueError("plain decoding takes stacked weights "
+                         "(hf.load_hf's); load them with plain=True")
     return params
 
 
@@ -371,22 +402,37 @@ def _until_rows(until, done_B, out_BO, n):
 
 
 def _until_stop(stop, tok):
-    """An `until` for generate: has the row's text come to hold one of the stop strings?"""
-    return (lambda ids: _first_stop(tok.decode(ids, skip_special_tokens=False), stop) is not None) if stop else None
+    """An `until` for generate: has the row's text come to hold one
+    of the stop strings? None without stop strings."""
+    if not stop:
+        return None
+
+    def until(ids):
+        text = tok.decode(ids, skip_special_tokens=False)
+        return _first_stop(text, stop) is not None
+    return until
 
 
-def complete(params, config, texts, max_new_tokens, *, stop=(), temperature=0.0, top_p=1.0, top_k=0, seed=0,
+def complete(params, config, texts, max_new_tokens, *, stop=(),
+             temperature=0.0, top_p=1.0, top_k=0, seed=0,
              num_samples=1, mesh=None, plain=False):
-    """Text in, completion text out (ordered as `generate`), cut exactly before the first
-    stop string and before `<|endoftext|>`; decoding of a row ends soon after its stop.
-    `stop`: one string or a list of them."""
+    """Text in, completion text out (ordered as `generate`), cut
+    exactly before the first stop string and before `<|endoftext|>`;
+    decoding of a row ends soon after its stop. `stop`: one string or
+    a list of them."""
     if isinstance(texts, str):
-        raise ValueError("complete() takes a list of texts, got one str: pass [text]")
-    stop = [stop] if isinstance(stop, str) else list(stop)   # one str is one stop string
+        raise ValueError("complete() takes a list of texts, got one "
+                         "str: pass [text]")
+    if isinstance(stop, str):                  # one str is one stop
+        stop = [stop]
+    stop = list(stop)
     tok = data.get_tokenizer()
-    rows = generate(params, config, [tok.encode(t).ids for t in texts], max_new_tokens, temperature=temperature,
-                    top_p=top_p, top_k=top_k, seed=seed, num_samples=num_samples, until=_until_stop(stop, tok),
-                    mesh=mesh, plain=plain)
+    prompts = [tok.encode(t).ids for t in texts]
+    rows = generate(params, config, prompts, max_new_tokens,
+                    temperature=temperature, top_p=top_p, top_k=top_k,
+                    seed=seed, num_samples=num_samples,
+                    until=_until_stop(stop, tok), mesh=mesh,
+                    plain=plain)
     return [_text_before_stop(ids, stop, tok) for ids in rows]
 
 
@@ -397,10 +443,12 @@ def _text_before_stop(ids, stop, tok):
 
 
 def prepare(params, dtype="float32", plain=False):
-    """Parameters as decoding wants them: cast to `dtype` and, unless `plain`, in
-    model_fast.decoding_layout, once, instead of on every generate call."""
+    """Parameters as decoding wants them: cast to `dtype` and, unless
+    `plain`, in model_fast.decoding_layout, once, instead of on every
+    generate call."""
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        raise ValueError(
+            f"dtype must be float32 or bfloat16, got {dtype!r}")
     params = model.cast(params, jnp.dtype(dtype))
     if plain:
         return params
@@ -408,15 +456,20 @@ def prepare(params, dtype="float32", plain=False):
 
 
 def load(path, dtype="float32", mesh=None, plain=False):
-    """(config, params) ready to decode: the checkpoint at `path` (hf.load_hf) `prepare`d
-    (for the plain lane with `plain`); on a `mesh`'s devices, each its shards."""
+    """(config, params) ready to decode: the checkpoint at `path`
+    (hf.load_hf) `prepare`d (for the plain lane with `plain`); on a
+    `mesh`'s devices, each its shards."""
     if not os.path.isdir(path):
-        raise ValueError(f"no checkpoint at {path!r}; run `python train.py` first or pass --init-from DIR")
+        raise ValueError(f"no checkpoint at {path!r}; run `python "
+                         f"train.py` first or pass --init-from DIR")
     config, params = hf.load_hf(path)
-    params = prepare(params, dtype, plain)                         # numpy, on the host
-    if mesh is not None:
-        tpu.check_layout(config, mesh, mesh.shape["data"] * mesh.shape["fsdp"])
-    return config, params if mesh is None else jax.device_put(params, tpu.param_shardings(params, mesh))
+    params = prepare(params, dtype, plain)     # numpy, on the host
+    if mesh is None:
+        return config, params
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    tpu.check_layout(config, mesh, rows)
+    shardings = tpu.param_shardings(params, mesh)
+    return config, jax.device_put(params, shardings)
 
 
 def dry_run(config, dtype, mesh_spec, topology, rows, max_new_tokens, mode, device_memory_gib=None):
