@@ -1,29 +1,44 @@
-"""CodeGen in plain JAX: config, parameters, forward pass with a KV cache, and loss.
-(Checkpoints, ours and the released ones, are read and written by hf.py.)
+"""CodeGen in plain JAX: config, parameters, forward pass with a KV
+cache, and loss. (Checkpoints, ours and the released ones, are read
+and written by hf.py.)
 
 CodeGen (Nijkamp et al., ICLR 2023, §2.2) is a GPT-J-style decoder:
 
-    h = wte[tokens]                                  # no position embedding
-    for each layer:                                  # a jax.lax.scan; unrolled when decoding
-        x = LayerNorm(h)                             # ONE norm feeds both branches
-        h = h + Attention(x) + MLP(x)                # parallel residual
-    logits = LayerNorm(h) @ head_w + head_b          # untied head, with a bias
+    h = wte[tokens]                      # no position embedding
+    for each layer:                      # one jax.lax.scan
+        x = LayerNorm(h)                 # ONE norm feeds both branches
+        h = h + Attention(x) + MLP(x)    # parallel residual
+    logits = LayerNorm(h) @ head_w + head_b   # untied, with a bias
 
-Attention rotates the first `rotary_dim` dims of every query/key head with GPT-J's
-interleaved rotary embedding and does its softmax in float32; the MLP is
-Linear(4D) -> gelu(tanh) -> Linear(D), both with biases.
+Attention rotates the first `rotary_dim` dims of every query/key head
+with GPT-J's interleaved rotary embedding and does its softmax in
+float32; the MLP is Linear(4D) -> gelu(tanh) -> Linear(D), both with
+biases.
 
-Parameters are a plain nested dict of arrays (no framework), weights as JAX kernels
-`[in, out]`; per-layer weights are stacked on a leading layer axis so one `scan` runs them
-all and a 34-layer model compiles as fast as a 2-layer one. Decoding takes them laid out
-its own way (`decoding_layout`: split per layer, matrices `[out, in]`).
+Parameters are a plain nested dict of arrays (no framework), weights
+as JAX kernels `[in, out]`; per-layer weights are stacked on a
+leading layer axis so one `scan` runs them all and a 34-layer model
+compiles as fast as a 2-layer one. The KV cache is stacked the same
+way, (L, B, H, S, hd), and scanned with the layers.
+
+This file is the plain version of each idea. Faster versions of the
+same ideas (a decoding weight layout, in-place cache writes, a
+chunked head loss) live in model_fast.py, tested equal to these.
 
 Shapes are written into names (`x_BTD`) with these letters:
 
-    B batch rows          T tokens in the input     W = T + 1 tokens in a training window
-    S key/value slots     D n_embd                  H n_head        hd head_dim = D / H
-    r rotary_dim / 2      F d_ff = 4 D              V vocab_size    L n_layer
-    N = B·T tokens flattened for the head    C tokens per head chunk, G chunks    K micro-batches
+    B batch rows        T tokens in the input   W = T + 1 in a window
+    S key/value slots   D n_embd                H n_head
+    hd head_dim = D/H   r rotary_dim / 2        F d_ff = 4 D
+    V vocab_size        L n_layer               K micro-batches
+    N = B·T tokens flattened for the head
+    C tokens per head chunk, G chunks
+    P prompts (each copied num_samples times into B rows)
+    O new tokens of a decode output buffer
+    U vocabulary block width of the fast sampler, Q = V / U blocks
+    A candidate tokens drawn per rejection round
+
+One meaning per letter in every file.
 
     python -c "import model; print(model.param_count(model.CONFIGS['350M']))"
 """
@@ -124,217 +139,260 @@ def cast(params, dtype):
 # ----------------------------------------------------------------------------- forward
 
 def _layer_norm(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+    x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the dtype
     centred = x32 - x32.mean(-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    var = jnp.square(centred).mean(-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + eps)
+    scale32 = scale.astype(jnp.float32)
+    bias32 = bias.astype(jnp.float32)
+    return (y * scale32 + bias32).astype(x.dtype)
 
 
 def _rotary(x_BTHd, sin_BTr, cos_BTr):
-    """GPT-J rotary on the first 2r dims: each pair (x[2i], x[2i+1]) turns by angle θ_i."""
+    """GPT-J rotary on the first 2r dims: each pair
+    (x[2i], x[2i+1]) turns by angle θ_i."""
     R = 2 * sin_BTr.shape[-1]
     rot = x_BTHd[..., :R].astype(jnp.float32)
-    even, odd = rot[..., 0::2], rot[..., 1::2]                      # (B, T, H, r)
-    sin, cos = sin_BTr[:, :, None, :], cos_BTr[:, :, None, :]        # broadcast over heads
-    turned = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
-    return jnp.concatenate([turned.reshape(rot.shape).astype(x_BTHd.dtype), x_BTHd[..., R:]], -1)
+    even = rot[..., 0::2]                          # (B, T, H, r)
+    odd = rot[..., 1::2]
+    sin = sin_BTr[:, :, None, :]           # broadcast over heads
+    cos = cos_BTr[:, :, None, :]
+    turned = jnp.stack([even * cos - odd * sin,
+                        odd * cos + even * sin], axis=-1)
+    turned = turned.reshape(rot.shape).astype(x_BTHd.dtype)
+    return jnp.concatenate([turned, x_BTHd[..., R:]], -1)
 
 
-def _block(x_BTD, p, sin, cos, mask_BTT, config, past_kv):
-    """One CodeGen layer. `past_kv` is None (plain forward) or (k_cache, v_cache, cache_valid_BS,
-    start): the T tokens attend to the cache as it was (its valid slots, all earlier; nothing if
-    it is fresh, `start` the Python 0 of init_cache) and to each other; then their keys/values
-    are written into it at slot `start`."""
-    (B, T, D), H, hd = x_BTD.shape, config.n_head, config.head_dim
-    mm = jnp.matmul if past_kv is None else _times                 # decoding: weights [out, in]
-    h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], config.layer_norm_epsilon)
+def _sin_cos(pos_BT, config):
+    """The rotary angles of each token's position: (sin, cos), (B, T, r)."""
+    dims = np.arange(0, config.rotary_dim, 2)
+    inv_freq = 1.0 / 10000 ** (dims / config.rotary_dim)
+    pos = pos_BT[..., None].astype(jnp.float32)
+    angles_BTr = pos * inv_freq.astype(np.float32)
+    return jnp.sin(angles_BTr), jnp.cos(angles_BTr)
 
-    q = _rotary(mm(h, p["wq"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)   # (B, H, T, hd)
-    k = _rotary(mm(h, p["wk"]).reshape(B, T, H, hd), sin, cos).transpose(0, 2, 1, 3)
-    v = mm(h, p["wv"]).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
 
-    def scores(keys, mask):  # fp32 q·k / sqrt(hd), hidden where mask (B, T|1, keys) is False
-        s = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32)) / math.sqrt(hd)
-        return jnp.where(mask[:, None], s, jnp.finfo(jnp.float32).min)
-    k_cache, v_cache, cache_valid_BS, start = past_kv or (None,) * 4              # caches (B, H, S, hd)
-    if k_cache is None or isinstance(start, int):                                # no cache, or a fresh one
-        probs = jax.nn.softmax(scores(k, mask_BTT), axis=-1).astype(v.dtype)       # (B, H, T, T), fp32 softmax
-        o = jnp.einsum("bhts,bhsd->bthd", probs, v)
-    else:
-        S = k_cache.shape[2]
-        probs = jax.nn.softmax(jnp.concatenate([scores(k_cache, cache_valid_BS[:, None]), scores(k, mask_BTT)], -1),
-                               axis=-1).astype(v.dtype)                          # (B, H, T, S + T)
-        o = jnp.einsum("bhts,bhsd->bthd", probs[..., :S], v_cache) + jnp.einsum("bhts,bhsd->bthd", probs[..., S:], v)
-    if k_cache is not None:
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
-    attn = mm(o.reshape(B, T, D), p["wo"])
+def _scores(q_BHTd, k_BHSd, mask_BTS):
+    """fp32 q·k / sqrt(hd), (B, H, T, S); -inf-like where the mask is False."""
+    hd = q_BHTd.shape[-1]
+    q = q_BHTd.astype(jnp.float32)
+    k = k_BHSd.astype(jnp.float32)
+    s = jnp.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(hd)
+    return jnp.where(mask_BTS[:, None], s, jnp.finfo(jnp.float32).min)
 
-    mlp = mm(jax.nn.gelu(mm(h, p["w_in"]) + p["b_in"], approximate=True), p["w_out"]) + p["b_out"]
+
+def _attend(q_BHTd, k_BHSd, v_BHSd, mask_BTS):
+    """Softmax attention (fp32 softmax): the outputs, (B, T, H, hd)."""
+    s_BHTS = _scores(q_BHTd, k_BHSd, mask_BTS)
+    probs = jax.nn.softmax(s_BHTS, axis=-1).astype(v_BHSd.dtype)
+    return jnp.einsum("bhts,bhsd->bthd", probs, v_BHSd)
+
+
+def _heads(x_BTD, config):
+    """(B, T, D) -> (B, T, H, hd)."""
+    B, T, _ = x_BTD.shape
+    return x_BTD.reshape(B, T, config.n_head, config.head_dim)
+
+
+def _qkv_heads(q_BTD, k_BTD, v_BTD, sin, cos, config):
+    """Queries, keys, values split into heads, (B, H, T, hd), the
+    queries and keys turned by rotary."""
+    q = _rotary(_heads(q_BTD, config), sin, cos)
+    k = _rotary(_heads(k_BTD, config), sin, cos)
+    v = _heads(v_BTD, config)
+    q = q.transpose(0, 2, 1, 3)                    # (B, H, T, hd)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    return q, k, v
+
+
+def _write_cache(k_cache, v_cache, k_BHTd, v_BHTd, start):
+    """The caches (B, H, S, hd) with the T new keys and values
+    written at slots start ... start + T - 1."""
+    at = (0, 0, start, 0)
+    k = jax.lax.dynamic_update_slice(
+        k_cache, k_BHTd.astype(k_cache.dtype), at)
+    v = jax.lax.dynamic_update_slice(
+        v_cache, v_BHTd.astype(v_cache.dtype), at)
+    return k, v
+
+
+def _block(x_BTD, p, sin, cos, mask, config, kv=None):
+    """One CodeGen layer. Without a cache the T tokens attend to each
+    other (mask (B, T, T)). With one, `kv` = (k_BHSd, v_BHSd, start):
+    their keys and values are first written into the cache at slot
+    `start`, then they attend to its S slots (mask (B, T, S))."""
+    B, T, D = x_BTD.shape
+    eps = config.layer_norm_epsilon
+    h = _layer_norm(x_BTD, p["ln_scale"], p["ln_bias"], eps)
+
+    q, k, v = _qkv_heads(h @ p["wq"], h @ p["wk"], h @ p["wv"],
+                         sin, cos, config)
+    if kv is not None:
+        k_cache, v_cache, start = kv
+        k, v = _write_cache(k_cache, v_cache, k, v, start)
+    o = _attend(q, k, v, mask)
+    attn = o.reshape(B, T, D) @ p["wo"]
+
+    up = jax.nn.gelu(h @ p["w_in"] + p["b_in"], approximate=True)
+    mlp = up @ p["w_out"] + p["b_out"]
     return x_BTD + attn + mlp, (k, v)
 
 
 def _split_batch(x_BTD):
-    """Under tpu.py's mesh (`jax.set_mesh`), keep activations split by batch rows over the
-    data-parallel axes, not by the weights' fsdp split (tpu.py, the note under RULES)."""
+    """Under tpu.py's mesh (`jax.set_mesh`), keep activations split by
+    batch rows over the data-parallel axes, not by the weights' fsdp
+    split (tpu.py, the note under RULES)."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    if not axes or x_BTD.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    names = ("data", "fsdp")
+    axes = tuple(a for a in names if a in mesh.axis_names)
+    if not axes:
         return x_BTD
-    return jax.lax.with_sharding_constraint(x_BTD, jax.sharding.PartitionSpec(axes))
+    if x_BTD.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x_BTD
+    spec = jax.sharding.PartitionSpec(axes)
+    return jax.lax.with_sharding_constraint(x_BTD, spec)
+
+
+def check_length(T, config):
+    """Positions past n_ctx were never trained: refuse, not extrapolate."""
+    if T > config.n_ctx:
+        raise ValueError(
+            f"{T} tokens do not fit the model's context "
+            f"(n_ctx {config.n_ctx}); pass fewer")
 
 
 def init_cache(config, batch, max_len, dtype=jnp.float32):
-    """Empty KV cache for `batch` rows of up to `max_len` tokens. `valid`: slots holding real tokens
-    (not left padding); `pos`: each row's next rotary position; `length`: the next free slot, here
-    the Python 0, so the forward that fills it knows while tracing that it holds nothing to attend to."""
-    empty = [jnp.zeros((batch, config.n_head, max_len, config.head_dim), dtype) for _ in range(2 * config.n_layer)]
-    # Behind a barrier: seeing these zeros as constants, XLA:TPU planned twice the prefill's temporaries
-    return jax.lax.optimization_barrier({"k": empty[::2], "v": empty[1::2], "valid": jnp.zeros((batch, max_len), bool),
-                                         "pos": jnp.zeros(batch, jnp.int32)}) | {"length": 0}
+    """Empty KV cache for `batch` rows of up to `max_len` (S) tokens:
+    keys and values (L, B, H, S, hd); `valid`, the slots holding
+    real tokens (not left padding); `pos`, each row's next rotary
+    position; `length`, the next free slot."""
+    L = config.n_layer
+    H = config.n_head
+    shape = (L, batch, H, max_len, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool),
+            "pos": jnp.zeros(batch, jnp.int32),
+            "length": jnp.zeros((), jnp.int32)}
 
 
 def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):
-    """Logits (B, T, V) in float32; with a `cache`, (logits, updated cache). `valid_BT` (False = left
-    padding) gives real tokens their unpadded positions (cumsum - 1) and hides padded keys.
-    With a cache the weights are used in `decoding_layout` (sample.prepare's params are in it)."""
-    params = params if cache is None else decoding_layout(params)
-    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT, cache)
+    """Logits (B, T, V) in float32; with a `cache` (init_cache), the
+    pair (logits, updated cache). `valid_BT` (False = left padding)
+    gives real tokens their unpadded positions (cumsum - 1) and hides
+    padded keys."""
+    x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT,
+                              cache)
+    logits_BTV = _head(x_BTD, params)
     if cache is None:
-        return jnp.dot(x_BTD, params["head_w"], preferred_element_type=jnp.float32) + params["head_b"]
-    return _times(x_BTD, params["head_w"], jnp.float32) + params["head_b"], new_cache
+        return logits_BTV
+    return logits_BTV, new_cache
+
+
+def _head(x_BTD, params):
+    """The head's logits, accumulated in float32."""
+    w = params["head_w"]
+    f32 = jnp.float32
+    logits = jnp.dot(x_BTD, w, preferred_element_type=f32)
+    return logits + params["head_b"]
+
+
+def _positions(seen_B, valid_BT):
+    """Each token's rotary position: its row's `seen` plus the real
+    tokens before it (left padding takes none)."""
+    pos_BT = seen_B[:, None] + jnp.cumsum(valid_BT, axis=1) - 1
+    return jnp.maximum(pos_BT, 0)
+
+
+def _causal_mask(valid_BT):
+    """(B, T, T): each token sees itself and the real tokens before
+    it, never left padding."""
+    T = valid_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    return causal_TT[None] & valid_BT[:, None, :]
 
 
 def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
-    """Embedding, the layers and the final LayerNorm: hidden states (B, T, D) for the head."""
+    """Embedding, the layers (one jax.lax.scan over the stacked
+    weights, and over the cache's layers) and the final LayerNorm:
+    hidden states (B, T, D) for the head, and the updated cache."""
     B, T = tokens_BT.shape
-    if T > config.n_ctx:  # positions past n_ctx were never trained: refuse rather than extrapolate
-        raise ValueError(f"{T} tokens do not fit the model's context (n_ctx {config.n_ctx}); pass fewer")
-    valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
-    seen = jnp.zeros(B, jnp.int32) if cache is None else cache["pos"]
-    pos_BT = jnp.maximum(seen[:, None] + jnp.cumsum(valid_BT, axis=1) - 1, 0)
-    mask_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BT[:, None, :]   # causal, padding hidden
-    inv_freq = 1.0 / 10000 ** (np.arange(0, config.rotary_dim, 2) / config.rotary_dim)
-    angles_BTr = pos_BT[..., None].astype(jnp.float32) * inv_freq.astype(np.float32)
-    block = partial(_block, sin=jnp.sin(angles_BTr), cos=jnp.cos(angles_BTr), mask_BTT=mask_BTT, config=config)
-    block = jax.checkpoint(block) if remat else block  # remat: recompute activations in the backward pass
-    x = _split_batch(params["wte"][tokens_BT])                     # (B, T, D)
+    check_length(T, config)
+    if valid_BT is None:
+        valid_BT = jnp.ones((B, T), bool)
     if cache is None:
-        x, _ = jax.lax.scan(lambda x, p: (block(x, p, past_kv=None)[0], None), x, params["layers"])
+        seen_B = jnp.zeros(B, jnp.int32)
     else:
-        # Decoding is memory-bound: layers unrolled, each with its own cache buffers updated in place
-        # (docs/training.md); the weights come split per layer (`decoding_layout`).
-        kv, start = [], cache["length"]
-        for i, p in enumerate(params["layers"]):
-            x, kv_i = block(x, p, past_kv=(cache["k"][i], cache["v"][i], cache["valid"], start))
-            kv.append(kv_i)
-        cache = {"k": [k for k, _ in kv], "v": [v for _, v in kv],
-                 "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_BT, (0, start)),
-                 "pos": seen + valid_BT.sum(1, dtype=jnp.int32), "length": jnp.asarray(start + T, jnp.int32)}
-    return _layer_norm(x, params["lnf_scale"], params["lnf_bias"], config.layer_norm_epsilon), cache
+        seen_B = cache["pos"]
+    sin, cos = _sin_cos(_positions(seen_B, valid_BT), config)
+    x = _split_batch(params["wte"][tokens_BT])     # (B, T, D)
+    if cache is None:
+        mask_BTT = _causal_mask(valid_BT)
+        block = partial(_block, sin=sin, cos=cos, mask=mask_BTT,
+                        config=config)
+        if remat:  # recompute activations in the backward pass
+            block = jax.checkpoint(block)
+
+        def layer(x, p):
+            return block(x, p)[0], None
+        x, _ = jax.lax.scan(layer, x, params["layers"])
+    else:
+        x, cache = _cached_layers(params, x, sin, cos, valid_BT,
+                                  cache, config)
+    lnf = (params["lnf_scale"], params["lnf_bias"])
+    eps = config.layer_norm_epsilon
+    return _layer_norm(x, *lnf, eps), cache
 
 
-# A decode step multiplies each weight by a few rows, which XLA:CPU does 2-3x faster as w·xᵀ with w
-# stored [out, in] than as x·w with w [in, out] (docs/training.md, "Decoding", has the measurements).
-TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out", "head_w")
+def _cached_layers(params, x_BTD, sin, cos, valid_BT, cache, config):
+    """The layers over a KV cache: the T tokens go to slots
+    start ... start + T - 1 and see the valid slots up to their own."""
+    T = x_BTD.shape[1]
+    start = cache["length"]
+    valid_BS = jax.lax.dynamic_update_slice(
+        cache["valid"], valid_BT, (0, start))
+    S = valid_BS.shape[1]
+    slot_T = start + jnp.arange(T)
+    causal_TS = jnp.arange(S)[None, :] <= slot_T[:, None]
+    mask_BTS = causal_TS[None] & valid_BS[:, None, :]
+    block = partial(_block, sin=sin, cos=cos, mask=mask_BTS,
+                    config=config)
+
+    def layer(x, xs):
+        p, k_cache, v_cache = xs
+        return block(x, p, kv=(k_cache, v_cache, start))
+    xs = (params["layers"], cache["k"], cache["v"])
+    x_BTD, (k, v) = jax.lax.scan(layer, x_BTD, xs)
+    n_real_B = valid_BT.sum(1, dtype=jnp.int32)
+    new_cache = {"k": k, "v": v, "valid": valid_BS,
+                 "pos": cache["pos"] + n_real_B,
+                 "length": start + T}
+    return x_BTD, new_cache
 
 
-def in_decoding_layout(params):
-    """Whether `params` are decoding_layout's output (their layers a per-layer list), not stacked."""
-    return isinstance(params.get("layers"), list)
+# ----------------------------------------------------------------------------- loss
 
-
-def decoding_layout(params):
-    """`params` as a cached forward uses them: the stacked (L, ...) layer weights split into L
-    per-layer dicts (see `_trunk`) and the matrices above stored [out, in]; a no-op on its output."""
-    if in_decoding_layout(params):
-        return params
-
-    def flip(tree):  # .copy(): numpy's transpose is a strided view; make it a contiguous array
-        return {k: a.T.copy() if k in TRANSPOSED_FOR_DECODING else a for k, a in tree.items()}
-    each = [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(len(params["layers"]["wq"]))]
-    return flip({**params, "layers": [flip(layer) for layer in each]})
-
-
-def _times(x, w_OI, dtype=None):
-    """x @ w_OI.T for a weight in decoding_layout, written w·xᵀ: the product XLA:CPU runs fastest."""
-    return jnp.moveaxis(jnp.einsum("oi,...i->o...", w_OI, x, preferred_element_type=dtype), 0, -1)
+def cross_entropy(logits_NV, targets_N, z_loss=0.0):
+    """Per-token loss, the definition:
+    logsumexp(l) - l[target] + z_loss·logsumexp(l)²."""
+    lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+    picked = jnp.take_along_axis(logits_NV, targets_N[:, None],
+                                 axis=-1)
+    return lse_N - picked[:, 0] + z_loss * lse_N ** 2
 
 
 def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):
-    """Mean next-token cross entropy over the T predictions of each W-token window (JAXformer
-    trains all, EOS included) plus its optional z-loss z·logsumexp², keeping the normaliser near 1."""
-    x_BTD, _ = _trunk(params, windows_BW[:, :-1], config, None, None, remat)
-    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-    return head_loss(x_ND, params["head_w"], params["head_b"], windows_BW[:, 1:].reshape(-1), z_loss)
-
-
-def cross_entropy(logits_NV, targets_N, z_loss=0.0):
-    """Per-token loss, the definition: logsumexp(l) - l[target] + z_loss·logsumexp(l)²."""
-    lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
-    target_N = jnp.take_along_axis(logits_NV, targets_N[:, None], axis=-1)[:, 0]
-    return lse_N - target_N + z_loss * lse_N ** 2
-
-
-# The head's (N x V) logits outweigh the rest of a small model, so `head_loss` walks the tokens
-# C at a time and, differentiated, computes each chunk's loss *and* gradient in one pass while
-# its logits are in cache (docs/training.md). On CPU: 128 x 51,200 floats = 26 MB, cache-sized.
-HEAD_CHUNK = {"cpu": 128}
-
-
-def _chunks(x_ND, targets_N):
-    """Tokens in G chunks of C, the last padded with rows of weight 0 (the rest 1/N)."""
-    N, D = x_ND.shape
-    C = min(HEAD_CHUNK.get(jax.default_backend(), 4096), N)
-    pad = -N % C
-    weight_GC = ((jnp.arange(N + pad) < N) / N).reshape(-1, C).astype(jnp.float32)
-    x_GCD, y_GC = jnp.pad(x_ND, ((0, pad), (0, 0))).reshape(-1, C, D), jnp.pad(targets_N, (0, pad)).reshape(-1, C)
-    return x_GCD, y_GC, weight_GC
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_loss(x_ND, w_DV, b_V, targets_N, z_loss):
-    """mean over N of cross_entropy(x @ w + b, targets), one chunk of logits at a time."""
-    def chunk(x_CD, y_C, weight_C):
-        logits_CV = jnp.dot(x_CD, w_DV, preferred_element_type=jnp.float32) + b_V
-        return jnp.sum(weight_C * cross_entropy(logits_CV, y_C, z_loss))
-    return jax.lax.map(lambda xs: chunk(*xs), _chunks(x_ND, targets_N)).sum()
-
-
-def _head_loss_and_grads(x_ND, w_DV, b_V, targets_N, z_loss):
-    """head_loss and its gradients with respect to x, w and b, in one pass over the chunks."""
-    x_GCD, y_GC, weight_GC = _chunks(x_ND, targets_N)
-    xT_GDC = jnp.swapaxes(x_GCD, 1, 2)  # transposed once, not as a matmul operand in the loop (2x slower on CPU)
-
-    def chunk(carry, xs):
-        loss_sum, dw_DV, db_V = carry
-        x_CD, xT_DC, y_C, weight_C = xs
-        logits_CV = jnp.dot(x_CD, w_DV, preferred_element_type=jnp.float32) + b_V
-        top_C = logits_CV.max(axis=-1)
-        e_CV = jnp.exp(logits_CV - top_C[:, None])  # computed once, for both the sum and the gradient
-        sum_C = e_CV.sum(axis=-1)
-        lse_C = top_C + jnp.log(sum_C)
-        target_C = jnp.take_along_axis(logits_CV, y_C[:, None], axis=-1)[:, 0]
-        loss_sum += jnp.sum(weight_C * (lse_C - target_C + z_loss * lse_C ** 2))
-        # d(loss of a token)/d(its logits) = softmax · (1 + 2·z·lse) − onehot(target); the weights
-        # (1/N, 0 for padding) scale the small operands, not this big array (docs/training.md).
-        is_target_CV = jnp.arange(logits_CV.shape[1])[None, :] == y_C[:, None]
-        d_CV = e_CV * ((1 + 2 * z_loss * lse_C) / sum_C)[:, None] - is_target_CV
-        dx_CD = jnp.dot(d_CV.astype(w_DV.dtype), w_DV.T, preferred_element_type=jnp.float32) * weight_C[:, None]
-        dw_DV += jnp.dot((xT_DC * weight_C).astype(x_CD.dtype), d_CV.astype(x_CD.dtype),
-                         preferred_element_type=jnp.float32)
-        return (loss_sum, dw_DV, db_V + jnp.dot(weight_C, d_CV)), dx_CD.astype(x_ND.dtype)
-
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(b_V.shape, jnp.float32))
-    (loss_sum, dw_DV, db_V), dx_GCD = jax.lax.scan(chunk, zeros, (x_GCD, xT_GDC, y_GC, weight_GC))
-    dx_ND = dx_GCD.reshape(-1, x_ND.shape[1])[:x_ND.shape[0]]
-    return loss_sum, (dx_ND, dw_DV.astype(w_DV.dtype), db_V.astype(b_V.dtype))
-
-
-def _head_loss_bwd(z_loss, grads, g):
-    """The backward pass only scales the gradients the forward pass already computed."""
-    dx, dw, db = grads
-    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), (g * db).astype(db.dtype), None
-
-
-head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
+    """Mean next-token cross entropy over the W - 1 predictions of each
+    W-token window (JAXformer trains all, EOS included) plus the
+    optional z-loss z·logsumexp², which keeps the normaliser near 1.
+    The full (N, V) logits, then cross_entropy: the plain way.
+    model_fast.loss_fn computes the same in chunks, faster."""
+    inputs_BT = windows_BW[:, :-1]
+    x_BTD, _ = _trunk(params, inputs_BT, config, None, None, remat)
+    logits_BTV = _head(x_BTD, params)
+    V = logits_BTV.shape[-1]
+    targets_N = windows_BW[:, 1:].reshape(-1)
+    per_token_N = cross_entropy(logits_BTV.reshape(-1, V), targets_N,
+                                z_loss)
+    return per_token_N.mean()

@@ -294,12 +294,13 @@ def _load_results(path):
 # ----------------------------------------------------------------------------- prompt perplexity
 
 def _token_nll(params, tokens_BT, config):
-    """-log p(token t | tokens < t) for t = 1..T-1, (B, T-1). Run with a KV cache: that path of
-    model.forward takes the per-layer weights that sample.load returns for decoding."""
+    """-log p(token t | tokens < t) for t = 1..T-1, (B, T-1). Run by the decoding forward
+    (model_fast.forward), which takes the weights as sample.load returns them."""
     import jax
     import jax.numpy as jnp
-    import model
-    logits_BTV, _ = model.forward(params, tokens_BT, config, cache=model.init_cache(config, *tokens_BT.shape))
+    import model_fast
+    cache = model_fast.init_cache(config, *tokens_BT.shape)
+    logits_BTV, _ = model_fast.forward(params, tokens_BT, config, cache=cache)
     logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
 

@@ -43,7 +43,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import common
-import model
+import model_fast
 
 
 def skip_absent_tpu():
@@ -195,10 +195,10 @@ def check_layout(config, mesh, batch_size):
 def param_shardings(params, mesh):
     """NamedSharding for every parameter (arrays or ShapeDtypeStructs),
     from RULES. Layer weights may be stacked (L, ...) or in
-    model.decoding_layout (as sample.load returns them): there a
+    model_fast.decoding_layout (as sample.load returns them): there a
     per-layer weight takes its rule without the L axis, and a matrix
     stored [out, in] reversed."""
-    decoding = model.in_decoding_layout(params)
+    decoding = model_fast.in_decoding_layout(params)
 
     def rule(path, leaf):
         name = path[-1].key
@@ -210,7 +210,7 @@ def param_shardings(params, mesh):
             path[-2], jax.tree_util.SequenceKey)
         if one_layer:  # one layer of the list: no L axis
             spec = P(*spec[1:])
-        if decoding and name in model.TRANSPOSED_FOR_DECODING:
+        if decoding and name in model_fast.TRANSPOSED_FOR_DECODING:
             spec = P(*spec[::-1])  # stored [out, in]
         if len(spec) != leaf.ndim:
             raise ValueError(f"parameter {name!r} has {leaf.ndim} dims "

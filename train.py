@@ -44,6 +44,7 @@ import common
 import data
 import hf
 import model
+import model_fast
 import plan
 import tpu
 
@@ -83,12 +84,19 @@ def init_state(params):
             "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(config, r):
+def pick_loss(plain):
+    """model.loss_fn (full logits, cross entropy) with --plain, else
+    model_fast's chunked twin of it."""
+    return model.loss_fn if plain else model_fast.loss_fn
+
+
+def make_train_step(config, r, plain=False):
     dtype = jnp.dtype(r.dtype)
+    loss_fn = pick_loss(plain)
 
     def objective(params, windows_BW):
         # Differentiate through the cast, so gradients arrive in fp32 for the fp32 master weights.
-        return model.loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
+        return loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
 
     def train_step(state, windows_KBW):
         params = state["params"]
@@ -259,6 +267,10 @@ class RunConfig:
     remat: bool = option(
         False, "recompute each layer in the backward pass (saves "
         "memory)", SCHEDULE_HELP)
+    plain: bool = option(
+        False, "train with model.loss_fn, the plain twin of the "
+        "default chunked head loss (model_fast.loss_fn): same "
+        "losses, slower", OTHER_HELP)
     seed: int = option(0, "parameter init and data order",
                        SCHEDULE_HELP)
     eval_every: int = option(
@@ -757,7 +769,7 @@ def dry_run(s):
     run = s.run
     recipe = make_recipe(run, s.given)
     check_args(run, recipe, s.config)
-    step = make_train_step(s.config, recipe)
+    step = make_train_step(s.config, recipe, plain=run.plain)
     flops = model.flops_per_token(s.config, run.seq_len)
     return plan.train_dry_run(
         step, abstract_state(s.config),
@@ -800,7 +812,7 @@ def compile_step(s, held):
 
     def compile_for(accum, remat):
         recipe = dataclasses.replace(s.recipe, remat=remat)
-        step = make_train_step(s.config, recipe)
+        step = make_train_step(s.config, recipe, plain=run.plain)
         windows = micro_batches(run, accum)
         return plan.plan_train_step(step, shapes, windows, s.mesh)
     # on CPU, the state loaded already is in the RAM
@@ -891,8 +903,8 @@ def evaluator(s, params):
     params_sh = tpu.param_shardings(params, s.mesh)
 
     def loss(params, batch):
-        return model.loss_fn(model.cast(params, dtype), batch[0],
-                             s.config)
+        loss_fn = pick_loss(s.run.plain)
+        return loss_fn(model.cast(params, dtype), batch[0], s.config)
     eval_loss = jax.jit(loss, in_shardings=(
         params_sh, tpu.batch_sharding(s.mesh)))
 

@@ -280,7 +280,6 @@ def test_refused_generation_is_one_line_and_leaves_no_file(problems, checkpoint,
 
 def _train_checkpoint(out, step, seed):
     """A train.py-like output directory: OUT/ckpt-<step>/ with weights `seed` and train_state.json."""
-    import model
     from conftest import WIDE, random_params
     path = out / f"ckpt-{step:07d}"
     hf.save_hf(random_params(WIDE, seed), dataclasses.replace(WIDE, n_ctx=2048), path)
@@ -327,7 +326,7 @@ def test_a_checkpoint_trained_further_is_not_scored_with_old_samples(problems, t
     assert "pass another --out, or delete" in err and "rows there already" not in stdout
     assert samples.read_text() == before                                 # nothing added, nothing scored
 
-    import model                                  # the same step number, other weights (a re-run of training)
+    # the same step number, other weights (a re-run of training)
     from conftest import WIDE, random_params
     hf.save_hf(random_params(WIDE, 2), dataclasses.replace(WIDE, n_ctx=2048), out / "ckpt-0000310")
     (out / "ckpt-0000300").rename(out / "ckpt-0000299")               # 310 -> 299: stays the newest

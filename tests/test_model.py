@@ -1,7 +1,7 @@
 """model.py against Hugging Face's CodeGenForCausalLM (the ground truth), plus the
-properties a decoder must have: causality, cached decoding == full forward, the fused
-head loss against its definition. Only the parity tests need torch and transformers;
-the checkpoint files are tested in test_hf.py."""
+properties a decoder must have: causality, cached decoding == full forward, the
+loss against its definition. Only the parity tests need torch and transformers;
+the fast twins are tested in test_model_fast.py, the checkpoint files in test_hf.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,40 +56,35 @@ def test_param_count_matches_the_tree():
 
 def test_cached_decoding_equals_full_forward():
     params = random_params(TINY)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0,
+                                TINY.vocab_size)
     full = forward(params, tokens, TINY)
-    split = model.decoding_layout(params)  # what sample.py decodes with
-    assert model.decoding_layout(split) is split and len(split["layers"]) == TINY.n_layer
-    np.testing.assert_array_equal(split["layers"][1]["w_in"], params["layers"]["w_in"][1].T)  # [out, in]
-    np.testing.assert_array_equal(split["head_w"], params["head_w"].T)
-    for weights in (params, split):
-        cache = model.init_cache(TINY, 2, 16)
-        logits, cache = forward(weights, tokens[:, :5], TINY, cache=cache)  # prefill 5
-        steps = [logits]
-        for t in range(5, 12):                                                       # then one at a time
-            logits, cache = forward(weights, tokens[:, t:t + 1], TINY, cache=cache)
-            steps.append(logits)
-        np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=1e-5)
-        assert int(cache["length"]) == 12
+    cache = model.init_cache(TINY, 2, 16)
+    assert cache["k"].shape == (TINY.n_layer, 2, TINY.n_head, 16,
+                                TINY.head_dim)
+    # prefill 5, then one token at a time
+    logits, cache = forward(params, tokens[:, :5], TINY, cache=cache)
+    steps = [logits]
+    for t in range(5, 12):
+        logits, cache = forward(params, tokens[:, t:t + 1], TINY,
+                                cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full,
+                               atol=1e-5, rtol=1e-5)
+    assert int(cache["length"]) == 12
 
 
-def test_a_fresh_cache_is_not_attended_to():
-    """Filling init_cache's fresh cache (the prefill) scores the T tokens against each other only,
-    not also against the S empty slots; once it holds tokens, a step scores S + T keys. (The
-    Python 0 that marks a fresh cache must be seen while tracing: model.forward, not a jit of it.)"""
-    raw, H = random_params(TINY), TINY.n_head
-    params = model.decoding_layout(raw)
-    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 6), 0, TINY.vocab_size)
-
-    def score_shapes(cache, T):
-        jaxpr = jax.make_jaxpr(lambda: model.forward(params, tokens[:, :T], TINY, cache=cache))()
-        return {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars} & {
-            (2, H, T, n) for n in (T, 16, 16 + T)}
-    fresh = model.init_cache(TINY, 2, 16)
-    assert score_shapes(fresh, 5) == {(2, H, 5, 5)}
-    logits, filled = model.forward(params, tokens[:, :5], TINY, cache=fresh)
-    np.testing.assert_allclose(logits, forward(raw, tokens[:, :5], TINY), atol=1e-5, rtol=1e-5)
-    assert score_shapes(filled, 1) == {(2, H, 1, 1), (2, H, 1, 16), (2, H, 1, 17)}
+def test_model_py_never_imports_its_fast_twin():
+    """model.py is read first and stands alone: model_fast imports
+    it, never the other way (not even inside a function)."""
+    import pathlib
+    import re
+    source = pathlib.Path(model.__file__).read_text()
+    assert not re.search(r"^\s*(import|from)\s+model_fast\b", source,
+                         re.MULTILINE)
+    assert re.search(r"^import model$", pathlib.Path(
+        model.__file__).with_name("model_fast.py").read_text(),
+        re.MULTILINE)
 
 
 def test_left_padding_gives_the_same_logits_as_the_unpadded_row():
@@ -144,26 +139,17 @@ def test_forward_refuses_more_tokens_than_the_context():
         model.loss_fn(params, jnp.zeros((1, TINY.n_ctx + 2), jnp.int32), TINY)
 
 
-def test_fused_head_loss_equals_the_plain_cross_entropy_and_its_gradients(monkeypatch):
-    """head_loss computes loss and gradient chunk by chunk; it must equal cross_entropy on the
-    full logits, including a last chunk padded with dead rows (9 tokens in chunks of 4) and the
-    z-loss, both differentiated and not (evaluation takes the plain chunked path)."""
-    monkeypatch.setitem(model.HEAD_CHUNK, jax.default_backend(), 4)
+def test_cross_entropy_is_the_textbook_formula():
     params = random_params(TINY)
-    batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0, TINY.vocab_size)
-
-    def plain(p):
-        return model.cross_entropy(model.forward(p, batch[:, :-1], TINY)[0], batch[0, 1:], 1e-2).mean()
-    fused = lambda p: model.loss_fn(p, batch, TINY, z_loss=1e-2)  # noqa: E731 (traced here: HEAD_CHUNK 4)
-    want, want_g = jax.jit(jax.value_and_grad(plain))(params)
-    got, got_g = jax.jit(jax.value_and_grad(fused))(params)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(jax.jit(fused)(params), want, rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
-    logits = forward(params, batch[:, :-1], TINY)[0]  # and cross_entropy is the textbook formula
-    textbook = -jax.nn.log_softmax(logits)[jnp.arange(9), batch[0, 1:]] + 1e-2 * jax.nn.logsumexp(logits, -1) ** 2
-    np.testing.assert_allclose(model.cross_entropy(logits, batch[0, 1:], 1e-2), textbook, rtol=1e-5)
+    batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0,
+                               TINY.vocab_size)
+    logits = forward(params, batch[:, :-1], TINY)[0]
+    targets = batch[0, 1:]
+    logp = jax.nn.log_softmax(logits)[jnp.arange(9), targets]
+    lse = jax.nn.logsumexp(logits, -1)
+    textbook = -logp + 1e-2 * lse ** 2
+    got = model.cross_entropy(logits, targets, 1e-2)
+    np.testing.assert_allclose(got, textbook, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- parity with transformers

@@ -371,6 +371,7 @@ class ByteTokenizer:
 def test_prompt_perplexity_equals_direct_log_softmax(wide):
     import jax
     import model
+    import model_fast
     config, params = wide
     forward = jax.jit(lambda ids: model.forward(params, ids, config))
     tok = ByteTokenizer()
@@ -394,7 +395,7 @@ def test_prompt_perplexity_equals_direct_log_softmax(wide):
         return np.exp(nll / count)
 
     got = mtpb.perplexities(records, params, config, tok, batch_size=2)
-    split = mtpb.perplexities(records, model.decoding_layout(params), config, tok, batch_size=3)  # as sample.load gives
+    split = mtpb.perplexities(records, model_fast.decoding_layout(params), config, tok, batch_size=3)  # as sample.load gives
     assert split["1"] == pytest.approx(got["1"], rel=1e-5) and split["2"] == pytest.approx(got["2"], rel=1e-5)
     multi_1 = direct([r["prompts_completions"][:-1] for r in records[:2]])
     single_1 = direct([[mtpb.PREFIX, "# Assign 1.\n# Print x.\n"]] * 2)

@@ -22,6 +22,7 @@ import data
 import hf
 import model
 import sample
+import sample_fast
 
 PROMPTS = [[5, 9, 2, 7, 1, 33, 200], [17, 3]]
 NEW = 40
@@ -80,7 +81,7 @@ def test_argmax_is_jnp_argmax_ties_included():
     logits = rng.integers(-3, 3, (64, 200)).astype(np.float32)  # many ties: the first index must win
     logits[5] = -np.inf
     logits[6, [7, 150]] = np.inf
-    np.testing.assert_array_equal(sample._argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(sample_fast._argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
 
 
 def test_top_k_1_is_greedy():
@@ -120,7 +121,7 @@ def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
 def test_decode_writes_the_kv_cache_in_place():
     """The compiled decode loop holds no copy of a (B, H, S, hd) cache buffer, for one row (where
     XLA:CPU copies each buffer several times a step without sample.IN_PLACE) and for two."""
-    params, knobs = sample.prepare(tiny()), (jnp.float32(1), jnp.asarray(sample._split_p(1.0)))
+    params, knobs = sample.prepare(tiny()), (jnp.float32(1), jnp.asarray(sample_fast._split_p(1.0)))
     for B in (1, 2):
         prompt_BT = np.ones((B, 64), np.int32)
         state = sample._prefill(params, prompt_BT, prompt_BT > 0, jax.random.PRNGKey(0), knobs, config=TINY,
@@ -149,28 +150,28 @@ def reference_kept(x32, top_k, top_p):
     return (x >= floor) & np.isfinite(x)
 
 
-pick = jax.jit(sample._pick, static_argnames="mode")  # one token per row, as the decode loop picks it
+pick = jax.jit(sample_fast.pick, static_argnames="mode")  # one token per row, as the decode loop picks it
 
 
 @partial(jax.jit, static_argnums=2)
-def verdicts_of(x_BV, x_BC, top_k, p3):
-    """sample's verdicts for candidate logits x_BC, after temperature (x_BV) and top-k: the
+def verdicts_of(x_BV, x_BA, top_k, p3):
+    """sample's verdicts for candidate logits x_BA, after temperature (x_BV) and top-k: the
     exact test's, the float32 test's, and whether the float32 test says it is certain."""
-    x_BV, e_BV = sample._scaled(x_BV, 1.0, top_k)
-    x_BC = jnp.where(x_BC >= jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), -1, keepdims=True), x_BC, -jnp.inf)
-    exact = sample._in_nucleus(x_BV, *sample._parts(e_BV), x_BC, p3)
-    x_BNW, e_BNW = sample._blocks(x_BV, -jnp.inf), sample._blocks(e_BV, 0.0)
-    fast, sure = sample._float32_verdict(x_BNW, e_BNW, sample._two_level_sum(e_BNW), x_BC, p3)
-    return exact & jnp.isfinite(x_BC), fast & jnp.isfinite(x_BC), sure
+    x_BV, e_BV = sample_fast._scaled(x_BV, 1.0, top_k)
+    x_BA = jnp.where(x_BA >= jnp.min(jnp.where(jnp.isfinite(x_BV), x_BV, jnp.inf), -1, keepdims=True), x_BA, -jnp.inf)
+    exact = sample_fast._in_nucleus(x_BV, *sample_fast._parts(e_BV), x_BA, p3)
+    x_BQU, e_BQU = sample_fast._blocks(x_BV, -jnp.inf), sample_fast._blocks(e_BV, 0.0)
+    fast, sure = sample_fast._float32_verdict(x_BQU, e_BQU, sample_fast._two_level_sum(e_BQU), x_BA, p3)
+    return exact & jnp.isfinite(x_BA), fast & jnp.isfinite(x_BA), sure
 
 
-def check_verdicts(x_BV, x_BC, top_k, top_p, expected_BC):
+def check_verdicts(x_BV, x_BA, top_k, top_p, expected_BA):
     """Both tests give the expected verdicts (the float32 one wherever it says it is certain);
     returns how often it is certain."""
-    exact, fast, sure = map(np.asarray, verdicts_of(jnp.asarray(x_BV), jnp.asarray(x_BC), top_k or 1 << 30,
-                                                    jnp.asarray(sample._split_p(top_p))))
-    np.testing.assert_array_equal(exact, expected_BC)
-    np.testing.assert_array_equal(fast[sure], np.asarray(expected_BC)[sure])
+    exact, fast, sure = map(np.asarray, verdicts_of(jnp.asarray(x_BV), jnp.asarray(x_BA), top_k or 1 << 30,
+                                                    jnp.asarray(sample_fast._split_p(top_p))))
+    np.testing.assert_array_equal(exact, expected_BA)
+    np.testing.assert_array_equal(fast[sure], np.asarray(expected_BA)[sure])
     return sure.mean()
 
 
@@ -213,7 +214,7 @@ def test_top_k_floor_is_the_kth_largest_ties_included():
     x[:, 5000:] -= 10                                                  # the top values sit in a few blocks
     x[0, 3] = 20
     for k in (1, 4, 40, 300):
-        floor = np.asarray(jax.jit(sample._top_k_floor, static_argnums=1)(jnp.asarray(x), k))[:, 0]
+        floor = np.asarray(jax.jit(sample_fast._top_k_floor, static_argnums=1)(jnp.asarray(x), k))[:, 0]
         np.testing.assert_array_equal(floor, np.sort(x, axis=1)[:, ::-1][:, k - 1])
 
 
@@ -234,7 +235,7 @@ def test_sampled_first_tokens_follow_the_filtered_distribution(temperature, top_
     logits = np.asarray(model.forward(tiny(), jnp.asarray([PROMPTS[0]]), TINY))[0, -1]
     n = 20000
     toks = pick(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.PRNGKey(0),
-                (jnp.float32(temperature), jnp.asarray(sample._split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
+                (jnp.float32(temperature), jnp.asarray(sample_fast._split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
     counts = np.bincount(np.asarray(toks), minlength=TINY.vocab_size)
     x = logits / np.float32(temperature)
     kept = reference_kept(x, top_k, top_p)
@@ -254,7 +255,7 @@ def test_padded_head_ids_are_never_picked():
     logits = np.zeros((64, 51200), np.float32)
     logits[:, data.VOCAB_SIZE:] = 1e4
     for t, k, p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.5), (2.0, 50000, 0.99)]:
-        toks = pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample._split_p(p))),
+        toks = pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample_fast._split_p(p))),
                     mode=sample._mode(t, k, p))
         assert int(toks.max()) < data.VOCAB_SIZE
 

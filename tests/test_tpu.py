@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import common
 import hf
 import model
+import model_fast
 import tpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def test_every_parameter_has_a_rule():
     params = jax.eval_shape(lambda k: model.init_params(model.CONFIGS["16B"], k), jax.random.PRNGKey(0))
     specs = jax.tree.map(lambda s: s.spec, tpu.param_shardings(params, tpu.make_mesh(None)))
     assert all(spec[0] is None for spec in specs["layers"].values())  # the layer axis is never split
-    decoding = jax.eval_shape(lambda k: model.decoding_layout(model.init_params(model.CONFIGS["16B"], k)),
+    decoding = jax.eval_shape(lambda k: model_fast.decoding_layout(model.init_params(model.CONFIGS["16B"], k)),
                               jax.random.PRNGKey(0))
     flipped = jax.tree.map(lambda s: s.spec, tpu.param_shardings(decoding, tpu.make_mesh(None)))
     assert flipped["layers"][3]["w_in"] == P("model", "fsdp") and flipped["head_w"] == P("model", "fsdp")
