@@ -228,7 +228,7 @@ def _numbers(kind):
     return parse
 
 
-def _main(argv):
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", help="score this samples file (jsonl or jsonl.gz, openai's format)")
@@ -291,9 +291,5 @@ def _main(argv):
     return score_file(samples_path, problems, args.k, args.timeout, args.workers, results_path(samples_path))
 
 
-def main(argv=None):
-    return run_main(_main, argv)
-
-
 if __name__ == "__main__":
-    main()
+    run_main(main)

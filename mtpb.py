@@ -427,7 +427,7 @@ def run_chat(complete, config, tokenizer, args):
         print()
 
 
-def _main(argv):
+def main(argv=None):
     ap = ArgumentParser(description="MTPB (CodeGen paper §3): generate, score, prompt perplexity, chat.")
     arg = ap.add_argument
     arg("--init-from", metavar="DIR", help="Hugging Face CodeGen dir or ours (to generate, --perplexity, --chat)")
@@ -530,9 +530,5 @@ def _main(argv):
         print(f"plot: {png}" if plot_perplexity(ppl, summary, mode, png) else "(install matplotlib for a plot)")
 
 
-def main(argv=None):
-    return run_main(_main, argv)
-
-
 if __name__ == "__main__":
-    main()
+    run_main(main)

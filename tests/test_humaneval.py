@@ -111,7 +111,7 @@ def test_score_file_writes_openai_format(problems, tmp_path, capsys):
     rows = [{"task_id": t, "completion": problems[t]["canonical_solution"] if i % 2 == 0 else "    pass\n",
              "temperature": temp} for temp in (0.2, 0.8) for t in tasks for i in range(2)]
     samples = _write(tmp_path / "samples.jsonl", rows)
-    table = humaneval.main(["--samples", str(samples), "--workers", "2", "--k", "1,2,10"])
+    table = common.run_main(humaneval.main, ["--samples", str(samples), "--workers", "2", "--k", "1,2,10"])
     written = [json.loads(line) for line in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
     assert [{k: w[k] for k in ("task_id", "completion", "temperature")} for w in written] == rows
     assert [w["passed"] for w in written] == [i % 2 == 0 for _ in (0.2, 0.8) for _ in tasks for i in range(2)]
@@ -146,7 +146,7 @@ def test_problems_from_a_file(tmp_path):
 def test_bad_samples_file(problems, tmp_path, capsys, line, message):
     samples = _write(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": "    pass\n"}, line])
     with pytest.raises(SystemExit) as e:
-        humaneval.main(["--samples", str(samples)])
+        common.run_main(humaneval.main, ["--samples", str(samples)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
@@ -160,7 +160,7 @@ def test_bad_samples_file(problems, tmp_path, capsys, line, message):
 ])
 def test_bad_arguments(problems, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        humaneval.main(args)
+        common.run_main(humaneval.main, args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
@@ -228,7 +228,7 @@ def test_generation_cli_passes_the_protocol_to_sample_complete(problems, checkpo
 
     monkeypatch.setattr(sample, "complete", complete)
     ckpt = checkpoint(tmp_path / "ckpt", n_ctx=2048)
-    table = humaneval.main(["--init-from", str(ckpt), "--n", "2", "--temperature", "0.2,0.8",
+    table = common.run_main(humaneval.main, ["--init-from", str(ckpt), "--n", "2", "--temperature", "0.2,0.8",
                             "--limit", "4", "--batch-size", "3", "--workers", "2", "--k", "1"])
     assert table[0.2]["pass@k"] == table[0.8]["pass@k"] == {1: 1.0} and table[0.2]["problems"] == 4
     assert {c["stop"] for c in calls} == {humaneval.STOP} and {c["top_p"] for c in calls} == {0.95}
@@ -245,7 +245,7 @@ def test_generation_cli_passes_the_protocol_to_sample_complete(problems, checkpo
 def test_smoke_run_fits_new_tokens_in_a_short_context(problems, checkpoint, tmp_path, capsys):
     longest = 127                                                        # tokens, HumanEval/0 and /1
     ckpt = checkpoint(tmp_path / "ckpt", n_ctx=longest + 8)
-    table = humaneval.main(["--init-from", str(ckpt), "--limit", "4", "--n", "1", "--temperature", "0.2",
+    table = common.run_main(humaneval.main, ["--init-from", str(ckpt), "--limit", "4", "--n", "1", "--temperature", "0.2",
                             "--k", "1", "--workers", "2"])
     out = capsys.readouterr().out
     assert f"note: new tokens capped at 8 (--max-new-tokens 512): HumanEval/1's prompt has {longest} tokens" in out
@@ -270,7 +270,7 @@ def test_refused_generation_is_one_line_and_leaves_no_file(problems, checkpoint,
         message = "no checkpoint at"
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as e:
-        humaneval.main(["--init-from", str(ckpt), "--limit", "4", "--n", "1"])
+        common.run_main(humaneval.main, ["--init-from", str(ckpt), "--limit", "4", "--n", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert sorted(tmp_path.rglob("*")) == before                         # no samples file, no results file
@@ -447,7 +447,7 @@ def test_a_read_only_checkpoint_directory_is_refused_before_generation(problems,
     import sys
     out = _train_checkpoint(tmp_path / "run", 3, seed=0)
     before = sorted(out.rglob("*"))
-    script = "import sys, humaneval; humaneval.main(sys.argv[1:])"
+    script = "import sys, common, humaneval; common.run_main(humaneval.main, sys.argv[1:])"
     run = subprocess.run(_read_only(out) + [sys.executable, "-c", script, "--init-from", str(out)] + SMOKE,
                          cwd=Path(humaneval.__file__).parent, capture_output=True, text=True, timeout=300)
     out.chmod(0o755)                                                    # pytest can clean it up

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import common
 import mtpb
 import mtpb_check
 from common import write_jsonl
@@ -293,7 +294,7 @@ CRAFTED = [  # (name, program, gold, passes by default, passes under --reference
 
 
 def _run_cli(capsys, *argv):
-    mtpb.main([str(a) for a in argv])
+    common.run_main(mtpb.main, [str(a) for a in argv])
     return capsys.readouterr().out
 
 
@@ -356,7 +357,7 @@ def test_report_rates_per_problem_category_overall_and_compare(tmp_path, capsys)
     assert re.search(r"overall\s+3\s+40.00\s+20.00", out) and "multi" in out and "single" in out
     assert "multi is higher: 2, single is higher: 1" in out and "16.98" in out
     with pytest.raises(SystemExit) as e:
-        mtpb.main(["--compare", str(tmp_path / "c.jsonl"), str(b)])
+        common.run_main(mtpb.main, ["--compare", str(tmp_path / "c.jsonl"), str(b)])
     assert e.value.code == 2
 
 
@@ -450,7 +451,7 @@ def test_cli_errors_are_one_line_exit_2_and_leave_no_file(tmp_path, problems_fil
                           (["--samples", bad, "--perplexity"], "--perplexity needs the model"),
                           (["--compare", bad, bad], "has not been scored yet")):
         with pytest.raises(SystemExit) as e:
-            mtpb.main([str(a) for a in argv])
+            common.run_main(mtpb.main, [str(a) for a in argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert sorted(tmp_path.parent.rglob("*")) == before                # no samples, no results
@@ -574,7 +575,7 @@ def test_mtpb_outputs_that_cannot_be_written_are_refused_first(checkpoint, probl
     records = [r for p in mtpb.load_problems(problems_file) for r in mtpb.generate_problem(p, scripted_complete([]), 1)]
     (folder := tmp_path / "ro").mkdir()
     write_jsonl(samples := folder / "s.jsonl", records)
-    script = "import sys, mtpb; mtpb.main(sys.argv[1:])"
+    script = "import sys, common, mtpb; common.run_main(mtpb.main, sys.argv[1:])"
     run = subprocess.run(_read_only(folder) + [sys.executable, "-c", script, "--samples", str(samples)],
                          cwd=Path(mtpb.__file__).parent, capture_output=True, text=True, timeout=300)
     folder.chmod(0o755)
