@@ -149,7 +149,9 @@ def test_processes_and_threads_are_bounded(path):
     results = _honest_still_pass([bomb, threads] + others, path)
     assert [r.status for r in results] == ["failed"] * 7, results
     assert "PermissionError" in results[0].reason and "thread" in results[1].reason   # NPROC, or counted
-    assert 60 <= int(results[1].stdout.split()[-1]) < 299                              # as root
+    # as root no rlimit binds threads: the judge counts them every 10 ms and stops the program,
+    # which on a loaded machine may have made all 300 by then (it sleeps 1 s after them)
+    assert 60 <= int(results[1].stdout.split()[-1])
 
 
 def test_signals_without_kill_reach_nothing(path, canary):
