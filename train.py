@@ -283,8 +283,6 @@ class RunConfig:
         200, "steps between checkpoints (0: at the end only); Ctrl-C "
         "and SIGTERM also write one", OTHER_HELP)
     keep: int = option(3, "checkpoints kept", OTHER_HELP)
-    sample_tokens: int = option(
-        64, "tokens sampled at the end (0: none)", OTHER_HELP)
     mesh: str | None = option(
         None, "DPxFSDPxMP device mesh (default: all devices "
         "data-parallel)", OTHER_HELP, type=str)
@@ -523,7 +521,7 @@ def check_args(run, recipe, config):
     common.check_flags(run, ("seq_len", "batch_size", "grad_accum",
                              "max_steps", "keep"), 1)
     common.check_flags(run, ("eval_every", "eval_batches",
-                             "save_every", "sample_tokens"), 0)
+                             "save_every"), 0)
     common.check_flags(recipe, SCHEDULE, 0)
     if run.batch_size % run.grad_accum:
         raise ValueError(f"--batch-size {run.batch_size} is not "
@@ -1042,22 +1040,6 @@ def interrupted(run):
     raise SystemExit(130) from None
 
 
-def sample_at_the_end(s, state):
-    """A few tokens from the trained model (--sample-tokens)."""
-    run = s.run
-    if not run.sample_tokens:
-        return
-    params = tpu.to_host(state["params"])  # a collective: every process
-    if not tpu.is_main():
-        return
-    import sample
-    prompt = "def fibonacci(n):\n"
-    text = sample.complete(params, s.config, [prompt], run.sample_tokens,
-                           temperature=0.2, top_p=0.95, seed=0)[0]
-    log(f"sample ({run.sample_tokens} tokens, temperature 0.2):\n"
-        f"{prompt}{text}")
-
-
 def main(argv=None):
     """config -> data -> state -> loop -> checkpoint."""
     run, given = parse_args(argv)
@@ -1073,8 +1055,7 @@ def main(argv=None):
         compile_step(s, held)
         load_data(s)
         announce(s, held)
-        state = train_loop(s)
-        sample_at_the_end(s, state)
+        train_loop(s)
 
 
 if __name__ == "__main__":

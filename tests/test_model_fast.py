@@ -157,7 +157,7 @@ def test_train_py_plain_runs_end_to_end(tmp_path, capsys, monkeypatch):
         argv = ["--size", "tiny", "--data", corpus, "--out", out,
                 "--seq-len", "32", "--batch-size", "4",
                 "--max-steps", "3", "--eval-batches", "0",
-                "--sample-tokens", "0", "--save-every", "0"]
+                "--save-every", "0"]
         if mode == "plain":
             argv.append("--plain")
         # train.main sets its mesh for the process: undone on exit

@@ -19,7 +19,7 @@ import model
 import train
 
 TINY = ["--size", "tiny", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1",
-        "--val-fraction", "0.3", "--sample-tokens", "0"]  # nano scale: what the README leaves to the preset
+        "--val-fraction", "0.3"]  # nano scale: what the README leaves to the preset
 SNIPPETS = {  # language: (extension, a line of code with a {i} in it)
     "c": (".c", "int f{i}(int x) {{ return x + {i}; }}\n"),
     "cpp": (".cpp", "auto g{i} = [](int x) {{ return x * {i}; }};\n"),

@@ -181,7 +181,7 @@ def tiny_preset():
 
 def flags(out, corpus, *extra):
     return ["--size", TINY_SIZE, "--data", corpus, "--out", str(out), "--seq-len", "32", "--batch-size", "4",
-            "--eval-every", "4", "--eval-batches", "2", "--sample-tokens", "0", "--val-fraction", "0.2", *extra]
+            "--eval-every", "4", "--eval-batches", "2", "--val-fraction", "0.2", *extra]
 
 
 def run(argv, capsys):
