@@ -228,7 +228,8 @@ def hf_train(m, batch_BT1, reps):
 # ----------------------------------------------------------------------------- the report
 
 
-def main(argv=None):
+def build_parser():
+    """bench.py's command line, every flag with its default."""
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="nano", choices=list(model.CONFIGS))
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: train.py's preset)")
@@ -242,6 +243,11 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip transformers and CTranslate2")
     p.add_argument("--markdown", action="store_true", help="print the README table rows")
     p.add_argument("--out", default="bench.json", help="results file")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     for flag in ("batch_size", "seq_len", "prompt_len", "new_tokens", "reps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -250,9 +256,9 @@ def main(argv=None):
     if args.prompt_len + args.new_tokens > config.n_ctx + 1:
         p.error(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed {args.size}'s context "
                 f"of {config.n_ctx} (+1)")
-    preset = train.PRESETS.get(args.size, {})
-    B = args.batch_size or preset.get("batch_size", 8)
-    T = args.seq_len or preset.get("seq_len", min(config.n_ctx, 2048))
+    preset = train.preset(args.size)
+    B = args.batch_size or preset.batch_size
+    T = args.seq_len or preset.seq_len
     cpu = jax.default_backend() == "cpu"
     dtype = ("float32" if cpu else "bfloat16") if args.dtype == "auto" else args.dtype
     params = model.init_params(config, jax.random.PRNGKey(0))

@@ -427,7 +427,8 @@ def run_chat(complete, config, tokenizer, args):
         print()
 
 
-def main(argv=None):
+def build_parser():
+    """mtpb.py's command line, every flag with its default."""
     ap = ArgumentParser(description="MTPB (CodeGen paper §3): generate, score, prompt perplexity, chat.")
     arg = ap.add_argument
     arg("--init-from", metavar="DIR", help="Hugging Face CodeGen dir or ours (to generate, --perplexity, --chat)")
@@ -452,6 +453,11 @@ def main(argv=None):
     arg("--perplexity", action="store_true", help="prompt perplexity, multi- vs single-turn, vs pass rate")
     arg("--batch-size", type=int, default=4, help="sequences per forward pass for --perplexity")
     arg("--chat", action="store_true", help="write a program turn by turn from lines on stdin")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     for flag, ok in (("n", args.n >= 1), ("temperature", args.temperature >= 0), ("top_p", 0 < args.top_p <= 1),
                      ("top_k", args.top_k >= 0), ("timeout", args.timeout > 0), ("workers", args.workers >= 1),
