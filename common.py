@@ -148,10 +148,19 @@ def write_jsonl(path, rows):
     write_atomic(path, (json.dumps(row) + "\n" for row in rows))
 
 
+def write_denied(folder):
+    """Why no new file can be made in `folder`, or None. A probe file, created and gone
+    at once, asks the file system itself, so a read-only mount refuses root too."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def check_writable(paths):
-    """Before any work: each file in `paths` can be created or replaced (a probe file,
-    created in its directory and gone at once, asks the file system itself, so a read-only
-    mount refuses root too) and, when it exists, appended to. One ValueError line."""
+    """Before any work: each file in `paths` can be created or replaced (write_denied
+    asks its directory) and, when it exists, appended to. One ValueError line."""
     for path in map(str, paths):
         folder = os.path.dirname(path) or "."
         why = None
@@ -161,11 +170,8 @@ def check_writable(paths):
             why = f"{folder} is not a directory"
         elif os.path.exists(path) and not os.access(path, os.W_OK):
             why = "the file is read-only"
-        else:
-            try:
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                why = f"{folder}: {e.strerror}"
+        elif denied := write_denied(folder):
+            why = f"{folder}: {denied}"
         if why:
             raise ValueError(f"cannot write {path} ({why}); pass --out FILE "
                              f"in a directory you can write")
@@ -364,6 +370,14 @@ def _shown(value):
     return text if len(text) <= 24 else text[:16] + "..."
 
 
+def differences(old, new):
+    """'name old -> new' for each key whose value differs between two dicts of
+    settings (a key missing on one side is None there), new's keys first."""
+    names = list(new) + [k for k in old if k not in new]
+    return [f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}"
+            for k in names if old.get(k) != new.get(k)]
+
+
 def check_made_by(path, made_by):
     """Nothing when the samples file `path` is absent or empty, or was made as `made_by`
     says; else a ValueError line naming each setting that differs (old -> new)."""
@@ -379,10 +393,7 @@ def check_made_by(path, made_by):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {meta} ({e}); {restart}") from None
     new = json.loads(json.dumps(made_by))          # as it reads back: tuples are lists
-    old = old if isinstance(old, dict) else {}
-    names = list(new) + [k for k in old if k not in new]
-    differ = [f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}"
-              for k in names if old.get(k) != new.get(k)]
+    differ = differences(old if isinstance(old, dict) else {}, new)
     if differ:
         raise ValueError(f"{path} was made otherwise: {'; '.join(differ)}; {restart}")
 

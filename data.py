@@ -35,7 +35,7 @@ import tiktoken
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import corpus
-from common import ArgumentParser, run_main, write_json
+from common import ArgumentParser, differences, run_main, write_json
 from corpus import Cleaning
 
 EOS = 50256          # <|endoftext|>: appended after every document (JAXformer 5_shuffe_concat_eos.py)
@@ -401,9 +401,8 @@ def _started(out: Path, files: list, settings: dict, log) -> dict | None:
         raise ValueError(f"{out} holds a preparation of other sources; choose another --out")
     if index.get("settings") != settings:
         before = _flat_settings(index.get("settings") or {})
-        differ = [f"{k}={before.get(k)} not {v}" for k, v in _flat_settings(settings).items()
-                  if before.get(k) != v]
-        raise ValueError(f"{out} was started with other settings ({', '.join(differ) or 'unknown'}): rerun "
+        differ = differences(before, _flat_settings(settings))
+        raise ValueError(f"{out} was started with other settings ({'; '.join(differ) or 'unknown'}): rerun "
                          "with the flags it was started with, or choose another --out")
     if index["complete"]:
         log(f"prepare: {out} is already complete ({index['tokens']:,} tokens)")

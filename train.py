@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from functools import partial
 
@@ -504,12 +503,11 @@ def check_out(run):
     existing = out
     while not os.path.exists(existing):  # made once every check passed
         existing = os.path.dirname(existing)
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # gone when closed
-    except OSError as e:
+    denied = common.write_denied(existing)
+    if denied:
         raise ValueError(
             f"cannot write to --out {run.out} ({existing}: "
-            f"{e.strerror}); pick another --out") from None
+            f"{denied}); pick another --out")
 
 
 def check_args(run, recipe, config):

@@ -591,11 +591,11 @@ def test_a_resume_with_other_cleaning_flags_is_refused(planted, tmp_path, monkey
     interrupted_prepare(monkeypatch, sources["dir"], out, 3, shard_tokens=1)
     before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} was started with other settings "
-                                         r"\(near_dedup=False not True\): rerun with the flags"):
+                                         r"\(near_dedup false -> true\): rerun with the flags"):
         data.prepare(sources["dir"], out, cleaning=Cleaning(near_dedup=True), log=print)
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
     data.prepare(sources["dir"], out, log=print)
-    with pytest.raises(ValueError, match=r"was started with other settings \(filters=True not False"):
+    with pytest.raises(ValueError, match=r"was started with other settings \(filters true -> false"):
         data.prepare(sources["dir"], out, cleaning=Cleaning(filters=False), log=print)
 
 
