@@ -143,7 +143,8 @@ def _in_val(doc_key: str, val_fraction: float) -> bool:
 
 
 def _batched_encode(items):
-    """(tag, text | tokens | None) -> (tag, tokens | None) in the same order.
+    """(tag, text | tokens | None) -> (tag, tokens | None, last) in the
+    same order; `last` is False for a piece of a document that goes on.
 
     Texts are gathered until GROUP_CHARS and tokenized together by the parallel encoder;
     pre-tokenized payloads ride along in their place. A text longer than GROUP_CHARS
@@ -154,8 +155,12 @@ def _batched_encode(items):
     for tag, payload in items:
         for piece, last in _pieces(payload) if isinstance(payload, str) else [(payload, True)]:
             group.append((tag, piece, last))
-            chars += len(piece) if isinstance(piece, str) else 0
-            if chars >= GROUP_CHARS or piece is None:
+            if piece is None:  # the end of an epoch
+                yield from _flush(group)
+                group, chars = [], 0
+                continue
+            chars += len(piece)  # characters or tokens
+            if chars >= GROUP_CHARS:
                 yield from _flush(group)
                 group, chars = [], 0
     yield from _flush(group)
@@ -164,60 +169,92 @@ def _batched_encode(items):
 def _flush(group):
     texts = [(p, last) for _, p, last in group if isinstance(p, str)]
     encoded = iter(_encode([p for p, _ in texts], [last for _, last in texts]))
-    for tag, payload, _ in group:
-        yield tag, next(encoded) if isinstance(payload, str) else payload
+    for tag, payload, last in group:
+        if isinstance(payload, str):
+            yield tag, next(encoded), last
+        else:
+            yield tag, payload, last
 
 
 # ----------------------------------------------------------------------------- the stream
 
 class TokenStream:
-    """Endless iterator of (batch_size, seq_len + 1) int32 windows of one split's stream.
+    """Endless iterator of one split's windows, a global batch at a time.
 
-    sources       spec string ('stdlib,path/to/dir,data.jsonl.gz') or a list of specs
-    split         'train' or 'val' (documents whose key hashes below val_fraction)
-    seed          fixes the file order of every epoch (epoch e uses hash(seed, e, key))
-    process_index, process_count   this host reads sorted files [process_index::process_count]
+    sources       spec string ('stdlib,path/to/dir,data.jsonl.gz') or a list
+                  of specs
+    batch_size    windows per global batch (every process's together)
+    split         'train' or 'val' (documents whose key hashes below
+                  val_fraction)
+    seed          fixes the file order of every epoch (epoch e uses
+                  hash(seed, e, key))
+    rows          the rows of each global batch this process holds
+                  (tpu.process_rows); None: all of them
     ext           file endings read from directories
-    field         the text field of jsonl records / column of parquet files (default
-                  'content', else 'text')
-    cleaning      corpus.Cleaning: which documents are kept (decided over the whole
-                  corpus, in key order, before the first window; .counts has the result)
-    state         a dict from .state(): continue exactly where that stream was
+    field         the text field of jsonl records / column of parquet
+                  files (default 'content', else 'text')
+    cleaning      corpus.Cleaning: which documents are kept (decided over
+                  the whole corpus, in key order, before the first
+                  window; .counts has the result)
+    state         a dict from .state(): continue exactly where that
+                  stream was
+
+    The stream is global: every process walks the same documents in the
+    same order and cuts the same windows, and `next()` returns only the
+    windows of `rows`, (len(rows), seq_len + 1). Tokens of the other rows
+    are stepped over, never copied: a prepared corpus is read only where
+    this process's rows lie; raw sources are tokenized whole by every
+    process. So the global batches, and `state()`, are the same on any
+    number of processes.
     """
 
-    def __init__(self, sources="stdlib", batch_size: int = 8, seq_len: int = 2048, *,
-                 split: str = "train", seed: int = 0, val_fraction: float = 0.02,
-                 process_index: int = 0, process_count: int = 1, ext=(".py",), field: str | None = None,
-                 cleaning: Cleaning = Cleaning(), state: dict | None = None):
+    def __init__(self, sources="stdlib", batch_size: int = 8,
+                 seq_len: int = 2048, *, split: str = "train",
+                 seed: int = 0, val_fraction: float = 0.02,
+                 rows=None, ext=(".py",), field: str | None = None,
+                 cleaning: Cleaning = Cleaning(),
+                 state: dict | None = None):
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+            raise ValueError(f"split must be 'train' or 'val', "
+                             f"not {split!r}")
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
+            raise ValueError(f"batch_size and seq_len must be >= 1 "
+                             f"(got {batch_size}, {seq_len})")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index must be in [0, {process_count}), not {process_index}")
-        self.sources, self.split, self.seed = sources, split, seed
-        self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
-        self.process = (process_index, process_count)
-        every, prepared = corpus.expand(sources, tuple([ext] if isinstance(ext, str) else ext), field)
+            raise ValueError(f"val_fraction must be in [0, 1), "
+                             f"not {val_fraction}")
+        self.rows = _rows(rows, batch_size)
+        self.sources = sources
+        self.split = split
+        self.seed = seed
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.val_fraction = val_fraction
+        exts = tuple([ext] if isinstance(ext, str) else ext)
+        every, prepared = corpus.expand(sources, exts, field)
         self.cleaning = cleaning
-        self._dropped, self.counts = corpus.scan_all(every, cleaning, prepared, _report_skip)
+        scanned = corpus.scan_all(every, cleaning, prepared,
+                                  _report_skip)
+        self._dropped, self.counts = scanned
         self._skipped = dict(self.counts["skipped"])
-        self._files = every[process_index::process_count]
-        if not self._files:
-            raise ValueError(f"process {process_index} of {process_count} gets no files: "
-                             f"{sources} has only {len(every)}")
-        self.files = [f.key for f in self._files]  # this process's share, sorted
-        self._fingerprint = _hash(json.dumps([split, val_fraction, seed, process_index, process_count,
-                                              self.files, self.counts, cleaning.language_tags])).hex()
+        self._files = every
+        self.files = [f.key for f in every]  # sorted
+        # 0, 1: the whole stream, as process 0 of 1 reads it
+        self._fingerprint = _hash(json.dumps([
+            split, val_fraction, seed, 0, 1, self.files,
+            self.counts, cleaning.language_tags])).hex()
 
         epoch, file, doc, offset = 0, 0, 0, 0
         if state is not None:
             if state.get("fingerprint") != self._fingerprint:
-                raise ValueError("data state was saved for another corpus, seed, split, val_fraction "
-                                 "or process share; resume with the original --data and flags")
-            epoch, file, doc, offset = (int(state[k]) for k in ("epoch", "file", "doc", "offset"))
+                raise ValueError(
+                    "data state was saved for another corpus, seed, "
+                    "split or val_fraction; resume with the original "
+                    "--data and flags")
+            epoch = int(state["epoch"])
+            file = int(state["file"])
+            doc = int(state["doc"])
+            offset = int(state["offset"])
         # Tokens not yet fully handed out: [(epoch, file, doc), start, tokens], a document's
         # tokens from `start` on (a huge document comes in several pieces). `_offset` tokens
         # of the first are already out (or, when it is empty, are to be dropped from the
@@ -266,7 +303,7 @@ class TokenStream:
     def _fill(self, need: int):
         """Tokenize documents until `need` tokens wait in `_pending`."""
         while self._available < need:
-            position, tokens = next(self._tokens)
+            position, tokens, last = next(self._tokens)
             if tokens is None:
                 continue
             if position != self._cursor:  # a new document
@@ -276,25 +313,35 @@ class TokenStream:
             self._pending.append((position, self._cursor_start, tokens))
             self._available += len(tokens)
             self._cursor_start += len(tokens)
-            if tokens[-1] == EOS:  # the document's last piece: the next arrival is another
+            if last:  # the document's last piece: the next arrival is another
                 self._cursor, self._cursor_start = (position[0], position[1], position[2] + 1), 0
 
     def __next__(self) -> np.ndarray:
-        need = self.batch_size * (self.seq_len + 1)
-        self._fill(need)
-        out = np.empty(need, np.int32)
+        """The next global batch's windows of `rows`: (R, T+1)."""
+        width = self.seq_len + 1
+        self._fill(self.batch_size * width)
+        out = np.empty((len(self.rows), width), np.int32)
+        held = dict(zip(self.rows, out))
+        for row in range(self.batch_size):
+            self._hand_out(width, held.get(row))
+        self._available -= self.batch_size * width
+        return out  # (R, T+1)
+
+    def _hand_out(self, n: int, into: np.ndarray | None):
+        """Move past the next n tokens, copied into `into` if given
+        (a slice of a prepared shard that is not copied is not read)."""
         filled = 0
-        while filled < need:
+        while filled < n:
             tokens = self._pending[0][2]
-            piece = tokens[self._offset:self._offset + need - filled]
-            out[filled:filled + len(piece)] = piece
+            piece = tokens[self._offset:self._offset + n - filled]
+            if into is not None:
+                into[filled:filled + len(piece)] = piece
             filled += len(piece)
             self._offset += len(piece)
-            if self._offset >= len(tokens):  # beyond it: a resumed offset reaching further
+            # a resumed offset may reach beyond the first pieces
+            if self._offset >= len(tokens):
                 self._pending.popleft()
                 self._offset -= len(tokens)
-        self._available -= need
-        return out.reshape(self.batch_size, self.seq_len + 1)  # (B, T+1)
 
     def state(self) -> dict:
         """Position of the next token to hand out: JSON-able, for checkpoints."""
@@ -309,11 +356,30 @@ class TokenStream:
         return len(self._skipped)
 
     def describe(self) -> str:
-        i, n = self.process
-        return (f"data {self.sources}: {len(self._files)} files (process {i} of {n}), split {self.split} "
-                f"(val_fraction {self.val_fraction}), seed {self.seed}, windows {self.batch_size}x"
-                f"{self.seq_len + 1}, epoch {self.state()['epoch']}, {self.skipped} skipped "
-                f"(not UTF-8 / unreadable); {_describe_counts(self.counts)}")
+        held = len(self.rows)
+        if held == self.batch_size:
+            where = "all rows here"
+        else:
+            where = f"{held} of its rows here"
+        return (f"data {self.sources}: {len(self._files)} files, "
+                f"split {self.split} (val_fraction "
+                f"{self.val_fraction}), seed {self.seed}, batches of "
+                f"{self.batch_size}x{self.seq_len + 1} ({where}), "
+                f"epoch {self.state()['epoch']}, {self.skipped} "
+                f"skipped (not UTF-8 / unreadable); "
+                f"{_describe_counts(self.counts)}")
+
+
+def _rows(rows, batch_size: int) -> tuple:
+    """The rows a process holds, sorted: the order in which
+    jax.make_array_from_process_local_data places them."""
+    if rows is None:
+        return tuple(range(batch_size))
+    rows = tuple(sorted(set(rows)))
+    if not rows or rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"rows must be some of 0..{batch_size - 1}, "
+                         f"not {list(rows)}")
+    return rows
 
 
 def _report_skip(key: str, reason: str):
@@ -441,7 +507,7 @@ def _tokenize_files(todo: list, n_files: int, dropped: dict, cleaning: Cleaning,
             for d, payload, name in f.docs(0, kept, lambda key, reason: None):
                 yield (i, d), cleaning.tagged(payload, name) if isinstance(payload, str) else payload
 
-    for (i, d), tokens in _batched_encode(documents()):
+    for (i, d), tokens, _ in _batched_encode(documents()):
         end_files(i)
         writer.add(d, tokens)
         tokens_done += len(tokens)
@@ -553,7 +619,7 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to show")
     p.add_argument("--seed", type=int, default=0, help="file order of every epoch")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out by hash")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (per process)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     p.add_argument("--seq-len", type=int, default=2048, help="windows hold seq-len + 1 tokens")
     p.add_argument("--prepare", metavar="SRC", help="tokenize SRC (same syntax as --data) into --out")
     p.add_argument("--out", help="output directory of --prepare")
