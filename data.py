@@ -813,6 +813,19 @@ def add_cleaning_flags(p):
                    "for decontamination against it too")
 
 
+# data.py's numeric flags: (flag, default, help), typed as the default
+NUMBERS = (
+    ("--seed", 0, "file order of every epoch"),
+    ("--val-fraction", 0.02, "share of documents held out by hash"),
+    ("--batch-size", 8, "windows per (global) batch"),
+    ("--seq-len", 2048, "windows hold seq-len + 1 tokens"),
+    ("--shard-tokens", 1 << 27, "tokens per shard of --prepare"),
+    ("--bench-tokens", 5_000_000, "tokens streamed by --bench"),
+    ("--bench-processes", 1, "--bench as one of N processes: the "
+     "tokens/s of the rows it keeps, every N-th row of a batch"),
+)
+
+
 def build_parser():
     p = ArgumentParser(description="CodeGen's tokenizer and the packed "
                        "token stream: inspect a stream, --prepare token "
@@ -825,27 +838,15 @@ def build_parser():
                    "--languages)")
     p.add_argument("--split", default="train", choices=["train", "val"],
                    help="which split to show")
-    p.add_argument("--seed", type=int, default=0,
-                   help="file order of every epoch")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="share of documents held out by hash")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="windows per (global) batch")
-    p.add_argument("--seq-len", type=int, default=2048,
-                   help="windows hold seq-len + 1 tokens")
     p.add_argument("--prepare", metavar="SRC", help="tokenize SRC "
                    "(same syntax as --data) into --out")
     p.add_argument("--out", help="output directory of --prepare")
-    p.add_argument("--shard-tokens", type=int, default=1 << 27,
-                   help="tokens per shard of --prepare")
+    for flag, default, meaning in NUMBERS:
+        p.add_argument(flag, type=type(default), default=default,
+                       help=meaning)
     p.add_argument("--bench", action="store_true", help="measure the "
                    "train stream's tokens/s on --data, with the "
                    "cleaning flags and with no cleaning")
-    p.add_argument("--bench-tokens", type=int, default=5_000_000,
-                   help="tokens streamed by --bench")
-    p.add_argument("--bench-processes", type=int, default=1,
-                   help="--bench as one of N processes: the tokens/s "
-                   "of the rows it keeps, every N-th row of a batch")
     add_cleaning_flags(p)
     return p
 
