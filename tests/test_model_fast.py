@@ -160,9 +160,7 @@ def test_train_py_plain_runs_end_to_end(tmp_path, capsys, monkeypatch):
                 "--save-every", "0"]
         if mode == "plain":
             argv.append("--plain")
-        # train.main sets its mesh for the process: undone on exit
-        with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-            code, _, err = run_cli(train.main, argv, capsys)
+        code, _, err = run_cli(train.main, argv, capsys)
         assert code == 0, err
         rows = common.read_jsonl(out / "metrics.jsonl")
         losses[mode] = [r["loss"] for _, r in rows if "loss" in r]

@@ -222,7 +222,7 @@ def snapshot(root):
 def test_every_and_batches_zero_mean_at_the_end_and_never(tmp_path, corpus, capsys):
     code, out, _ = run(flags(tmp_path / "a", corpus, "--max-steps", "3", "--eval-every", "0", "--save-every", "0"), capsys)
     assert code == 0 and out[0] == f"training {TINY_SIZE} from scratch into {tmp_path / 'a'}"
-    assert jax.sharding.get_abstract_mesh().empty  # main's mesh is unset when it returns
+    assert jax.sharding.get_abstract_mesh().empty  # main sets no mesh for the process
     assert [r["step"] for r in metrics(tmp_path / "a") if "val_loss" in r] == [3]
     assert train.list_checkpoints(tmp_path / "a") == [str(tmp_path / "a" / "ckpt-0000003")]
     code, out, _ = run(flags(tmp_path / "b", corpus, "--max-steps", "2", "--eval-batches", "0"), capsys)
