@@ -28,8 +28,8 @@ import model
 # ----------------------------------------------------------------------------- decoding layout
 
 # A decode step multiplies each weight by a few rows, which XLA:CPU
-# does 2-3x faster as w·xᵀ with w stored [out, in] than as x·w with w
-# [in, out] (docs/training.md, "Decoding", has the measurements).
+# does faster as w·xᵀ with w stored [out, in] than as x·w with w
+# [in, out] (docs/model.md, "The fast twin"; docs/performance.md).
 TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out",
                            "head_w")
 
@@ -153,7 +153,7 @@ def forward(params, tokens_BT, config, *, cache, valid_BT=None,
 
 def _trunk(params, tokens_BT, config, valid_BT, cache, mesh):
     """model._trunk for decoding: the layers unrolled, each with its
-    own cache buffers updated in place (docs/training.md)."""
+    own cache buffers updated in place (docs/model.md)."""
     B, T = tokens_BT.shape
     model.check_length(T, config)
     if valid_BT is None:
