@@ -34,7 +34,9 @@ Shapes are written into names (`x_BTD`) with these letters:
     N = B·T tokens flattened for the head
     C tokens per head chunk, G chunks
     P prompts (each copied num_samples times into B rows)
-    O new tokens of a decode output buffer
+    M new tokens of a decode output buffer
+    X = S + T keys a new token attends to (cache slots, new tokens)
+    O, I a weight's output and input dimensions (w_OI is [out, in])
     U vocabulary block width of the fast sampler, Q = V / U blocks
     A candidate tokens drawn per rejection round
 

@@ -135,7 +135,7 @@ def _mode(temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- compiled prefill and decode
-# Decode state, all on the device: the KV cache, the output buffer `out_BO` (new tokens,
+# Decode state, all on the device: the KV cache, the output buffer `out_BM` (new tokens,
 # EOS after a row is done), `done_B`, and `n`, the number of new tokens so far.
 # The random key for new token i is fold_in(key, i), so results do not depend on CHUNK.
 
@@ -184,10 +184,10 @@ def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config,
     logits_BV = jnp.repeat(logits_P1V[:, 0], num_samples, axis=0)
     tok_B = pick(logits_BV, jax.random.fold_in(key, 0), knobs, mode)
     B = P * num_samples
-    out_BO = jnp.full((B, new_bucket), data.EOS, jnp.int32)
-    out_BO = out_BO.at[:, 0].set(tok_B)
+    out_BM = jnp.full((B, new_bucket), data.EOS, jnp.int32)
+    out_BM = out_BM.at[:, 0].set(tok_B)
     return _laid_out({"cache": cache,
-                      "out": out_BO,
+                      "out": out_BM,
                       "done": tok_B == data.EOS,
                       "n": jnp.ones((), jnp.int32)}, mesh)
 
@@ -391,10 +391,10 @@ def generate(params, config, prompts, max_new_tokens,
         state = _decode(params, state, limit, *args, **how)
 
 
-def _until_rows(until, done_B, out_BO, n):
+def _until_rows(until, done_B, out_BM, n):
     """Which rows not yet done `until` ends, given their n ids."""
     ended = []
-    for done, out in zip(done_B, out_BO):
+    for done, out in zip(done_B, out_BM):
         ended.append(not done and until(_before_eos(out[:n])))
     return np.array(ended)
 
