@@ -124,7 +124,7 @@ def _knobs(temperature, top_p, plain):
     t = jnp.float32(temperature or 1)
     if plain:
         return (t, jnp.float32(top_p))
-    return (t, jnp.asarray(sample_fast._split_p(top_p)))
+    return (t, jnp.asarray(sample_fast.split_p(top_p)))
 
 
 def _mode(temperature, top_k, top_p):
