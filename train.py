@@ -799,7 +799,7 @@ def open_run(s, held):
     check_args(s.run, s.recipe, s.config)
 
 
-def compile_step(s, held):
+def compile_step(s):
     """The mesh, and the train step compiled ahead of time on shapes:
     a step too big for the devices is refused before allocating.
     Then the state: resumed, --init-from's weights, or fresh."""
@@ -1053,7 +1053,7 @@ def main(argv=None):
     # the run directory's lock, released on any exit
     with contextlib.ExitStack() as held:
         open_run(s, held)
-        compile_step(s, held)
+        compile_step(s)
         load_data(s)
         announce(s, held)
         train_loop(s)
