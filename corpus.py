@@ -143,6 +143,7 @@ def _name_of(record: dict, key: str) -> str:
 RECORD_FILES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
+@dataclasses.dataclass(eq=False)
 class SourceFile:
     """One file of the corpus: the unit of shuffling, sharing out between
     hosts and resuming.
@@ -159,10 +160,9 @@ class SourceFile:
     the line: its records are not all there.
     """
 
-    def __init__(self, key: str, path: Path, field: str | None = None):
-        self.key = key
-        self.path = path
-        self.field = field
+    key: str
+    path: Path
+    field: str | None = None
 
     def docs(self, first: int, wanted, skip):
         name = self.path.name
@@ -665,19 +665,13 @@ class Cleaning:
     """Which documents are kept. The defaults are section 2.1's filters and
     exact dedup plus decontamination; Cleaning.off() keeps every
     document."""
-    # average / longest line length, digit share
-    filters: bool = True
-    # exact: SHA-256 of the text, first occurrence kept
-    dedup: bool = True
-    # MinHash + LSH, first occurrence kept
-    near_dedup: bool = False
-    # HumanEval (and MTPB when `mtpb` names its file)
-    decontaminate: bool = True
-    mtpb: str | None = None
-    # keep only documents of these LANGUAGES (all when empty)
-    languages: tuple[str, ...] = ()
-    # prefix each document with TAG.format(language)
-    language_tags: bool = False
+    filters: bool = True         # average / longest line length, digit share
+    dedup: bool = True           # exact: SHA-256 of the text, first copy kept
+    near_dedup: bool = False     # MinHash + LSH, first occurrence kept
+    decontaminate: bool = True   # HumanEval (and MTPB when `mtpb` is given)
+    mtpb: str | None = None      # MTPB's mtpb.jsonl
+    languages: tuple[str, ...] = ()  # only these LANGUAGES (all when empty)
+    language_tags: bool = False  # prefix each with TAG.format(language)
 
     TAG = "<|{}|>\n"
 
