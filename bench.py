@@ -128,6 +128,7 @@ def decode_rates(engines, prompt_len, new_tokens, reps):
 
 
 def ours_train(config, params, batch_BT1, dtype, reps):
+    """Median seconds of train.py's jitted step on one batch."""
     r = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=10, anneal=100,
                      dtype=dtype)
     step = jax.jit(train.make_train_step(config, r), donate_argnums=0)
@@ -142,6 +143,7 @@ def ours_train(config, params, batch_BT1, dtype, reps):
 
 
 def ours_generate(config, params):
+    """generate(prompts_BT, n, how) through sample.generate."""
     def generate(prompts_BT, n, how):
         prompts = prompts_BT.tolist()
         new = sample.generate(params, config, prompts, n, **how)
@@ -153,6 +155,7 @@ def ours_generate(config, params):
 
 
 def hf_model(config, params):
+    """transformers' CodeGenForCausalLM with our weights (save_hf)."""
     import transformers
     with tempfile.TemporaryDirectory() as d:
         hf.save_hf(params, config, d)
@@ -160,6 +163,7 @@ def hf_model(config, params):
 
 
 def hf_generate(m):
+    """generate(prompts_BT, n, how) through transformers' generate()."""
     import torch
     m.eval()
 
@@ -207,6 +211,7 @@ def ct2_generators(config, params, workdir):
 
 
 def ct2_generate(generator):
+    """generate(prompts_BT, n, how) through a ctranslate2.Generator."""
     tok = data.get_tokenizer()
 
     def generate(prompts_BT, n, how):
@@ -261,6 +266,7 @@ def data_rates(reps, chars=12_000_000):
 
 
 def hf_train(m, batch_BT1, reps):
+    """Median seconds of the same step in torch: AdamW, clipping at 1."""
     import torch
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.1)

@@ -170,6 +170,7 @@ def best_row(table, ks):
 
 
 def format_table(table, ks):
+    """The pass@k table as text: a row per temperature, then the best."""
     def cells(values):
         shown = []
         for k in ks:
