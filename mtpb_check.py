@@ -1,17 +1,21 @@
-"""How MTPB programs are judged and counted (CodeGen paper §3; the reference scorer is
-salesforce/CodeGen `codegen1/benchmark/mtpb_exec.py`): the checker that runs inside the sandbox,
-and the pass rates per problem, per category and overall.
+"""How MTPB programs are judged and counted (CodeGen paper §3; the
+reference scorer is salesforce/CodeGen `codegen1/benchmark/mtpb_exec.py`):
+the checker that runs inside the sandbox, and the pass rates per problem,
+per category and overall.
 
-The sandbox runs this file's text twice (see `program_for`). As the program, with
-`main('<case as JSON>')` appended: it runs the generated program with a print hook and keeps
-the first argument of its last print call as plain data (`last_printed`). As the check, in a
-process of its own that alone knows the gold output, with `judge(...)` appended: it asks the
-program's process for that value and raises AssertionError unless it matches, so the sandbox's
-verdict 'passed' means the program passed and nothing the program does can say otherwise.
-The rules, default and reference (--reference-semantics), are in docs/evaluation.md.
-mtpb.py imports the rest.
+The sandbox runs this file's text twice (see `program_for`). As the
+program, with `main('<case as JSON>')` appended: it runs the generated
+program with a print hook and keeps the first argument of its last print
+call as plain data (`last_printed`). As the check, in a process of its own
+that alone knows the gold output, with `judge(...)` appended: it asks the
+program's process for that value and raises AssertionError unless it
+matches, so the sandbox's verdict 'passed' means the program passed and
+nothing the program does can say otherwise. The rules, default and
+reference (--reference-semantics), are in docs/evaluation.md. mtpb.py
+imports the rest.
 
-Standard library only: numpy and pandas values are recognised when the program imported them.
+Standard library only: numpy and pandas values are recognised when the
+program imported them.
 """
 import ast
 import builtins
@@ -28,25 +32,34 @@ import signal
 import sys
 from pathlib import Path
 
-FLOAT_TOLERANCE = 1e-6  # mtpb_exec.py check_equivalence: abs(o1 - o2) < 1e-6
-REFERENCE_GRACE = 3.0  # s the sandbox allows beyond the in-process alarm of reference semantics
-LIBRARIES = {"pandas": "pandas", "sklearn": "sklearn"}  # prompt word -> module (problems 6, 14, 38, 46)
-_DATASET = re.compile(r"\./datasets/[\w.-]+")  # CSVs of problems 38 and 46, shipped nowhere
+# mtpb_exec.py check_equivalence: abs(o1 - o2) < 1e-6
+FLOAT_TOLERANCE = 1e-6
+# seconds the sandbox allows beyond the in-process alarm of reference
+# semantics
+REFERENCE_GRACE = 3.0
+# prompt word -> module (problems 6, 14, 38, 46)
+LIBRARIES = {"pandas": "pandas", "sklearn": "sklearn"}
+# the CSVs of problems 38 and 46, shipped nowhere
+_DATASET = re.compile(r"\./datasets/[\w.-]+")
 
 
-# ----------------------------------------------------------------------------- in the sandbox
+# -------------------------------------------------- in the sandbox
 
 def _loaded(name):
-    """The module `name` when the program imported it, else None: a value can only be a numpy
-    array or a pandas Series if its module is loaded, and importing either costs time."""
+    """The module `name` when the program imported it, else None: a value
+    can only be a numpy array or a pandas Series if its module is loaded,
+    and importing either costs time."""
     return sys.modules.get(name)
 
 
 def print_last_statement(code):
-    """The reference's AST rewrite (mtpb_exec.py `rewrite_ast_with_print`): unless the last
-    top-level statement is a call of a name starting with `print`, wrap that statement's `.value`
-    in print(...). It acts on any statement with a `.value`: `y = x + 1` becomes `y = print(x + 1)`.
-    Code whose last statement has no `.value` (for, if, import) or does not parse is kept as is."""
+    """The reference's AST rewrite (mtpb_exec.py `rewrite_ast_with_print`):
+    unless the last top-level statement is a call of a name starting with
+    `print`, wrap that statement's `.value` in print(...). It acts on any
+    statement with a `.value`: `y = x + 1` becomes `y = print(x + 1)`.
+    Code whose last statement has no `.value` (for, if, import) or does
+    not parse is kept as is (the reference prints the error and runs the
+    code unchanged)."""
     try:
         tree = ast.parse(code)
         last = tree.body[-1]
@@ -55,17 +68,21 @@ def print_last_statement(code):
                 return code
         except AttributeError:
             pass
-        last.value = ast.Call(func=ast.Name(id="print", ctx=ast.Load()), args=[last.value], keywords=[])
+        print_name = ast.Name(id="print", ctx=ast.Load())
+        last.value = ast.Call(func=print_name, args=[last.value],
+                              keywords=[])
         return ast.unparse(ast.fix_missing_locations(tree))
-    except Exception:  # the reference prints the error and runs the code unchanged
+    except Exception:
         return code
 
 
 def to_plain(x):
-    """numpy scalars and arrays, pandas Series and tuples as Python scalars and lists,
-    recursively; subclasses of the plain types (Counter, a str subclass) as exactly those
-    types, their own __eq__ and __str__ left behind."""
-    np, pd = _loaded("numpy"), _loaded("pandas")
+    """numpy scalars and arrays, pandas Series and tuples as Python scalars
+    and lists, recursively; subclasses of the plain types (Counter, a str
+    subclass) as exactly those types, their own __eq__ and __str__ left
+    behind."""
+    np = _loaded("numpy")
+    pd = _loaded("pandas")
     if pd is not None and isinstance(x, pd.Series):
         x = x.to_numpy()
     if np is not None and isinstance(x, (np.ndarray, np.generic)):
@@ -73,26 +90,33 @@ def to_plain(x):
     if isinstance(x, (list, tuple)):
         return [to_plain(v) for v in x]
     if isinstance(x, dict):
-        return {_exact(k.item() if np is not None and isinstance(k, np.generic) else k): to_plain(v)
-                for k, v in dict.items(x)}
+        plain = {}
+        for k, v in dict.items(x):
+            if np is not None and isinstance(k, np.generic):
+                k = k.item()
+            plain[_exact(k)] = to_plain(v)
+        return plain
     return _exact(x)
 
 
 def _exact(x):
-    """A scalar of a subclass of int, float or str as exactly that type; else x."""
-    for kind, convert in ((int, int.__int__), (float, float.__float__), (str, str.__str__)):
+    """A scalar of a subclass of int, float or str as exactly that type;
+    else x."""
+    converters = {int: int.__int__, float: float.__float__, str: str.__str__}
+    for kind, convert in converters.items():
         if isinstance(x, kind) and type(x) not in (bool, kind):
             return convert(x)
     return x
 
 
 def same(value, gold):
-    """Structural equality with gold (a JSON value): same kinds all the way down, numbers within
-    FLOAT_TOLERANCE, bools only equal to bools."""
+    """Structural equality with gold (a JSON value): same kinds all the way
+    down, numbers within FLOAT_TOLERANCE, bools only equal to bools."""
     if gold is None or isinstance(gold, (bool, str)):
         return type(value) is type(gold) and value == gold
     if isinstance(gold, (int, float)):
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+        number = isinstance(value, (int, float))
+        return (number and not isinstance(value, bool)
                 and abs(value - gold) < FLOAT_TOLERANCE)
     if isinstance(gold, list):
         return (isinstance(value, list) and len(value) == len(gold)
@@ -104,9 +128,10 @@ def same(value, gold):
 
 
 def equivalent(value, gold):
-    """The default rule: numpy/pandas/tuples converted as the reference does, then `same`. Between
-    top-level scalars the printed text decides, as in the reference's casts (True vs "True",
-    5 vs "5", None vs "None", 2.5 vs "2.5"); nothing is ever cast into a container ("ab" is not
+    """The default rule: numpy/pandas/tuples converted as the reference
+    does, then `same`. Between top-level scalars the printed text decides,
+    as in the reference's casts (True vs "True", 5 vs "5", None vs "None",
+    2.5 vs "2.5"); nothing is ever cast into a container ("ab" is not
     ['a', 'b']), and dict and None compare like any other value."""
     value = to_plain(value)
     if same(value, gold):
@@ -114,7 +139,8 @@ def equivalent(value, gold):
     scalars = (type(None), bool, int, float, str)
     if not (isinstance(gold, scalars) and isinstance(value, scalars)):
         return False
-    if isinstance(gold, (int, float)) and not isinstance(gold, bool) and isinstance(value, str):
+    number_gold = isinstance(gold, (int, float)) and not isinstance(gold, bool)
+    if number_gold and isinstance(value, str):
         try:
             return abs(float(value) - gold) < FLOAT_TOLERANCE
         except ValueError:
@@ -123,25 +149,31 @@ def equivalent(value, gold):
 
 
 def reference_equivalent(o1, o2):
-    """mtpb_exec.py `check_equivalence(o1=printed, o2=gold)`, rule for rule, its exact type tests
-    included: a few numpy types become Python ones, a list of tuples a list of lists; on a type
-    mismatch a bool gold compares as text and anything else is cast `type(gold)(printed)`
-    ("ab" -> ['a', 'b']); dict and None are unsupported types and raise ValueError."""
+    """mtpb_exec.py `check_equivalence(o1=printed, o2=gold)`, rule for
+    rule, its exact type tests included: a few numpy types become Python
+    ones, a list of tuples a list of lists; on a type mismatch a bool gold
+    compares as text and anything else is cast `type(gold)(printed)`
+    ("ab" -> ['a', 'b']); dict and None are unsupported types and raise
+    ValueError."""
     return reference_compare(*reference_plain(o1), o2)
 
 
 def reference_plain(o1):
-    """The printed side of reference_equivalent, in the program's process: (kind, value)
-    with kind 'series' (a pandas Series, compared with allclose), 'value' (plain data) or
-    'text' (anything else, which only a cast to str can match)."""
-    np, pd = _loaded("numpy"), _loaded("pandas")
+    """The printed side of reference_equivalent, in the program's process:
+    (kind, value) with kind 'series' (a pandas Series, compared with
+    allclose), 'value' (plain data) or 'text' (anything else, which only a
+    cast to str can match)."""
+    np = _loaded("numpy")
+    pd = _loaded("pandas")
     if pd is not None and isinstance(o1, pd.Series):
         return "series", o1.to_numpy().tolist()
     if type(o1) == list and len(o1) > 0 and type(o1[0]) == tuple:
         o1 = [list(t) for t in o1]
-    elif np is not None and type(o1) in (np.uint8, np.int16, np.int32, np.int64):
+    elif np is not None and type(o1) in (np.uint8, np.int16, np.int32,
+                                         np.int64):
         o1 = int(o1)
-    elif np is not None and type(o1) in (np.float16, np.float32, np.float64):
+    elif np is not None and type(o1) in (np.float16, np.float32,
+                                         np.float64):
         o1 = float(o1)
     elif np is not None and type(o1) == np.bool_:
         o1 = bool(o1)
@@ -176,23 +208,28 @@ def reference_compare(kind, o1, o2):
 
 
 class _Discard(io.TextIOBase):
-    """Standard output of the checked program: the reference captured it, nothing reads it."""
+    """Standard output of the checked program: the reference captured
+    it, nothing reads it."""
 
     def write(self, s):
         return len(s)
 
 
 def check_program(program, reference_semantics, time_limit):
-    """Run `program` with a print hook and return the first argument of its last print call;
-    AssertionError when there is none.
+    """Run `program` with a print hook and return the first argument of
+    its last print call; AssertionError when there is none.
 
-    Default: any exception (the program's included) fails. Reference semantics (mtpb_exec.py
-    `do_exec`): the program's exceptions are swallowed, and an in-process alarm after `time_limit`
-    seconds raises one, so a crash or a hang after the right print still passes."""
-    printed = []  # the positional arguments of every print call (the reference's print_stack)
+    Default: any exception (the program's included) fails. Reference
+    semantics (mtpb_exec.py `do_exec`): the program's exceptions are
+    swallowed, and an in-process alarm after `time_limit` seconds raises
+    one, so a crash or a hang after the right print still passes."""
+    # the positional arguments of every print call (the reference's
+    # print_stack)
+    printed = []
     real_print = builtins.print
 
-    def print(*args, **kwargs):  # the program's `print`, put in its globals like the reference's hook
+    # the program's `print`, put in its globals like the reference's hook
+    def print(*args, **kwargs):
         printed.append(args)
         return real_print(*args, **kwargs)
 
@@ -200,8 +237,9 @@ def check_program(program, reference_semantics, time_limit):
     env = {"__name__": "__main__", "print": print}
     with contextlib.redirect_stdout(_Discard()):
         if reference_semantics:
+            # an Exception, as the reference's TimeoutException
             def alarm(signum, frame):
-                raise TimeoutError("Timed out!")  # an Exception, as the reference's TimeoutException
+                raise TimeoutError("Timed out!")
             signal.signal(signal.SIGALRM, alarm)
             signal.setitimer(signal.ITIMER_REAL, time_limit)
             try:
@@ -223,19 +261,25 @@ _LAST = []  # in the program's process: what last_printed answers
 
 
 def main(case_json):
-    """Run one case as the program's process: one BLAS thread (many programs run side by side),
-    and `random` and numpy seeded with 0 so the random problems (20, 23) score the same every
-    time. The value to judge is kept, as plain data, for `last_printed`."""
+    """Run one case as the program's process: one BLAS thread (many
+    programs run side by side), and `random` and numpy seeded with 0 so the
+    random problems (20, 23) score the same every time. The value to judge
+    is kept, as plain data, for `last_printed`."""
     case = json.loads(case_json)
-    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                      MKL_NUM_THREADS="1")
     random.seed(0)
     try:
         import numpy
         numpy.random.seed(0)
     except ImportError:
         pass
-    value = check_program(case["program"], case["reference_semantics"], case["time_limit"])
-    _LAST.append(reference_plain(value) if case["reference_semantics"] else ("value", to_plain(value)))
+    reference = case["reference_semantics"]
+    value = check_program(case["program"], reference, case["time_limit"])
+    if reference:
+        _LAST.append(reference_plain(value))
+    else:
+        _LAST.append(("value", to_plain(value)))
 
 
 def last_printed():
@@ -244,23 +288,33 @@ def last_printed():
 
 
 def judge(gold_json, reference_semantics):
-    """In the check's process: AssertionError unless the program's last printed value,
-    received as plain data, matches the gold output."""
+    """In the check's process: AssertionError unless the program's last
+    printed value, received as plain data, matches the gold output."""
     gold = json.loads(gold_json)
-    kind, value = remote("last_printed")()  # noqa: F821 (the sandbox gives the check `remote`)
-    match = reference_compare(kind, value, gold) if reference_semantics else equivalent(value, gold)
+    # the sandbox puts `remote` in the check's globals
+    ask = globals()["remote"]("last_printed")
+    kind, value = ask()
+    if reference_semantics:
+        match = reference_compare(kind, value, gold)
+    else:
+        match = equivalent(value, gold)
     if not match:
-        raise AssertionError(f"printed {reprlib.repr(value)}, expected {reprlib.repr(gold)}")
+        raise AssertionError(f"printed {reprlib.repr(value)}, "
+                             f"expected {reprlib.repr(gold)}")
 
 
-# ----------------------------------------------------------------------------- in the evaluating process
+# -------------------------------------------------- in the evaluating process
 
 def program_for(program, gold, reference_semantics=False, time_limit=10.0):
-    """What the sandbox runs to check one sample: (the program: this file, then `main` on the
-    case without its gold; the check: this file, then `judge` with the gold)."""
-    case = json.dumps({"program": program, "reference_semantics": bool(reference_semantics),
+    """What the sandbox runs to check one sample: (the program: this
+    file, then `main` on the case without its gold; the check: this file,
+    then `judge` with the gold)."""
+    reference = bool(reference_semantics)
+    case = json.dumps({"program": program,
+                       "reference_semantics": reference,
                        "time_limit": float(time_limit)})
-    check = f"{_own_source()}\n\njudge({json.dumps(gold)!r}, {bool(reference_semantics)})\n"
+    gold_json = json.dumps(gold)
+    check = f"{_own_source()}\n\njudge({gold_json!r}, {reference})\n"
     return f"{_own_source()}\n\nmain({case!r})\n", check
 
 
@@ -275,11 +329,15 @@ def _installed(module):
 
 
 def missing_requirement(record):
-    """'missing pandas' (etc.) when the record's prompts need what this machine cannot give the
-    program, else None. The prompts are the odd pieces of `prompts_completions`; records without
-    them are judged by their whole program text."""
+    """'missing pandas' (etc.) when the record's prompts need what this
+    machine cannot give the program, else None. The prompts are the odd
+    pieces of `prompts_completions`; records without them are judged by
+    their whole program text."""
     pieces = record.get("prompts_completions")
-    text = "".join(pieces[1::2]) if isinstance(pieces, list) else record["completions"]
+    if isinstance(pieces, list):
+        text = "".join(pieces[1::2])
+    else:
+        text = record["completions"]
     for word, module in LIBRARIES.items():
         if re.search(rf"\b{word}\b", text) and not _installed(module):
             return f"missing {module}"
@@ -288,29 +346,45 @@ def missing_requirement(record):
 
 
 def summarize(results, categories=None):
-    """{problem id: {'category', 'passed', 'scored', 'skipped'}} from results records; the
-    category comes from the record, else from `categories` (id -> category)."""
+    """{problem id: {'category', 'passed', 'scored', 'skipped'}} from
+    results records; the category comes from the record, else from
+    `categories` (id -> category)."""
+    categories = categories or {}
     per = {}
     for r in results:
         pid = str(r["id"])
-        p = per.setdefault(pid, {"category": r.get("category") or (categories or {}).get(pid, "?"),
-                                 "passed": 0, "scored": 0, "skipped": None})
+        if pid not in per:
+            category = r.get("category") or categories.get(pid, "?")
+            per[pid] = {"category": category, "passed": 0, "scored": 0,
+                        "skipped": None}
+        p = per[pid]
         if str(r.get("result", "")).startswith("skipped"):
             p["skipped"] = r["result"]
         else:
-            p["scored"], p["passed"] = p["scored"] + 1, p["passed"] + bool(r["passed"])
-    return dict(sorted(per.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]))
+            p["scored"] += 1
+            p["passed"] += bool(r["passed"])
+
+    def by_id(item):
+        pid = item[0]
+        return int(pid) if pid.isdigit() else pid
+    return dict(sorted(per.items(), key=by_id))
 
 
 def _rates(summary):
-    """{row label: (passed, scored, problems)} per category and 'overall' (passes / scored programs,
-    the reference's aggregate)."""
+    """{row label: (passed, scored, problems)} per category and 'overall'
+    (passes / scored programs, the reference's aggregate)."""
     rows = {}
-    for p in (p for p in summary.values() if p["scored"]):
+    for p in summary.values():
+        if not p["scored"]:
+            continue
         for label in (p["category"], "overall"):
-            a, b, c = rows.get(label, (0, 0, 0))
-            rows[label] = (a + p["passed"], b + p["scored"], c + 1)
-    return dict(sorted(rows.items(), key=lambda kv: (kv[0] == "overall", kv[0])))
+            passed, scored, problems = rows.get(label, (0, 0, 0))
+            rows[label] = (passed + p["passed"], scored + p["scored"],
+                           problems + 1)
+
+    def overall_last(item):
+        return item[0] == "overall", item[0]
+    return dict(sorted(rows.items(), key=overall_last))
 
 
 def _pct(passed, scored):
@@ -318,26 +392,48 @@ def _pct(passed, scored):
 
 
 def format_report(summary, title):
-    lines = [title, f"{'problem':>8} {'category':<13} {'passed':>9} {'rate %':>7}"]
+    """The pass rate of every problem, then per category and overall."""
+    lines = [title]
+    lines.append(f"{'problem':>8} {'category':<13} {'passed':>9} {'rate %':>7}")
+    skipped = []
     for pid, p in summary.items():
-        rate = f"{p['passed']:>4}/{p['scored']:<4} {_pct(p['passed'], p['scored'])}" if p["scored"] else p["skipped"]
+        if p["scored"]:
+            pct = _pct(p["passed"], p["scored"])
+            rate = f"{p['passed']:>4}/{p['scored']:<4} {pct}"
+        else:
+            rate = p["skipped"]
+            skipped.append(f"{pid} ({p['skipped']})")
         lines.append(f"{pid:>8} {p['category']:<13} {rate}")
     lines.append(f"\n{'category':<13} {'problems':>8} {'rate %':>7}")
     for label, (passed, scored, count) in _rates(summary).items():
         lines.append(f"{label:<13} {count:>8} {_pct(passed, scored)}")
-    skipped = [f"{pid} ({p['skipped']})" for pid, p in summary.items() if not p["scored"]]
-    return "\n".join(lines + (["not scored: " + "; ".join(skipped)] if skipped else []))
+    if skipped:
+        lines.append("not scored: " + "; ".join(skipped))
+    return "\n".join(lines)
 
 
 def format_compare(a, b, label_a, label_b):
-    """Two runs side by side per category and overall, over the problems both scored."""
-    both = [pid for pid in a if pid in b and a[pid]["scored"] and b[pid]["scored"]]
-    ra, rb = _rates({p: a[p] for p in both}), _rates({p: b[p] for p in both})
-    diffs = [a[p]["passed"] / a[p]["scored"] - b[p]["passed"] / b[p]["scored"] for p in both]
+    """Two runs side by side per category and overall, over the problems
+    both scored."""
+    both = [pid for pid in a
+            if pid in b and a[pid]["scored"] and b[pid]["scored"]]
+    rates_a = _rates({p: a[p] for p in both})
+    rates_b = _rates({p: b[p] for p in both})
+    a_higher = 0
+    b_higher = 0
+    for p in both:
+        diff = (a[p]["passed"] / a[p]["scored"]
+                - b[p]["passed"] / b[p]["scored"])
+        a_higher += diff > 0
+        b_higher += diff < 0
     lines = [f"MTPB pass rate % over {len(both)} problems scored in both",
              f"{'category':<13} {'problems':>8} {label_a:>12} {label_b:>12}"]
-    lines += [f"{label:<13} {ra[label][2]:>8} {_pct(*ra[label][:2]):>12} {_pct(*rb[label][:2]):>12}" for label in ra]
-    lines.append(f"problems where {label_a} is higher: {sum(d > 0 for d in diffs)}, "
-                 f"{label_b} is higher: {sum(d < 0 for d in diffs)}")
-    lines.append("paper, CodeGen-Mono multi vs single turn: 350M 16.98 vs 5.75; 16.1B 47.34 vs 38.74")
+    for label, (passed, scored, count) in rates_a.items():
+        pct_a = _pct(passed, scored)
+        pct_b = _pct(*rates_b[label][:2])
+        lines.append(f"{label:<13} {count:>8} {pct_a:>12} {pct_b:>12}")
+    lines.append(f"problems where {label_a} is higher: {a_higher}, "
+                 f"{label_b} is higher: {b_higher}")
+    lines.append("paper, CodeGen-Mono multi vs single turn: "
+                 "350M 16.98 vs 5.75; 16.1B 47.34 vs 38.74")
     return "\n".join(lines)
