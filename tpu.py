@@ -25,8 +25,8 @@ The batch is split over data x fsdp; RULES below give the parameters,
 decode_shardings the decode state of sampling (its KV cache split by
 heads). The file also holds the multi-host plumbing (distributed init,
 the rows of each global batch a process reads and their assembly,
-the share of an evaluation each process samples). Planning a run before renting the hardware (dry runs,
-datasheets) is plan.py.
+the share of an evaluation each process samples). Planning a run
+before renting the hardware (dry runs, datasheets) is plan.py.
 
 On a machine without a TPU chip, importing this file keeps JAX's
 backend search from loading libtpu (`skip_absent_tpu`), so CPU and GPU

@@ -550,25 +550,26 @@ def open_data(run, micro, rows, state):
     one to train on; the note then says so, and every document trains
     (val_fraction becomes 0 if it held them all; a checkpoint keeps
     both values, so that the same command resumes the same stream)."""
-    share = dict(rows=rows, field=run.field, cleaning=run.cleaning,
-                 val_fraction=run.val_fraction)
+    options = dict(rows=rows, field=run.field,
+                   cleaning=run.cleaning,
+                   val_fraction=run.val_fraction)
     note = (f"no validation: {run.data} has too few documents for "
             f"--val-fraction {run.val_fraction} to set one aside; "
             f"every document trains")
     stream_of = partial(data.TokenStream, run.data, micro, run.seq_len,
                         split="train", seed=run.seed, state=state)
     try:
-        stream = stream_of(**share)
+        stream = stream_of(**options)
     except data.EmptySplit:  # every document fell to validation
         if not run.val_fraction:
             raise
-        share["val_fraction"] = 0.0
-        return Opened(stream_of(**share), [], note, 0.0)
+        options["val_fraction"] = 0.0
+        return Opened(stream_of(**options), [], note, 0.0)
     if not (run.eval_batches and run.val_fraction):
         return Opened(stream, [], None, run.val_fraction)
     try:
         val = data.eval_batches(run.data, micro, run.seq_len,
-                                run.eval_batches, **share)
+                                run.eval_batches, **options)
     except data.EmptySplit:  # none fell to validation: all train
         return Opened(stream, [], note, run.val_fraction)
     return Opened(stream, val, None, run.val_fraction)
