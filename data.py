@@ -41,7 +41,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 from tokenizers import pre_tokenizers
 
 import corpus
-from common import ArgumentParser, differences, run_main, write_json
+from common import ArgumentParser, check_flags, differences
+from common import run_main, write_json
 from corpus import Cleaning
 
 # <|endoftext|>, after every document (JAXformer's
@@ -876,8 +877,7 @@ def main(argv=None):
         chosen = [corpus.LANGUAGES.get(x, ()) for x in cleaning.languages]
         ext = sum(chosen, ()) or (".py",)
     kw = dict(ext=ext, field=args.field, cleaning=cleaning)
-    if args.bench_processes < 1:
-        raise ValueError("--bench-processes must be positive")
+    check_flags(args, ("bench_processes",), 1)
     if args.prepare:
         if not args.out:
             raise ValueError("--prepare needs --out DIR")

@@ -284,6 +284,12 @@ def test_cli(corpus, tmp_path, capsys, monkeypatch):
     assert code == 0 and "first window (32 tokens), decoded:" in out
     first = next(data.TokenStream(str(tmp_path / "shards"), 1, 31))[0]
     assert out.endswith(f"decoded:\n{decode(first.tolist())}\n")
+    code, out, _ = run("--bench", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--seq-len", "15",
+                       "--bench-tokens", "640", "--bench-processes", "3")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and all("windows 4x16, 2 of 4 rows kept" in line for line in lines), out
+    code, _, err = run("--bench", "--bench-processes", "0")
+    assert code == 2 and err == "error: --bench-processes must be positive\n"
 
 
 def test_standard_library_stream():
