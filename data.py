@@ -786,6 +786,17 @@ def measure_throughput(sources="stdlib", batch_size: int = 8,
 
 # ------------------------------------------------------------ command line
 
+# the cleaning rules' on/off flags: (flag, help)
+SWITCHES = (
+    ("--no-filter", "keep files with long lines or mostly digits "
+     "(paper section 2.1 filters)"),
+    ("--no-dedup", "keep exact duplicates (SHA-256)"),
+    ("--near-dedup", "drop near duplicates (MinHash + LSH)"),
+    ("--no-decontaminate", "keep documents that contain HumanEval / "
+     "MTPB text"),
+)
+
+
 def add_cleaning_flags(p):
     """The flags of corpus.Cleaning, for every script that reads a
     corpus."""
@@ -800,16 +811,8 @@ def add_cleaning_flags(p):
     p.add_argument("--language-tags", action="store_true",
                    help=f"prefix each document with its language, "
                    f"as {tag!r}")
-    p.add_argument("--no-filter", action="store_true",
-                   help="keep files with long lines or mostly digits "
-                   "(paper section 2.1 filters)")
-    p.add_argument("--no-dedup", action="store_true",
-                   help="keep exact duplicates (SHA-256)")
-    p.add_argument("--near-dedup", action="store_true",
-                   help="drop near duplicates (MinHash + LSH)")
-    p.add_argument("--no-decontaminate", action="store_true",
-                   help="keep documents that contain HumanEval / MTPB "
-                   "text")
+    for flag, meaning in SWITCHES:
+        p.add_argument(flag, action="store_true", help=meaning)
     p.add_argument("--mtpb", metavar="FILE", help="MTPB's mtpb.jsonl, "
                    "for decontamination against it too")
 
