@@ -24,9 +24,9 @@ The mesh has three axes, `--mesh DPxFSDPxMP`:
 The batch is split over data x fsdp; RULES below give the parameters,
 decode_shardings the decode state of sampling (its KV cache split by
 heads). The file also holds the multi-host plumbing (distributed init,
-global batch assembly, the share of an evaluation each process
-samples). Planning a run before renting the hardware (dry runs,
-datasheets) is plan.py.
+the rows of each global batch a process reads and their assembly,
+the share of an evaluation each process samples). Planning a run
+before renting the hardware (dry runs, datasheets) is plan.py.
 
 On a machine without a TPU chip, importing this file keeps JAX's
 backend search from loading libtpu (`skip_absent_tpu`), so CPU and GPU
@@ -260,13 +260,26 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
-def global_batch(local_KbT1, mesh):
-    """This process's rows (K, B/processes, T+1) -> the global
-    (K, B, T+1) jax.Array.
+def process_rows(mesh, batch_size):
+    """The rows of a global (K, B, T+1) batch that this process's
+    devices hold, sorted: what data.TokenStream(rows=) reads here.
+    The mesh decides, not the process index: any number of
+    processes, in any device order, feeds the same global batch."""
+    shape = (1, batch_size, 1)
+    held = set()
+    indices = batch_sharding(mesh).addressable_devices_indices_map(shape)
+    for index in indices.values():
+        held.update(range(batch_size)[index[1]])
+    return sorted(held)
 
-    Every process passes only its own share (data.py reads a disjoint
-    part of the files per process); no host ever holds the global
-    batch.
+
+def global_batch(local_KbT1, mesh):
+    """This process's rows (K, b, T+1), those of process_rows in that
+    order -> the global (K, B, T+1) jax.Array.
+
+    jax.make_array_from_process_local_data places the sorted rows
+    where this process's devices hold them; no host ever holds the
+    global batch.
     """
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), np.asarray(local_KbT1))

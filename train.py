@@ -529,10 +529,6 @@ def check_args(run, recipe, config):
     if run.batch_size % run.grad_accum:
         raise ValueError(f"--batch-size {run.batch_size} is not "
                          f"divisible by --grad-accum {run.grad_accum}")
-    micro = run.batch_size // run.grad_accum
-    if micro % jax.process_count():
-        raise ValueError(f"micro-batch {micro} cannot be split over "
-                         f"{jax.process_count()} processes")
 
 
 # ----------------------------------------------------------------------------- helpers of the run
@@ -547,38 +543,34 @@ class Opened:
     val_fraction: float
 
 
-def open_data(run, micro, state):
+def open_data(run, micro, rows, state):
     """The run's data (Opened). Validation is left out when none is
     asked for (--eval-batches 0, --val-fraction 0) and when the corpus
     is too small for --val-fraction to hold out a document and keep
     one to train on; the note then says so, and every document trains
     (val_fraction becomes 0 if it held them all; a checkpoint keeps
     both values, so that the same command resumes the same stream)."""
-    share = dict(process_index=jax.process_index(),
-                 process_count=jax.process_count(), field=run.field,
-                 cleaning=run.cleaning, val_fraction=run.val_fraction)
-    # with several processes, another's share may differ: no fallback
-    alone = jax.process_count() == 1
+    options = dict(rows=rows, field=run.field,
+                   cleaning=run.cleaning,
+                   val_fraction=run.val_fraction)
     note = (f"no validation: {run.data} has too few documents for "
             f"--val-fraction {run.val_fraction} to set one aside; "
             f"every document trains")
     stream_of = partial(data.TokenStream, run.data, micro, run.seq_len,
                         split="train", seed=run.seed, state=state)
     try:
-        stream = stream_of(**share)
+        stream = stream_of(**options)
     except data.EmptySplit:  # every document fell to validation
-        if not (run.val_fraction and alone):
+        if not run.val_fraction:
             raise
-        share["val_fraction"] = 0.0
-        return Opened(stream_of(**share), [], note, 0.0)
+        options["val_fraction"] = 0.0
+        return Opened(stream_of(**options), [], note, 0.0)
     if not (run.eval_batches and run.val_fraction):
         return Opened(stream, [], None, run.val_fraction)
     try:
         val = data.eval_batches(run.data, micro, run.seq_len,
-                                run.eval_batches, **share)
+                                run.eval_batches, **options)
     except data.EmptySplit:  # none fell to validation: all train
-        if not alone:
-            raise
         return Opened(stream, [], note, run.val_fraction)
     return Opened(stream, val, None, run.val_fraction)
 
@@ -615,7 +607,7 @@ def fitting_step(compile_step, args, remat, mesh, resident=0):
     line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
     compiling: a binary search over the divisors of --batch-size), without and then with remat."""
     compiled, _, used = compile_step(args.grad_accum, remat)
-    device = mesh.devices.flat[0]
+    device = mesh.local_devices[0]  # one this process can ask
     budget, where = plan.memory_budget(device)
     budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
 
@@ -827,12 +819,14 @@ def compile_step(s):
 
 
 def load_data(s):
-    """The train stream and validation batches: each process reads
-    its own share of the files."""
+    """The train stream and validation batches: every process walks
+    the same global stream and reads the rows its devices hold."""
     run = s.run
-    micro = run.batch_size // run.grad_accum // jax.process_count()
+    micro = run.batch_size // run.grad_accum
+    rows = tpu.process_rows(s.mesh, micro)
     try:
-        opened = open_data(run, micro, s.extra.get("data_state"))
+        opened = open_data(run, micro, rows,
+                           s.extra.get("data_state"))
     except (OSError, ValueError) as e:
         raise ValueError(f"--data {run.data}: {e}") from None
     s.stream = opened.stream

@@ -1,15 +1,21 @@
 """What the test files share: the repo on sys.path, a few tiny configs, random parameters
 whose norms and biases are perturbed away from 1 and 0 (so a wrong mapping cannot hide behind
 them and logits are far from uniform), and `run_cli`, a script's main run in the test's own
-process as `python script.py` would run it. Import with `from conftest import ...`."""
+process as `python script.py` would run it, and `run_processes`, one script as the n processes
+of a multi-host JAX job. Import with `from conftest import ...`."""
 import atexit
 import os
 import pathlib
+import re
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 # Tests run on CPU. With libtpu installed (test_tpu.py compiles for TPU topologies with it),
 # JAX would otherwise look for a TPU first: warnings, a second per process, and libtpu's lock
 # file, which makes a second test process fail to load it. JAX_PLATFORMS=... overrides.
@@ -28,6 +34,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import common  # noqa: E402
 import model  # noqa: E402
@@ -66,3 +73,56 @@ def run_cli(main, argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def free_port():
+    """A loopback TCP port no one listens on (the coordinator's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(argv, count, devices=4, timeout=600, env=None):
+    """`python *argv` (in the repo) as `count` processes of one JAX job, as a cluster starts
+    them: JAX_COORDINATOR_ADDRESS on a free loopback port, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    (count 1: one plain process). Each has devices // count simulated CPU devices, so that every
+    job has `devices` in all; CPU collectives join them. -> [(exit status, stdout, stderr)] in
+    process order. All must end within `timeout` seconds; else the processes started here are
+    killed and the test fails with their output. `env` adds to this process's environment
+    (its XLA_FLAGS replace this one's, the device count added)."""
+    port = free_port()
+    base = os.environ | (env or {})
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", base.get("XLA_FLAGS", ""))
+    flags += f" --xla_force_host_platform_device_count={devices // count}"
+    base |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    started = []
+    for i in range(count):
+        job = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),
+               "JAX_PROCESS_ID": str(i)}
+        out = tempfile.TemporaryFile("w+")  # files, not pipes: a full pipe would stall a process
+        err = tempfile.TemporaryFile("w+")
+        p = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=out, stderr=err,
+                             text=True, env=base | job if count > 1 else base)
+        started.append((p, out, err))
+    deadline = time.monotonic() + timeout
+    late = False
+    for p, _, _ in started:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            late = True
+            break
+    for p, _, _ in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    results = []
+    for p, out, err in started:
+        out.seek(0)
+        err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+        out.close()
+        err.close()
+    if late:
+        pytest.fail(f"{count} processes of {argv[0]} did not end within {timeout}s: {results}")
+    return results

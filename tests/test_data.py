@@ -1,4 +1,4 @@
-"""Tests of data.py's stream: packing, resume, split, host shares, prepared shards, bad input.
+"""Tests of data.py's stream: packing, resume, split, rows per process, prepared shards, bad input.
 
 Small corpora built in tmp_path; one quick look at the real standard library.
 The stream is checked without re-implementing its order: its windows are concatenated,
@@ -163,19 +163,32 @@ def test_split_and_order_are_stable_across_runs(corpus, tmp_path):
     assert not np.array_equal(next(data.TokenStream(sources, 2, 15, seed=6)), here[-1])
 
 
-def test_host_shares_partition_the_files(corpus):
-    sources, docs = corpus
-    everything = data.TokenStream(sources, B, T).files
-    total = sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in docs)
-    shares = []
-    for i in range(3):
-        stream = data.TokenStream(sources, B, T, process_index=i, process_count=3, val_fraction=0.25)
-        shares.append(set(stream.files))
-        read = {docs[t] for t in epochs_of(stream, total, n_epochs=1)}
-        assert read and read <= shares[-1], "a process reads only documents of its own files"
-    assert set.union(*shares) == set(everything) and sum(map(len, shares)) == len(everything)
-    with pytest.raises(ValueError, match="process 99 of 100 gets no files"):
-        data.TokenStream(sources, B, T, process_index=99, process_count=100)
+def test_each_process_reads_its_rows_of_the_one_global_stream(corpus, tmp_path):
+    """Rows split any way between processes (in any order, a row or many each) give the global
+    stream's windows and its state, step after step, for files and for a 1-file corpus read by
+    64 processes; a process never needs a file of its own."""
+    sources, _ = corpus
+    whole = data.TokenStream(sources, 4, T, val_fraction=0.25)
+    shares = [data.TokenStream(sources, 4, T, val_fraction=0.25, rows=rows) for rows in ([3, 1], [0], [2])]
+    for _ in range(40):
+        batch = next(whole)
+        got = [next(s) for s in shares]
+        np.testing.assert_array_equal(got[0], batch[[1, 3]])
+        np.testing.assert_array_equal(got[1], batch[[0]])
+        np.testing.assert_array_equal(got[2], batch[[2]])
+        assert all(s.state() == whole.state() for s in shares)
+    one = tmp_path / "one.py"
+    one.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
+    many = data.TokenStream(str(one), 64, T, val_fraction=0.0)
+    assert many.files == ["one.py"]
+    batches = take(many, 3)
+    for row in (0, 17, 63):
+        mine = take(data.TokenStream(str(one), 64, T, val_fraction=0.0, rows=[row]), 3)
+        for got, want in zip(mine, batches):
+            np.testing.assert_array_equal(got, want[[row]])
+    for rows in ([], [4], [-1]):
+        with pytest.raises(ValueError, match=r"rows must be some of 0\.\.3"):
+            data.TokenStream(sources, 4, T, rows=rows)
 
 
 def test_prepared_shards_give_the_same_stream(corpus, tmp_path):
@@ -183,7 +196,7 @@ def test_prepared_shards_give_the_same_stream(corpus, tmp_path):
     out = tmp_path / "prepared"
     index = data.prepare(sources, out, shard_tokens=400, log=lambda *a: None)
     assert index["complete"] and len(index["shards"]) > 2
-    for kw in (dict(), dict(split="val", val_fraction=0.25), dict(process_index=1, process_count=2, seed=7)):
+    for kw in (dict(), dict(split="val", val_fraction=0.25), dict(rows=[1], seed=7)):
         fly, mm = data.TokenStream(sources, B, T, **kw), data.TokenStream(str(out), B, T, **kw)
         for a, b in zip(take(fly, 60), take(mm, 60)):
             np.testing.assert_array_equal(a, b)
@@ -271,6 +284,12 @@ def test_cli(corpus, tmp_path, capsys, monkeypatch):
     assert code == 0 and "first window (32 tokens), decoded:" in out
     first = next(data.TokenStream(str(tmp_path / "shards"), 1, 31))[0]
     assert out.endswith(f"decoded:\n{decode(first.tolist())}\n")
+    code, out, _ = run("--bench", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--seq-len", "15",
+                       "--bench-tokens", "640", "--bench-processes", "3")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and all("windows 4x16, 2 of 4 rows kept" in line for line in lines), out
+    code, _, err = run("--bench", "--bench-processes", "0")
+    assert code == 2 and err == "error: --bench-processes must be positive\n"
 
 
 def test_standard_library_stream():
@@ -364,16 +383,17 @@ def test_planted_cases_are_counted_and_dropped_alike_in_every_format(planted, tm
     assert off["counts"]["kept"] == len(docs) and prepared_texts(tmp_path / "off") == docs
 
 
-def test_process_shares_keep_what_one_process_keeps(planted):
+def test_processes_keep_what_one_process_keeps(planted):
     docs, sources = planted
     total = sum(len(data.get_tokenizer().encode(t).ids) + 1 for t in docs)
     one = data.TokenStream(sources["dir"], B, T, val_fraction=0.0)
     assert f"{len(docs)} documents in, 11 kept; dropped: " in one.describe() and "duplicate 2" in one.describe()
     alone = set(epochs_of(one, total, n_epochs=1))
     assert alone == set(docs[:10] + docs[-1:])
-    shares = [set(epochs_of(data.TokenStream(sources["dir"], B, T, val_fraction=0.0, process_index=i,
-                                             process_count=2), total, n_epochs=1)) for i in range(2)]
-    assert shares[0] | shares[1] == alone and not shares[0] & shares[1]
+    rows = [data.TokenStream(sources["dir"], B, T, val_fraction=0.0, rows=[i]) for i in range(B)]
+    for batch in take(data.TokenStream(sources["dir"], B, T, val_fraction=0.0), 30):
+        for i, stream in enumerate(rows):
+            np.testing.assert_array_equal(next(stream), batch[[i]])
 
 
 @pytest.mark.parametrize("fmt", ["zst", "parquet"])
@@ -643,14 +663,15 @@ def test_a_huge_document_is_encoded_in_bounded_pieces_with_the_same_tokens(monke
     texts += [(stdlib / name).read_text() for name in ("textwrap.py", "tokenize.py", "difflib.py", "inspect.py")]
     whole = [a.tolist() for a in data._encode(texts)]
     monkeypatch.setattr(data, "GROUP_CHARS", 40)
-    got = {}
-    for (i,), tokens in data._batched_encode(((i,), t) for i, t in enumerate(texts)):
+    got, lasts = {}, {}
+    for (i,), tokens, last in data._batched_encode(((i,), t) for i, t in enumerate(texts)):
         got.setdefault(i, []).append(tokens)
+        lasts.setdefault(i, []).append(last)
     assert len(got[len(texts) - 1]) > 1000, "a long document comes in many pieces"
     for i, pieces in got.items():
         if i >= 60:  # real code has a safe cut in every line or so
             assert max(map(len, pieces)) <= 40 + 100, "each piece is about GROUP_CHARS"
-        assert [p[-1] == data.EOS for p in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert [p[-1] == data.EOS for p in pieces] == lasts[i] == [False] * (len(pieces) - 1) + [True]
         assert np.concatenate(pieces).tolist() == whole[i], f"text {i}: the pieces' tokens are the whole's"
 
 
