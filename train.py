@@ -601,39 +601,67 @@ def claim_run(lock):
     lock.flush()
 
 
-def fitting_step(compile_step, args, remat, mesh, resident=0):
-    """The train step compiled by compile_step(grad_accum, remat) -> plan.plan_train_step's (compiled, seconds,
-    bytes per device or XLA:TPU's refusal), or, when it cannot fit one device's memory, a ValueError
-    line naming the flags that do: --remat, else the fewest micro-batches that fit (found by
-    compiling: a binary search over the divisors of --batch-size), without and then with remat."""
-    compiled, _, used = compile_step(args.grad_accum, remat)
+def fitting_step(compile_for, run, remat, mesh, resident=0):
+    """The train step compiled by compile_for(grad_accum, remat),
+    which returns plan.plan_train_step's (compiled, seconds, bytes per
+    device or XLA:TPU's refusal). When it cannot fit one device's
+    memory: a ValueError naming flags that fit (smallest_fix)."""
+    compiled, _, used = compile_for(run.grad_accum, remat)
     device = mesh.local_devices[0]  # one this process can ask
     budget, where = plan.memory_budget(device)
-    budget += resident if device.platform == "cpu" else 0   # the state loaded already counts in `used`
+    if device.platform == "cpu":
+        # the state loaded already is in the RAM `budget` counts
+        budget += resident
 
-    def fits(bytes_used):
-        return not isinstance(bytes_used, str) and bytes_used["total"] <= budget
-    if fits(used):
+    def fits(accum, with_remat):
+        used = compile_for(accum, with_remat)[2]
+        return _fits(used, budget)
+    if _fits(used, budget):
         return compiled
-    need = "more than that" if isinstance(used, str) else f"{used['total'] / 2 ** 30:,.1f} GiB"
-    more = [k for k in range(args.grad_accum + 1, args.batch_size + 1) if args.batch_size % k == 0]
-    advice = None
-    if not remat and fits(compile_step(args.grad_accum, True)[2]):
-        advice = "--remat"
+    if isinstance(used, str):
+        need = "more than that"
+    else:
+        need = f"{used['total'] / 2 ** 30:,.1f} GiB"
+    advice = smallest_fix(fits, run, remat)
+    gib = budget / 2 ** 30
+    raise ValueError(
+        f"a step of {run.batch_size} x {run.seq_len} tokens needs "
+        f"{need} per device and {device.platform} has {gib:,.1f} "
+        f"GiB ({where}): {advice}; else lower --batch-size or "
+        f"--seq-len, or add devices with --mesh (plan with "
+        f"--dry-run)")
+
+
+def _fits(used, budget):
+    """Whether compiled bytes (or XLA:TPU's refusal, a str) fit."""
+    return not isinstance(used, str) and used["total"] <= budget
+
+
+def smallest_fix(fits, run, remat):
+    """The flags that make a step fit, as words: --remat alone, else
+    the fewest micro-batches that fit (a binary search over the
+    divisors of --batch-size, each tried by compiling), without and
+    then with remat. fits(grad_accum, remat) -> bool."""
+    if not remat and fits(run.grad_accum, True):
+        return "--remat fits"
+    B = run.batch_size
+    more = [k for k in range(run.grad_accum + 1, B + 1) if B % k == 0]
     for try_remat in sorted({remat, True}):
-        if advice is None and more and fits(compile_step(more[-1], try_remat)[2]):
-            low, high = 0, len(more) - 1                  # more[high] fits
-            while low < high:
-                middle = (low + high) // 2
-                if fits(compile_step(more[middle], try_remat)[2]):
-                    high = middle
-                else:
-                    low = middle + 1
-            advice = f"--grad-accum {more[high]}" + (" --remat" if try_remat else "")
-    advice = f"{advice} fits" if advice else "no --grad-accum or --remat fits"
-    raise ValueError(f"a step of {args.batch_size} x {args.seq_len} tokens needs {need} per device and "
-                     f"{device.platform} has {budget / 2 ** 30:,.1f} GiB ({where}): {advice}; else lower "
-                     f"--batch-size or --seq-len, or add devices with --mesh (plan with --dry-run)")
+        if not more or not fits(more[-1], try_remat):
+            continue
+        low = 0
+        high = len(more) - 1  # more[high] fits
+        while low < high:
+            middle = (low + high) // 2
+            if fits(more[middle], try_remat):
+                high = middle
+            else:
+                low = middle + 1
+        flags = f"--grad-accum {more[high]}"
+        if try_remat:
+            flags += " --remat"
+        return f"{flags} fits"
+    return "no --grad-accum or --remat fits"
 
 
 def plot(out):
