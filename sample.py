@@ -443,29 +443,31 @@ def _text_before_stop(ids, stop, tok):
     return text if end is None else text[:end]
 
 
-# The weights' dtypes decoding offers: int8 is the fast lane's
-# model_fast.quantized (float32 activations, int8 matrices).
+# The weights' dtypes decoding offers. The fast lane keeps the
+# activations float32 and stores the matrices in bfloat16 or int8
+# (model_fast.narrowed); the plain lane casts everything to bfloat16
+# and has no int8.
 DTYPES = ("float32", "bfloat16", "int8")
 
 
 def prepare(params, dtype="float32", plain=False):
-    """Parameters as decoding wants them: cast to `dtype` (one of
-    DTYPES) and, unless `plain`, in model_fast.decoding_layout, once,
-    instead of on every generate call."""
+    """Parameters as decoding wants them, once, instead of on every
+    generate call: in model_fast.decoding_layout with the matrices in
+    `dtype` (one of DTYPES; model_fast.narrowed), or with `plain`
+    stacked and all cast to `dtype`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, "
                          f"got {dtype!r}")
     if dtype == "int8" and plain:
         raise ValueError("int8 weights decode in the fast lane only: "
                          "drop plain (--plain) or pick float32")
-    wide = "float32" if dtype == "int8" else dtype
-    params = model.cast(params, jnp.dtype(wide))
     if plain:
-        return params
+        return model.cast(params, jnp.dtype(dtype))
+    params = model.cast(params, jnp.float32)
     params = model_fast.decoding_layout(params)
-    if dtype == "int8":
-        return model_fast.quantized(params)
-    return params
+    if dtype == "float32":
+        return params
+    return model_fast.narrowed(params, dtype)
 
 
 def load(path, dtype="float32", mesh=None, plain=False):
