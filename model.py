@@ -34,7 +34,9 @@ Shapes are written into names (`x_BTD`) with these letters:
     N = B·T tokens flattened for the head
     C tokens per head chunk, G chunks
     P prompts (each copied num_samples times into B rows)
-    O new tokens of a decode output buffer
+    M new tokens of a decode output buffer
+    X = S + T keys a new token attends to (cache slots, new tokens)
+    O, I a weight's output and input dimensions (w_OI is [out, in])
     U vocabulary block width of the fast sampler, Q = V / U blocks
     A candidate tokens drawn per rejection round
 
@@ -239,11 +241,12 @@ def _block(x_BTD, p, sin, cos, mask, config, kv=None):
     return x_BTD + attn + mlp, (k, v)
 
 
-def _split_batch(x_BTD):
-    """Under tpu.py's mesh (`jax.set_mesh`), keep activations split by
-    batch rows over the data-parallel axes, not by the weights' fsdp
-    split (tpu.py, the note under RULES)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def split_batch(x_BTD, mesh):
+    """On `mesh`, keep activations split by batch rows over the
+    data-parallel axes, not by the weights' fsdp split (tpu.py, the
+    note under RULES). Without a mesh: x as it is."""
+    if mesh is None:
+        return x_BTD
     names = ("data", "fsdp")
     axes = tuple(a for a in names if a in mesh.axis_names)
     if not axes:
@@ -251,7 +254,8 @@ def _split_batch(x_BTD):
     if x_BTD.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x_BTD
     spec = jax.sharding.PartitionSpec(axes)
-    return jax.lax.with_sharding_constraint(x_BTD, spec)
+    rows = jax.sharding.NamedSharding(mesh, spec)
+    return jax.lax.with_sharding_constraint(x_BTD, rows)
 
 
 def check_length(T, config):
@@ -277,13 +281,15 @@ def init_cache(config, batch, max_len, dtype=jnp.float32):
             "length": jnp.zeros((), jnp.int32)}
 
 
-def forward(params, tokens_BT, config, *, valid_BT=None, cache=None):
+def forward(params, tokens_BT, config, *, valid_BT=None, cache=None,
+            mesh=None):
     """Logits (B, T, V) in float32; with a `cache` (init_cache), the
     pair (logits, updated cache). `valid_BT` (False = left padding)
     gives real tokens their unpadded positions (cumsum - 1) and hides
-    padded keys."""
+    padded keys. On a `mesh` (tpu.make_mesh), the batch rows stay
+    split over its data axes (split_batch)."""
     x_BTD, new_cache = _trunk(params, tokens_BT, config, valid_BT,
-                              cache)
+                              cache, mesh=mesh)
     logits_BTV = _head(x_BTD, params)
     if cache is None:
         return logits_BTV
@@ -313,7 +319,8 @@ def _causal_mask(valid_BT):
     return causal_TT[None] & valid_BT[:, None, :]
 
 
-def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
+def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False,
+           mesh=None):
     """Embedding, the layers (one jax.lax.scan over the stacked
     weights, and over the cache's layers) and the final LayerNorm:
     hidden states (B, T, D) for the head, and the updated cache."""
@@ -326,7 +333,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache, remat=False):
     else:
         seen_B = cache["pos"]
     sin, cos = _sin_cos(_positions(seen_B, valid_BT), config)
-    x = _split_batch(params["wte"][tokens_BT])     # (B, T, D)
+    x = split_batch(params["wte"][tokens_BT], mesh)   # (B, T, D)
     if cache is None:
         mask_BTT = _causal_mask(valid_BT)
         block = partial(_block, sin=sin, cos=cos, mask=mask_BTT,
@@ -382,14 +389,17 @@ def cross_entropy(logits_NV, targets_N, z_loss=0.0):
     return lse_N - picked[:, 0] + z_loss * lse_N ** 2
 
 
-def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):
+def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False,
+            mesh=None):
     """Mean next-token cross entropy over the W - 1 predictions of each
     W-token window (JAXformer trains all, EOS included) plus the
     optional z-loss z·logsumexp², which keeps the normaliser near 1.
     The full (N, V) logits, then cross_entropy: the plain way.
-    model_fast.loss_fn computes the same in chunks, faster."""
+    model_fast.loss_fn computes the same in chunks, faster. `mesh`
+    as forward's."""
     inputs_BT = windows_BW[:, :-1]
-    x_BTD, _ = _trunk(params, inputs_BT, config, None, None, remat)
+    x_BTD, _ = _trunk(params, inputs_BT, config, None, None, remat,
+                      mesh)
     logits_BTV = _head(x_BTD, params)
     V = logits_BTV.shape[-1]
     targets_N = windows_BW[:, 1:].reshape(-1)

@@ -32,8 +32,8 @@ import model
 # ----------------------------------------------------------------------------- decoding layout
 
 # A decode step multiplies each weight by a few rows, which XLA:CPU
-# does 2-3x faster as w·xᵀ with w stored [out, in] than as x·w with w
-# [in, out] (docs/training.md, "Decoding", has the measurements).
+# does faster as w·xᵀ with w stored [out, in] than as x·w with w
+# [in, out] (docs/model.md, "The fast twin"; docs/performance.md).
 TRANSPOSED_FOR_DECODING = ("wq", "wk", "wv", "wo", "w_in", "w_out",
                            "head_w")
 
@@ -225,20 +225,22 @@ def _attend_cached(q, k, v, mask_BTT, k_cache, v_cache, valid_BS):
     return o_old + o_new
 
 
-def forward(params, tokens_BT, config, *, cache, valid_BT=None):
+def forward(params, tokens_BT, config, *, cache, valid_BT=None,
+            mesh=None):
     """model.forward with a cache (init_cache's), the decoding way:
     (logits (B, T, V) float32, updated cache). `params` in either
     layout (sample.prepare's are already in decoding_layout)."""
     params = decoding_layout(params)
-    x_BTD, cache = _trunk(params, tokens_BT, config, valid_BT, cache)
+    x_BTD, cache = _trunk(params, tokens_BT, config, valid_BT, cache,
+                          mesh)
     w = params["head_w"]
     logits = _times(x_BTD, w, jnp.float32) + params["head_b"]
     return logits, cache
 
 
-def _trunk(params, tokens_BT, config, valid_BT, cache):
+def _trunk(params, tokens_BT, config, valid_BT, cache, mesh):
     """model._trunk for decoding: the layers unrolled, each with its
-    own cache buffers updated in place (docs/training.md)."""
+    own cache buffers updated in place (docs/model.md)."""
     B, T = tokens_BT.shape
     model.check_length(T, config)
     if valid_BT is None:
@@ -249,7 +251,7 @@ def _trunk(params, tokens_BT, config, valid_BT, cache):
     mask_BTT = model._causal_mask(valid_BT)
     block = partial(_block, sin=sin, cos=cos, mask_BTT=mask_BTT,
                     config=config)
-    x = model._split_batch(params["wte"][tokens_BT])   # (B, T, D)
+    x = model.split_batch(params["wte"][tokens_BT], mesh)  # (B,T,D)
     start = cache["length"]
     new_k = []
     new_v = []
@@ -271,11 +273,12 @@ def _trunk(params, tokens_BT, config, valid_BT, cache):
 
 # ----------------------------------------------------------------------------- chunked head loss
 
-def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False):
+def loss_fn(params, windows_BW, config, z_loss=0.0, remat=False,
+            mesh=None):
     """model.loss_fn with the head's loss computed by head_loss."""
     inputs_BT = windows_BW[:, :-1]
     x_BTD, _ = model._trunk(params, inputs_BT, config, None, None,
-                            remat)
+                            remat, mesh)
     x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
     targets_N = windows_BW[:, 1:].reshape(-1)
     return head_loss(x_ND, params["head_w"], params["head_b"],

@@ -195,9 +195,7 @@ def compile_plan(fn, args, mesh, *, out_shardings=None,
                      donate_argnums=donate_argnums)
     t0 = time.time()
     try:
-        # the mesh model.forward's activation hint refers to
-        with jax.set_mesh(mesh):
-            compiled = jitted.lower(*args).compile()
+        compiled = jitted.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -414,14 +412,15 @@ def _expected_line(target, mfu, n_dev, flops_per_token, tokens):
             f"({target[1]})")
 
 
-def train_dry_run(step, state, windows, config, recipe,
+def train_dry_run(make_step, state, windows, config, recipe,
                   flops_per_token, mesh_spec, *, topology=None,
                   device_memory_gib=None, peak=None, mfu=0.4):
     """Compile a training step for a mesh on abstract shapes and report,
     per device, what it needs against the device's memory, and the
-    tokens/s expected at `mfu` of the peak. train.py builds
-    `step(state, windows) -> (state, metrics)`, the abstract train
-    state (params, AdamW mu and nu, step) and (K, B, W) int32
+    tokens/s expected at `mfu` of the peak. train.py gives
+    `make_step(mesh)`, the step(state, windows) -> (state, metrics)
+    that trains on that mesh (the mesh is built here), the abstract
+    train state (params, AdamW mu and nu, step) and (K, B, W) int32
     `windows`; `recipe` gives dtype and remat. Devices as plan_mesh;
     `device_memory_gib` defaults to the TPU chip's HBM; `peak` as
     _target_peak."""
@@ -430,6 +429,7 @@ def train_dry_run(step, state, windows, config, recipe,
     tpu.check_layout(config, mesh, micro)
     hbm_b = device_memory(device_memory_gib, hbm_b)
     target = _target_peak(peak, devices_peak)
+    step = make_step(mesh)
     _, seconds, used = plan_train_step(step, state, windows, mesh)
     state_sh = tpu.state_shardings(state, mesh)
     windows_in = _placed(windows, tpu.batch_sharding(mesh))
@@ -515,11 +515,11 @@ def sample_dry_run(config, dtype, mesh_spec, topology, rows,
     params, prompt, valid, key, limit, knobs = _sampling_args(
         mesh, config, dtype, rows, T, prepare)
     prefill = partial(prefill, config=config, new_bucket=new_bucket,
-                      num_samples=1, mode=mode)
-    decode = partial(decode, config=config, mode=mode)
+                      num_samples=1, mode=mode, mesh=mesh)
+    decode = partial(decode, config=config, mode=mode, mesh=mesh)
     state = jax.eval_shape(prefill, params, prompt, valid, key, knobs)
-    state = jax.tree.map(partial(_on, mesh), state,
-                         tpu.decode_specs(state))
+    state = jax.tree.map(_placed, state,
+                         tpu.decode_shardings(state, mesh))
     shape = "x".join(str(mesh.shape[a]) for a in tpu.AXES)
     cache_b = bytes_per_device(state["cache"])
     lines = [

@@ -24,7 +24,7 @@ How one call works:
      cut just before the first stop string.
 
 On a mesh (`mesh=`, `--mesh DPxFSDPxMP`), parameters are laid out by
-tpu.RULES and the decode state by tpu.decode_specs (KV cache heads
+tpu.RULES and the decode state by tpu.decode_shardings (KV cache heads
 over `model`, rows over the data axes; prompts padded with finished
 copies until the rows divide evenly); greedy tokens equal the
 one-device run's. `--dry-run [--topology v4:2x2x1]` plans prefill
@@ -51,7 +51,6 @@ tokens, seed 42.
         --prompt-file prompt.py --stop '\\ndef'
     python sample.py --init-from out/nano --plain   # plain lane
 """
-import contextlib
 import math
 import os
 import pathlib
@@ -125,7 +124,7 @@ def _knobs(temperature, top_p, plain):
     t = jnp.float32(temperature or 1)
     if plain:
         return (t, jnp.float32(top_p))
-    return (t, jnp.asarray(sample_fast._split_p(top_p)))
+    return (t, jnp.asarray(sample_fast.split_p(top_p)))
 
 
 def _mode(temperature, top_k, top_p):
@@ -136,7 +135,7 @@ def _mode(temperature, top_k, top_p):
 
 
 # ----------------------------------------------------------------------------- compiled prefill and decode
-# Decode state, all on the device: the KV cache, the output buffer `out_BO` (new tokens,
+# Decode state, all on the device: the KV cache, the output buffer `out_BM` (new tokens,
 # EOS after a row is done), `done_B`, and `n`, the number of new tokens so far.
 # The random key for new token i is fold_in(key, i), so results do not depend on CHUNK.
 
@@ -163,11 +162,12 @@ def _repeat_rows(cache, n, plain):
 
 
 @partial(jax.jit, static_argnames=(
-    "config", "new_bucket", "num_samples", "mode", "plain"))
+    "config", "new_bucket", "num_samples", "mode", "plain", "mesh"))
 def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config,
-             new_bucket, num_samples, mode, plain=False):
+             new_bucket, num_samples, mode, plain=False, mesh=None):
     """The decode state after each prompt's one prefill and first
-    token, its rows copied num_samples times (B = P·num_samples)."""
+    token, its rows copied num_samples times (B = P·num_samples),
+    laid out on `mesh` (None: one device)."""
     forward, init_cache, pick = _lane(plain)
     P, T = prompt_PT.shape
     dtype = params["wte"].dtype
@@ -175,35 +175,36 @@ def _prefill(params, prompt_PT, valid_PT, key, knobs, *, config,
     # All but the last token only fill the cache: XLA drops their
     # unused head matmul.
     _, cache = forward(params, prompt_PT[:, :-1], config,
-                       valid_BT=valid_PT[:, :-1], cache=cache)
+                       valid_BT=valid_PT[:, :-1], cache=cache,
+                       mesh=mesh)
     # the last token: always real
     logits_P1V, cache = forward(params, prompt_PT[:, -1:], config,
-                                cache=cache)
+                                cache=cache, mesh=mesh)
     cache = _repeat_rows(cache, num_samples, plain)
     logits_BV = jnp.repeat(logits_P1V[:, 0], num_samples, axis=0)
     tok_B = pick(logits_BV, jax.random.fold_in(key, 0), knobs, mode)
     B = P * num_samples
-    out_BO = jnp.full((B, new_bucket), data.EOS, jnp.int32)
-    out_BO = out_BO.at[:, 0].set(tok_B)
+    out_BM = jnp.full((B, new_bucket), data.EOS, jnp.int32)
+    out_BM = out_BM.at[:, 0].set(tok_B)
     return _laid_out({"cache": cache,
-                      "out": out_BO,
+                      "out": out_BM,
                       "done": tok_B == data.EOS,
-                      "n": jnp.ones((), jnp.int32)})
+                      "n": jnp.ones((), jnp.int32)}, mesh)
 
 
-def _laid_out(state):
-    """Under generate's mesh (jax.set_mesh), the decode state split
-    as tpu.decode_specs says."""
-    if not jax.sharding.get_abstract_mesh().axis_names:
+def _laid_out(state, mesh):
+    """The decode state split on `mesh` as tpu.decode_shardings
+    says."""
+    if mesh is None:
         return state
-    specs = tpu.decode_specs(state)
-    return jax.lax.with_sharding_constraint(state, specs)
+    shardings = tpu.decode_shardings(state, mesh)
+    return jax.lax.with_sharding_constraint(state, shardings)
 
 
-@partial(jax.jit, static_argnames=("config", "mode", "plain"),
+@partial(jax.jit, static_argnames=("config", "mode", "plain", "mesh"),
          donate_argnames=("state",), compiler_options=IN_PLACE)
 def _decode(params, state, limit, key, knobs, *, config, mode,
-            plain=False):
+            plain=False, mesh=None):
     """Decode until `n == limit` or every row is done; the state's
     buffers are reused in place."""
     forward, _, pick = _lane(plain)
@@ -216,7 +217,7 @@ def _decode(params, state, limit, key, knobs, *, config, mode,
         last_B1 = jax.lax.dynamic_slice_in_dim(s["out"], n - 1, 1,
                                                axis=1)
         logits_B1V, cache = forward(params, last_B1, config,
-                                    cache=s["cache"])
+                                    cache=s["cache"], mesh=mesh)
         token_key = jax.random.fold_in(key, n)
         tok_B = pick(logits_B1V[:, 0], token_key, knobs, mode)
         tok_B = jnp.where(s["done"], data.EOS, tok_B)
@@ -225,7 +226,7 @@ def _decode(params, state, limit, key, knobs, *, config, mode,
         return _laid_out({"cache": cache,
                           "out": out,
                           "done": s["done"] | (tok_B == data.EOS),
-                          "n": n + 1})
+                          "n": n + 1}, mesh)
 
     return jax.lax.while_loop(not_finished, step, state)
 
@@ -365,39 +366,35 @@ def generate(params, config, prompts, max_new_tokens,
             (prompt_PT, valid_PT), NamedSharding(mesh, rows))
 
     mode = _mode(temperature, top_k, top_p)
-    how = dict(config=config, mode=mode, plain=plain)
+    how = dict(config=config, mode=mode, plain=plain, mesh=mesh)
     args = (jax.random.PRNGKey(seed),
             _knobs(temperature, top_p, plain))
     n_rows = len(prompts) * num_samples
-    meshed = contextlib.nullcontext()
-    if mesh is not None:
-        meshed = jax.set_mesh(mesh)
-    with meshed:
-        state = _prefill(params, prompt_PT, valid_PT, *args,
-                         new_bucket=_bucket(max_new_tokens),
-                         num_samples=num_samples, **how)
-        # without `until`, one call does it all
-        chunk = CHUNK if until else max_new_tokens
-        while True:
-            n, done, out = jax.device_get(
-                (state["n"], state["done"], state["out"]))
-            ended = padding_B.copy()
-            if until:
-                ended |= _until_rows(until, done, out, n)
-            if (ended & ~done).any():
-                done = done | ended
-                state["done"] = jax.device_put(
-                    done, state["done"].sharding)
-            if n >= max_new_tokens or done.all():
-                return [_before_eos(o[:n]) for o in out[:n_rows]]
-            limit = jnp.int32(min(n + chunk, max_new_tokens))
-            state = _decode(params, state, limit, *args, **how)
+    state = _prefill(params, prompt_PT, valid_PT, *args,
+                     new_bucket=_bucket(max_new_tokens),
+                     num_samples=num_samples, **how)
+    # without `until`, one call does it all
+    chunk = CHUNK if until else max_new_tokens
+    while True:
+        n, done, out = jax.device_get(
+            (state["n"], state["done"], state["out"]))
+        ended = padding_B.copy()
+        if until:
+            ended |= _until_rows(until, done, out, n)
+        if (ended & ~done).any():
+            done = done | ended
+            state["done"] = jax.device_put(
+                done, state["done"].sharding)
+        if n >= max_new_tokens or done.all():
+            return [_before_eos(o[:n]) for o in out[:n_rows]]
+        limit = jnp.int32(min(n + chunk, max_new_tokens))
+        state = _decode(params, state, limit, *args, **how)
 
 
-def _until_rows(until, done_B, out_BO, n):
+def _until_rows(until, done_B, out_BM, n):
     """Which rows not yet done `until` ends, given their n ids."""
     ended = []
-    for done, out in zip(done_B, out_BO):
+    for done, out in zip(done_B, out_BM):
         ended.append(not done and until(_before_eos(out[:n])))
     return np.array(ended)
 

@@ -114,7 +114,7 @@ def _parts(e_BV):
     return parts, jnp.stack(sums, axis=-1)
 
 
-def _split_p(p):
+def split_p(p):
     """p (a Python float, i.e. float64) as three float32s p1 + p2 +
     p3, p1 and p2 with 12 significant bits, so p1·z and p2·z are
     exact for a float32 z cut into 12-bit halves."""
@@ -170,7 +170,7 @@ def _scaled(logits_BV, temperature, top_k):
 def _in_nucleus(x_BV, parts, total_B4, x_BA, p3):
     """Whether each candidate logit x_BA is in its row's nucleus: the
     tokens with larger logits hold less than p of the mass (p3 =
-    _split_p(p)), from the exact sums of `_parts`. `pick` needs it
+    split_p(p)), from the exact sums of `_parts`. `pick` needs it
     only for candidates that `_float32_verdict` cannot decide."""
     above_BAV = x_BV[:, None, :] > x_BA[..., None]
     sums = []
@@ -212,7 +212,7 @@ def _float32_verdict(x_BQU, e_BQU, total_B, x_BA, p3):
 
 def pick(logits_BV, key, knobs, mode):
     """The next token per row; knobs = (temperature,
-    _split_p(top_p)), mode = sample._mode(...).
+    split_p(top_p)), mode = sample._mode(...).
 
     Top-p is rejection sampling (docs/sampling.md): draw candidates
     from the distribution restricted to logits above `floor`, keep

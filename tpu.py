@@ -7,7 +7,7 @@ Here the same layout is declared with JAX's own SPMD: a
 per parameter saying which axis splits which dimension, and
 `jax.jit(in_shardings=, out_shardings=)`. The compiler (GSPMD/Shardy)
 then inserts every collective; the only sharding code outside this
-file is one activation hint in model.forward (see below RULES).
+file is one activation hint, model.split_batch (see below RULES).
 
 The mesh has three axes, `--mesh DPxFSDPxMP`:
 
@@ -22,7 +22,7 @@ The mesh has three axes, `--mesh DPxFSDPxMP`:
            column/row parallel, as JAXformer's 'mp').
 
 The batch is split over data x fsdp; RULES below give the parameters,
-decode_specs the decode state of sampling (its KV cache split by
+decode_shardings the decode state of sampling (its KV cache split by
 heads). The file also holds the multi-host plumbing (distributed init,
 global batch assembly, the share of an evaluation each process
 samples). Planning a run before renting the hardware (dry runs,
@@ -116,9 +116,10 @@ RULES = {
     "head_w":    P("fsdp", "model"),        # (D, V)    vocab columns
     "head_b":    P("model"),                # (V,)
 }
-# Activations need exactly one hint, and it lives in model.forward: the
-# embedding output is constrained to be split by batch rows over (data,
-# fsdp) whenever a mesh is set with `jax.set_mesh`. Without it the
+# Activations need exactly one hint, model.split_batch: the embedding
+# output is constrained to be split by batch rows over (data, fsdp)
+# when the train step or the sampler passes its mesh to the model's
+# forward or loss_fn (`mesh=`). Without it the
 # compiler propagates the weights' fsdp split into the residual stream
 # and replicates the batch instead (more FLOPs per device and more
 # temporary memory, docs/sharding.md); with it,
@@ -219,8 +220,8 @@ def param_shardings(params, mesh):
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def decode_specs(state):
-    """PartitionSpecs for sampling's decode state (sample.py): every
+def decode_shardings(state, mesh):
+    """Shardings on `mesh` for sampling's decode state (sample.py): every
     array is split by rows (its first dimension) over the data axes,
     like a batch, and the KV cache's k and v (B, H, S, hd) also by
     heads over 'model': each device keeps the keys and values of the
@@ -232,7 +233,10 @@ def decode_specs(state):
         if any(getattr(k, "key", None) in ("k", "v") for k in path):
             return P(BATCH_AXES, "model", None, None)
         return P(BATCH_AXES, *[None] * (a.ndim - 1))
-    return jax.tree_util.tree_map_with_path(spec, state)
+
+    def sharding(path, a):
+        return NamedSharding(mesh, spec(path, a))
+    return jax.tree_util.tree_map_with_path(sharding, state)
 
 
 def state_shardings(state, mesh):

@@ -89,13 +89,18 @@ def pick_loss(plain):
     return model.loss_fn if plain else model_fast.loss_fn
 
 
-def make_train_step(config, r, plain=False):
+def make_train_step(config, r, plain=False, mesh=None):
+    """train_step(state, windows_KBW) -> (state, metrics): K micro
+    batches of B windows, their gradients averaged, clipped, one AdamW
+    update. On a `mesh` the loss keeps batch rows split over its data
+    axes (model.split_batch)."""
     dtype = jnp.dtype(r.dtype)
     loss_fn = pick_loss(plain)
 
     def objective(params, windows_BW):
         # Differentiate through the cast, so gradients arrive in fp32 for the fp32 master weights.
-        return loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat)
+        return loss_fn(model.cast(params, dtype), windows_BW, config, z_loss=r.z_loss, remat=r.remat,
+                       mesh=mesh)
 
     def train_step(state, windows_KBW):
         params = state["params"]
@@ -765,10 +770,10 @@ def dry_run(s):
     run = s.run
     recipe = make_recipe(run, s.given)
     check_args(run, recipe, s.config)
-    step = make_train_step(s.config, recipe, plain=run.plain)
+    make_step = partial(make_train_step, s.config, recipe, run.plain)
     flops = model.flops_per_token(s.config, run.seq_len)
     return plan.train_dry_run(
-        step, abstract_state(s.config),
+        make_step, abstract_state(s.config),
         micro_batches(run, run.grad_accum), s.config, recipe, flops,
         run.mesh, topology=run.topology,
         device_memory_gib=run.device_memory, peak=run.peak)
@@ -794,7 +799,7 @@ def open_run(s, held):
     check_args(s.run, s.recipe, s.config)
 
 
-def compile_step(s, held):
+def compile_step(s):
     """The mesh, and the train step compiled ahead of time on shapes:
     a step too big for the devices is refused before allocating.
     Then the state: resumed, --init-from's weights, or fresh."""
@@ -802,13 +807,11 @@ def compile_step(s, held):
     s.mesh = tpu.make_mesh(run.mesh)
     tpu.check_layout(s.config, s.mesh,
                      run.batch_size // run.grad_accum)
-    # model.forward's activation hint reads it; unset when main ends
-    held.enter_context(jax.set_mesh(s.mesh))
     shapes = abstract_state(s.config)
 
     def compile_for(accum, remat):
         recipe = dataclasses.replace(s.recipe, remat=remat)
-        step = make_train_step(s.config, recipe, plain=run.plain)
+        step = make_train_step(s.config, recipe, run.plain, s.mesh)
         windows = micro_batches(run, accum)
         return plan.plan_train_step(step, shapes, windows, s.mesh)
     # on CPU, the state loaded already is in the RAM
@@ -1050,7 +1053,7 @@ def main(argv=None):
     # the run directory's lock, released on any exit
     with contextlib.ExitStack() as held:
         open_run(s, held)
-        compile_step(s, held)
+        compile_step(s)
         load_data(s)
         announce(s, held)
         train_loop(s)

@@ -50,6 +50,12 @@ def random_params(config, seed=0):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def random_tokens(shape, seed, config=TINY):
+    """Token ids of `shape`, uniform over config's vocabulary."""
+    key = jax.random.PRNGKey(seed)
+    return jax.random.randint(key, shape, 0, config.vocab_size)
+
+
 def run_cli(main, argv, capsys):
     """common.run_main(main, argv) in this process: (exit status, stdout, stderr). The script's
     own process is needed only where the process is the point (signals, kills, XLA_FLAGS)."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, random_params
+from conftest import TINY, random_params, random_tokens
 
 import hf
 import model
@@ -56,8 +56,7 @@ def test_param_count_matches_the_tree():
 
 def test_cached_decoding_equals_full_forward():
     params = random_params(TINY)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0,
-                                TINY.vocab_size)
+    tokens = random_tokens((2, 12), 1)
     full = forward(params, tokens, TINY)
     cache = model.init_cache(TINY, 2, 16)
     assert cache["k"].shape == (TINY.n_layer, 2, TINY.n_head, 16,
@@ -105,7 +104,7 @@ def test_left_padding_gives_the_same_logits_as_the_unpadded_row():
 
 def test_causality_future_tokens_never_change_earlier_logits():
     params = random_params(TINY)
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 10), 0, TINY.vocab_size)
+    tokens = random_tokens((1, 10), 2)
     changed = tokens.at[0, 6].set((tokens[0, 6] + 1) % TINY.vocab_size)
     a, b = forward(params, tokens, TINY), forward(params, changed, TINY)
     np.testing.assert_array_equal(a[:, :6], b[:, :6])
@@ -114,7 +113,7 @@ def test_causality_future_tokens_never_change_earlier_logits():
 
 def test_remat_and_bf16_agree_with_fp32():
     params = random_params(TINY)
-    batch = jax.random.randint(jax.random.PRNGKey(3), (2, 9), 0, TINY.vocab_size)
+    batch = random_tokens((2, 9), 3)
     fp32 = loss(params, batch, TINY)
     g = grad(params, batch, TINY)
     g_remat = grad(params, batch, TINY, remat=True)
@@ -141,8 +140,7 @@ def test_forward_refuses_more_tokens_than_the_context():
 
 def test_cross_entropy_is_the_textbook_formula():
     params = random_params(TINY)
-    batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0,
-                               TINY.vocab_size)
+    batch = random_tokens((1, 10), 4)
     logits = forward(params, batch[:, :-1], TINY)[0]
     targets = batch[0, 1:]
     logp = jax.nn.log_softmax(logits)[jnp.arange(9), targets]

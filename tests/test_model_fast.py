@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, WIDE, random_params, run_cli
+from conftest import TINY, WIDE, random_params, random_tokens, run_cli
 
 import common
 import model
@@ -37,8 +37,7 @@ def test_fast_decoding_equals_the_plain_forward(layout):
     weights = params
     if layout == "decoding":
         weights = model_fast.decoding_layout(params)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0,
-                                TINY.vocab_size)
+    tokens = random_tokens((2, 11), 1)
     valid = jnp.ones((2, 11), bool).at[1, :3].set(False)  # row 1: pad 3
     plain_cache = model.init_cache(TINY, 2, 16)
     fast_cache = model_fast.init_cache(TINY, 2, 16)
@@ -72,8 +71,7 @@ def test_a_fresh_cache_is_not_attended_to():
     raw = random_params(TINY)
     H = TINY.n_head
     params = model_fast.decoding_layout(raw)
-    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 6), 0,
-                                TINY.vocab_size)
+    tokens = random_tokens((2, 6), 3)
 
     def score_shapes(cache, T):
         def run():
@@ -103,8 +101,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(monkeypatch,
     chunked path)."""
     monkeypatch.setitem(model_fast.HEAD_CHUNK, jax.default_backend(), 4)
     params = random_params(TINY)
-    batch = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 0,
-                               TINY.vocab_size)
+    batch = random_tokens((1, 10), 4)
 
     def plain(p):
         return model.loss_fn(p, batch, TINY, z_loss=z_loss)
@@ -160,9 +157,7 @@ def test_train_py_plain_runs_end_to_end(tmp_path, capsys, monkeypatch):
                 "--save-every", "0"]
         if mode == "plain":
             argv.append("--plain")
-        # train.main sets its mesh for the process: undone on exit
-        with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-            code, _, err = run_cli(train.main, argv, capsys)
+        code, _, err = run_cli(train.main, argv, capsys)
         assert code == 0, err
         rows = common.read_jsonl(out / "metrics.jsonl")
         losses[mode] = [r["loss"] for _, r in rows if "loss" in r]

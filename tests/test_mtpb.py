@@ -63,7 +63,7 @@ def test_loader_fills_templates_zips_outputs_and_defaults_the_budget(problems_fi
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda rows: rows[1]["prompts"].append("Use {missing}."), r":2: problem 2: template 'Use \{missing\}.'"),
-    (lambda rows: rows[0].pop("inputs"), r":1: field 'inputs' is missing"),
+    (lambda rows: rows[0].pop("inputs"), r":1: problem without inputs"),
     (lambda rows: rows[1].update(outputs=[1]), r":2: problem 2: 5 inputs but only 1 outputs"),
     (lambda rows: rows[1].update(id="1"), r":2: problem 1 appears twice"),
 ])

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +33,7 @@ EIGHT_WAY = dict(  # heads, MLP and vocabulary divide 8 ways
 
 EIGHT_DEVICES = r"""
 import json, sys
+from functools import partial
 import plan
 plan.ensure_fake_devices("2x2x2")  # re-runs this script on 8 CPU devices
 import jax, numpy as np
@@ -41,7 +43,7 @@ config = model.Config(**json.loads(sys.argv[1]))
 recipe = train.Recipe(lr=1e-4, min_lr=1e-5, warmup=1, anneal=10,
                       weight_decay=0.1, clip=1.0, z_loss=0.0,
                       dtype="float32", remat=False)
-step = train.make_train_step(config, recipe)
+make_step = partial(train.make_train_step, config, recipe, False)
 key = jax.random.PRNGKey(0)
 abstract = jax.eval_shape(
     lambda: train.init_state(model.init_params(config, key)))
@@ -51,8 +53,8 @@ flops = model.flops_per_token(config, 16)
 
 
 def report(**kw):
-    return plan.train_dry_run(step, abstract, windows, config, recipe,
-                              flops, "2x2x2", **kw)
+    return plan.train_dry_run(make_step, abstract, windows, config,
+                              recipe, flops, "2x2x2", **kw)
 
 
 out = {
@@ -134,11 +136,11 @@ def tiny_on_tpu(windows, topology):
     key = jax.random.PRNGKey(0)
     state = jax.eval_shape(
         lambda: train.init_state(model.init_params(TINY, key)))
-    step = train.make_train_step(TINY, recipe)
+    make_step = partial(train.make_train_step, TINY, recipe, False)
     windows = jax.ShapeDtypeStruct(windows, jnp.int32)
     flops = model.flops_per_token(TINY, 128)
-    return plan.train_dry_run(step, state, windows, TINY, recipe, flops,
-                              "1x4x1", topology=topology)
+    return plan.train_dry_run(make_step, state, windows, TINY, recipe,
+                              flops, "1x4x1", topology=topology)
 
 
 @pytest.fixture(scope="module")

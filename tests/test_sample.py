@@ -121,7 +121,7 @@ def test_samples_of_a_prompt_share_one_prefill(monkeypatch):
 def test_decode_writes_the_kv_cache_in_place():
     """The compiled decode loop holds no copy of a (B, H, S, hd) cache buffer, for one row (where
     XLA:CPU copies each buffer several times a step without sample.IN_PLACE) and for two."""
-    params, knobs = sample.prepare(tiny()), (jnp.float32(1), jnp.asarray(sample_fast._split_p(1.0)))
+    params, knobs = sample.prepare(tiny()), (jnp.float32(1), jnp.asarray(sample_fast.split_p(1.0)))
     for B in (1, 2):
         prompt_BT = np.ones((B, 64), np.int32)
         state = sample._prefill(params, prompt_BT, prompt_BT > 0, jax.random.PRNGKey(0), knobs, config=TINY,
@@ -169,7 +169,7 @@ def check_verdicts(x_BV, x_BA, top_k, top_p, expected_BA):
     """Both tests give the expected verdicts (the float32 one wherever it says it is certain);
     returns how often it is certain."""
     exact, fast, sure = map(np.asarray, verdicts_of(jnp.asarray(x_BV), jnp.asarray(x_BA), top_k or 1 << 30,
-                                                    jnp.asarray(sample_fast._split_p(top_p))))
+                                                    jnp.asarray(sample_fast.split_p(top_p))))
     np.testing.assert_array_equal(exact, expected_BA)
     np.testing.assert_array_equal(fast[sure], np.asarray(expected_BA)[sure])
     return sure.mean()
@@ -235,7 +235,7 @@ def test_sampled_first_tokens_follow_the_filtered_distribution(temperature, top_
     logits = np.asarray(model.forward(tiny(), jnp.asarray([PROMPTS[0]]), TINY))[0, -1]
     n = 20000
     toks = pick(jnp.tile(jnp.asarray(logits), (n, 1)), jax.random.PRNGKey(0),
-                (jnp.float32(temperature), jnp.asarray(sample_fast._split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
+                (jnp.float32(temperature), jnp.asarray(sample_fast.split_p(top_p))), mode=sample._mode(temperature, top_k, top_p))
     counts = np.bincount(np.asarray(toks), minlength=TINY.vocab_size)
     x = logits / np.float32(temperature)
     kept = reference_kept(x, top_k, top_p)
@@ -255,7 +255,7 @@ def test_padded_head_ids_are_never_picked():
     logits = np.zeros((64, 51200), np.float32)
     logits[:, data.VOCAB_SIZE:] = 1e4
     for t, k, p in [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (1.0, 0, 0.5), (2.0, 50000, 0.99)]:
-        toks = pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample_fast._split_p(p))),
+        toks = pick(jnp.asarray(logits), jax.random.PRNGKey(1), (jnp.float32(t or 1), jnp.asarray(sample_fast.split_p(p))),
                     mode=sample._mode(t, k, p))
         assert int(toks.max()) < data.VOCAB_SIZE
 

@@ -62,46 +62,46 @@ out = {"meshes": {}}
 for spec in MESHES:
     mesh = tpu.make_mesh(spec)
     state_sh, batch_sh = tpu.state_shardings(state, mesh), tpu.batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(state, state_sh)
-        global_batch = tpu.global_batch(batch, mesh)
-        compiled = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                           donate_argnums=0).lower(sharded, global_batch).compile()
-        shards = {"/".join(p.key for p in path): list(a.addressable_shards[0].data.shape)
-                  for path, a in jax.tree_util.tree_leaves_with_path(sharded)}
-        new_state, metrics = compiled(sharded, global_batch)
-        host = tpu.to_host(new_state)
-        r = {
-            "shards": shards,
-            "out_shards": {"mu/layers/w_in": list(new_state["mu"]["layers"]["w_in"].addressable_shards[0].data.shape)},
-            "batch_shard": list(global_batch.addressable_shards[0].data.shape),
-            "loss_diff": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
-            "grad_norm_diff": abs(float(metrics["grad_norm"]) - float(ref_metrics["grad_norm"])),
-            "state_diff": max(float(np.max(np.abs(a - b))) for a, b in
-                              zip(jax.tree.leaves(host), jax.tree.leaves(ref_state))),
-            "flops": compiled.cost_analysis()["flops"],  # per device, as the compiler counts them
-        }
-        if spec in SAMPLE_MESHES:  # sampling and checkpoints: on the meshes that split the most
-            r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
-                                                  mesh=mesh) == ref_tokens
-            if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
-                got = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled)
-                r["sampled_equal"] = got == ref_sampled
-            if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
-                placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
-                rows = jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES))
-                prompt_PT = jax.device_put(np.ones((4, 64), np.int32), rows)
-                st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
-                                     new_bucket=64, num_samples=2, mode=("greedy",))
-                shard = lambda a: list(a.addressable_shards[0].data.shape)
-                r["decode_shards"] = {"params/layers/0/wq": shard(placed["layers"][0]["wq"]),
-                                      "cache/k": shard(st["cache"]["k"][0]),
-                                      "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
-            with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
-                hf.save_hf(new_state["params"], config, tmp)
-                loaded_config, loaded = hf.load_hf(tmp)
-            r["checkpoint_equal"] = loaded_config == config and all(
-                np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host["params"])))
+    step = train.make_train_step(config, recipe, mesh=mesh)
+    sharded = jax.device_put(state, state_sh)
+    global_batch = tpu.global_batch(batch, mesh)
+    compiled = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                       donate_argnums=0).lower(sharded, global_batch).compile()
+    shards = {"/".join(p.key for p in path): list(a.addressable_shards[0].data.shape)
+              for path, a in jax.tree_util.tree_leaves_with_path(sharded)}
+    new_state, metrics = compiled(sharded, global_batch)
+    host = tpu.to_host(new_state)
+    r = {
+        "shards": shards,
+        "out_shards": {"mu/layers/w_in": list(new_state["mu"]["layers"]["w_in"].addressable_shards[0].data.shape)},
+        "batch_shard": list(global_batch.addressable_shards[0].data.shape),
+        "loss_diff": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+        "grad_norm_diff": abs(float(metrics["grad_norm"]) - float(ref_metrics["grad_norm"])),
+        "state_diff": max(float(np.max(np.abs(a - b))) for a, b in
+                          zip(jax.tree.leaves(host), jax.tree.leaves(ref_state))),
+        "flops": compiled.cost_analysis()["flops"],  # per device, as the compiler counts them
+    }
+    if spec in SAMPLE_MESHES:  # sampling and checkpoints: on the meshes that split the most
+        r["generate_equal"] = sample.generate(per_layer, config, prompts, 8, num_samples=2,
+                                              mesh=mesh) == ref_tokens
+        if spec == "8x1x1":  # the same seed, the same samples, whatever the rows' padding
+            got = sample.generate(params, config, prompts, 8, mesh=mesh, **sampled)
+            r["sampled_equal"] = got == ref_sampled
+        if spec == "2x2x2":  # the decode state as generate lays it out: 4 prompts of 2 rows
+            placed = jax.device_put(per_layer, tpu.param_shardings(per_layer, mesh))
+            rows = jax.NamedSharding(mesh, jax.P(tpu.BATCH_AXES))
+            prompt_PT = jax.device_put(np.ones((4, 64), np.int32), rows)
+            st = sample._prefill(placed, prompt_PT, prompt_PT > 0, jax.random.PRNGKey(0), None, config=config,
+                                 new_bucket=64, num_samples=2, mode=("greedy",), mesh=mesh)
+            shard = lambda a: list(a.addressable_shards[0].data.shape)
+            r["decode_shards"] = {"params/layers/0/wq": shard(placed["layers"][0]["wq"]),
+                                  "cache/k": shard(st["cache"]["k"][0]),
+                                  "cache/valid": shard(st["cache"]["valid"]), "out": shard(st["out"])}
+        with tempfile.TemporaryDirectory() as tmp:  # save straight from the sharded arrays
+            hf.save_hf(new_state["params"], config, tmp)
+            loaded_config, loaded = hf.load_hf(tmp)
+        r["checkpoint_equal"] = loaded_config == config and all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host["params"])))
     out["meshes"][spec] = r
 
 print(json.dumps(out))

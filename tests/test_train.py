@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, WIDE, random_params, run_cli
+from conftest import TINY, WIDE, random_params, random_tokens, run_cli
 
 import common
 import hf
@@ -57,7 +57,7 @@ def test_schedule_warmup_peak_cosine_and_flat():
 
 def test_adamw_step_matches_the_formulas():
     params = model.init_params(TINY, jax.random.PRNGKey(0))
-    batch = jax.random.randint(jax.random.PRNGKey(1), (1, 2, 9), 0, TINY.vocab_size)
+    batch = random_tokens((1, 2, 9), 1)
     r = recipe(clip=1e9)
     step = jax.jit(train.make_train_step(TINY, r))
     state, metrics = step(train.init_state(params), batch)
@@ -77,7 +77,7 @@ def test_adamw_step_matches_the_formulas():
 
 def test_clipping_caps_the_update_and_reports_the_raw_norm():
     params = model.init_params(TINY, jax.random.PRNGKey(0))
-    batch = jax.random.randint(jax.random.PRNGKey(1), (1, 2, 9), 0, TINY.vocab_size)
+    batch = random_tokens((1, 2, 9), 1)
     _, m = jax.jit(train.make_train_step(TINY, recipe(clip=1e-3)))(train.init_state(params), batch)
     g = grad(params, batch[0], TINY)
     norm = np.sqrt(sum(float(jnp.sum(x * x)) for x in jax.tree.leaves(g)))
@@ -86,7 +86,7 @@ def test_clipping_caps_the_update_and_reports_the_raw_norm():
 
 def test_accumulated_micro_batches_equal_one_large_batch():
     params = random_params(TINY)
-    big = jax.random.randint(jax.random.PRNGKey(2), (1, 8, 17), 0, TINY.vocab_size)
+    big = random_tokens((1, 8, 17), 2)
     step = jax.jit(train.make_train_step(TINY, recipe()))
     a, ma = step(train.init_state(params), big)
     b, mb = step(train.init_state(params), big.reshape(4, 2, 17))  # 4 micro-batches of 2
@@ -222,7 +222,7 @@ def snapshot(root):
 def test_every_and_batches_zero_mean_at_the_end_and_never(tmp_path, corpus, capsys):
     code, out, _ = run(flags(tmp_path / "a", corpus, "--max-steps", "3", "--eval-every", "0", "--save-every", "0"), capsys)
     assert code == 0 and out[0] == f"training {TINY_SIZE} from scratch into {tmp_path / 'a'}"
-    assert jax.sharding.get_abstract_mesh().empty  # main's mesh is unset when it returns
+    assert jax.sharding.get_abstract_mesh().empty  # main sets no mesh for the process
     assert [r["step"] for r in metrics(tmp_path / "a") if "val_loss" in r] == [3]
     assert train.list_checkpoints(tmp_path / "a") == [str(tmp_path / "a" / "ckpt-0000003")]
     code, out, _ = run(flags(tmp_path / "b", corpus, "--max-steps", "2", "--eval-batches", "0"), capsys)
