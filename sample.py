@@ -440,20 +440,15 @@ def _text_before_stop(ids, stop, tok):
     return text if end is None else text[:end]
 
 
-# The weights' dtypes decoding offers. The fast lane keeps the
-# activations float32 and stores the matrices in bfloat16 or int8
-# (model_fast.narrowed); the plain lane casts everything to bfloat16
-# and has no int8.
-DTYPES = ("float32", "bfloat16", "int8")
-
-
 def prepare(params, dtype="float32", plain=False):
     """Parameters as decoding wants them, once, instead of on every
     generate call: in model_fast.decoding_layout with the matrices in
-    `dtype` (one of DTYPES; model_fast.narrowed), or with `plain`
-    stacked and all cast to `dtype`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, "
+    `dtype` (one of common.DECODE_DTYPES; model_fast.narrowed: the
+    activations stay float32), or with `plain` stacked and all cast
+    to `dtype` (float32 or bfloat16)."""
+    dtypes = common.DECODE_DTYPES
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, "
                          f"got {dtype!r}")
     if dtype == "int8" and plain:
         raise ValueError("int8 weights decode in the fast lane only: "
@@ -515,7 +510,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--stop", action="append", default=[],
                    help=r"stop string, repeatable; \n and \t mean newline and tab (e.g. --stop '\ndef')")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights while decoding (int8: the fast lane's)")
+    p.add_argument("--dtype", choices=common.DECODE_DTYPES, default="float32", help="weights while decoding (int8: the fast lane's)")
     p.add_argument("--plain", action="store_true", help="decode with the plain model and sampler "
                    "(model.forward, sample._pick) instead of their fast twins: same tokens, slower")
     p.add_argument("--mesh", help="DPxFSDPxMP mesh of this process's devices (tpu.py); None: one device")
