@@ -158,8 +158,12 @@ def _int8_times(x, w):
 
 
 def weight_bytes(params):
-    """Bytes the weights take (what decoding keeps resident)."""
-    return sum(a.nbytes for a in jax.tree.leaves(params))
+    """Bytes the weights take (what decoding keeps resident); arrays
+    or their shapes (jax.eval_shape's)."""
+    total = 0
+    for a in jax.tree.leaves(params):
+        total += a.size * jnp.dtype(a.dtype).itemsize
+    return total
 
 
 # ----------------------------------------------------------------------------- decoding forward
