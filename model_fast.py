@@ -11,10 +11,10 @@ Decoding (sample.py's default; `forward`, `init_cache`):
   - a fresh cache (`init_cache`'s `length` is the Python 0) is not
     attended to at all: the prefill scores its T tokens against each
     other only.
-  - optionally (`narrowed`, sample.py's --dtype) the matrices in
-    bfloat16, or in int8 with a scale per output channel, multiplied
-    int8 x int8 with each row of activations quantized on the fly;
-    the activations stay float32.
+  - optionally (`quantized`, sample.py's --dtype int8) the matrices
+    in int8 with a scale per output channel, multiplied int8 x int8
+    with each row of activations quantized on the fly; the
+    activations stay float32.
 
 Training (train.py's default; `loss_fn`): `head_loss` walks the tokens
 C at a time and computes each chunk's loss and gradient in one pass
@@ -73,8 +73,7 @@ def decoding_layout(params):
 
 def _times(x, w_OI, dtype=None):
     """x @ w_OI.T for a weight in decoding_layout, written w·xᵀ: the
-    product XLA:CPU runs fastest; x rounded to a bfloat16 weight's
-    dtype, the sum in x's; an int8 weight (`quantize`'s) by
+    product XLA:CPU runs fastest; an int8 weight (`quantize`'s) by
     `_int8_times`. XLA:CPU multiplies a single row by an int8 or
     bfloat16 matrix with a slow kernel and two rows with its fast
     one, so one row gets a row of zeros beside it."""
@@ -83,8 +82,8 @@ def _times(x, w_OI, dtype=None):
         return _times(x2, w_OI, dtype)[:1]
     if isinstance(w_OI, dict):
         return _int8_times(x, w_OI)
-    y = jnp.einsum("oi,...i->o...", w_OI, x.astype(w_OI.dtype),
-                   preferred_element_type=dtype or x.dtype)
+    y = jnp.einsum("oi,...i->o...", w_OI, x,
+                   preferred_element_type=dtype)
     return jnp.moveaxis(y, 0, -1)
 
 
@@ -96,7 +95,7 @@ def _narrow(w_OI):
 # ----------------------------------------------------------------------------- int8 weights
 # A decode step reads every weight once per token, so it is bound by
 # the bytes the weights take: int8 takes a quarter of float32's.
-# `narrowed` stores each matrix of decoding_layout as int8 with one
+# `quantized` stores each matrix of decoding_layout as int8 with one
 # float32 scale per output channel (per row of w_OI); the product
 # quantizes each row of activations the same way on the fly, sums
 # int8 x int8 in int32 and applies both scales to the result, the
@@ -126,20 +125,15 @@ def dequantize(w):
     return w["int8"].astype(jnp.float32) * w["scale"][:, None]
 
 
-def narrowed(params, dtype):
+def quantized(params):
     """float32 params in decoding_layout with every matrix of
-    TRANSPOSED_FOR_DECODING (the layers' and the head's) stored in
-    `dtype`, "bfloat16" or "int8" (`quantize`); the rest, and with it
-    the activations, stays float32."""
+    TRANSPOSED_FOR_DECODING (the layers' and the head's) quantized;
+    the rest, and with it the activations, stays float32."""
     def matrices(tree):
         out = dict(tree)
         for name in TRANSPOSED_FOR_DECODING:
-            if name not in tree:
-                continue
-            if dtype == "int8":
+            if name in tree:
                 out[name] = quantize(tree[name])
-            else:
-                out[name] = tree[name].astype(jnp.dtype(dtype))
         return out
     layers = [matrices(p) for p in params["layers"]]
     return matrices({**params, "layers": layers})

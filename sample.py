@@ -442,10 +442,10 @@ def _text_before_stop(ids, stop, tok):
 
 def prepare(params, dtype="float32", plain=False):
     """Parameters as decoding wants them, once, instead of on every
-    generate call: in model_fast.decoding_layout with the matrices in
-    `dtype` (one of common.DECODE_DTYPES; model_fast.narrowed: the
-    activations stay float32), or with `plain` stacked and all cast
-    to `dtype` (float32 or bfloat16)."""
+    generate call: cast to `dtype` (one of common.DECODE_DTYPES) and,
+    unless `plain`, in model_fast.decoding_layout. "int8" is the fast
+    lane's model_fast.quantized: int8 matrices, the rest and the
+    activations float32."""
     dtypes = common.DECODE_DTYPES
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, "
@@ -453,13 +453,14 @@ def prepare(params, dtype="float32", plain=False):
     if dtype == "int8" and plain:
         raise ValueError("int8 weights decode in the fast lane only: "
                          "drop plain (--plain) or pick float32")
-    if plain:
-        return model.cast(params, jnp.dtype(dtype))
+    if dtype != "int8":
+        params = model.cast(params, jnp.dtype(dtype))
+        if plain:
+            return params
+        return model_fast.decoding_layout(params)
     params = model.cast(params, jnp.float32)
     params = model_fast.decoding_layout(params)
-    if dtype == "float32":
-        return params
-    return model_fast.narrowed(params, dtype)
+    return model_fast.quantized(params)
 
 
 def load(path, dtype="float32", mesh=None, plain=False):

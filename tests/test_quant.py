@@ -1,5 +1,5 @@
-"""Decoding with narrower weights (sample.prepare's dtypes; the int8 and
-bfloat16 matrices of model_fast.narrowed): the round trip of int8
+"""Decoding with narrower weights (sample.prepare's dtypes: bfloat16, and
+the int8 matrices of model_fast.quantized): the round trip of int8
 quantization, the logits and greedy tokens against float32, the bytes
 the weights take, and the one-line errors."""
 import jax
@@ -44,9 +44,10 @@ def _logits(params, dtype, tokens_BT):
     return np.asarray(jnp.concatenate([head, last], 1), np.float32)
 
 
-# Bounds measured on this nano model (max / mean over its positions):
-# bfloat16 0.0052 / 0.0008, int8 0.021 / 0.003; asserted with room.
-BOUNDS = {"bfloat16": (0.02, 0.003), "int8": (0.06, 0.01)}
+# |logit - float32's| over the position's largest |float32 logit|,
+# max and mean; measured on this nano model at most bfloat16 0.0105 /
+# 0.0013, int8 0.025 / 0.0031; asserted with room.
+BOUNDS = {"bfloat16": (0.03, 0.004), "int8": (0.06, 0.01)}
 
 
 @pytest.mark.parametrize("B", [1, 2])

@@ -405,7 +405,7 @@ def test_load_casts_and_splits_the_layers_once(checkpoint):
     assert config == WIDE and isinstance(params["layers"], list) and len(params["layers"]) == WIDE.n_layer
     prompt, ids = wide_greedy()
     assert sample.generate(params, config, [prompt], NEW) == [ids]   # same tokens as the stacked weights
-    assert sample.load(str(checkpoint), "bfloat16")[1]["head_w"].dtype == jnp.bfloat16
+    assert sample.load(str(checkpoint), "bfloat16")[1]["wte"].dtype == jnp.bfloat16
 
 
 def test_cli_help_runs_as_a_script():
