@@ -98,11 +98,11 @@ def _narrow(w_OI):
 # `quantized` stores each matrix of decoding_layout as int8 with one
 # float32 scale per output channel (per row of w_OI); the product
 # quantizes each row of activations the same way on the fly, sums
-# int8 x int8 in int32 and applies both scales to the result, the
-# vector-wise quantization of LLM.int8() (Dettmers et al., 2022)
-# and CTranslate2's int8. The embedding stays
-# float32: a step reads only one of its rows per sequence, and it
-# sets the activations' (and the KV cache's) dtype. docs/sampling.md.
+# int8 x int8 in int32 and applies both scales to the result: the
+# vector-wise quantization of LLM.int8() (Dettmers et al., 2022),
+# as CTranslate2's int8 does. The embedding stays float32: a step
+# reads one of its rows per sequence, and it sets the activations'
+# (and the KV cache's) dtype. docs/sampling.md.
 
 def _symmetric(a, axis):
     """(int8 q, float32 scale) with a ≈ q · scale: along `axis`, the

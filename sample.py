@@ -453,14 +453,14 @@ def prepare(params, dtype="float32", plain=False):
     if dtype == "int8" and plain:
         raise ValueError("int8 weights decode in the fast lane only: "
                          "drop plain (--plain) or pick float32")
-    if dtype != "int8":
-        params = model.cast(params, jnp.dtype(dtype))
-        if plain:
-            return params
-        return model_fast.decoding_layout(params)
-    params = model.cast(params, jnp.float32)
-    params = model_fast.decoding_layout(params)
-    return model_fast.quantized(params)
+    if dtype == "int8":
+        params = model.cast(params, jnp.float32)
+        params = model_fast.decoding_layout(params)
+        return model_fast.quantized(params)
+    params = model.cast(params, jnp.dtype(dtype))
+    if plain:
+        return params
+    return model_fast.decoding_layout(params)
 
 
 def load(path, dtype="float32", mesh=None, plain=False):
