@@ -28,7 +28,8 @@ generate() calls (KV cache, same sampling settings) on the same random
 weights, loaded from our save_hf. With ctranslate2 installed, the same
 generation through ctranslate2.Generator on those weights converted by its
 TransformersConverter (what `ct2-transformers-converter` runs), in float32
-and int8. Results go to bench.json.
+and int8. On CPU, our decoding also runs with bfloat16 and int8 weights
+(sample.prepare), each beside CTranslate2 int8. Results go to bench.json.
 """
 import importlib.util
 import json
@@ -36,6 +37,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -387,17 +389,42 @@ def bench_decode(engines, prompt_len, new_tokens, reps):
             for mode, (prefill_ms, tps) in modes.items():
                 row = decode.setdefault(f"batch {b}, {mode}", {})
                 row[name] = {"prefill_ms": prefill_ms, "tokens_per_s": tps}
-                ratio = ""
-                if name != "ours":
-                    ours = row["ours"]["tokens_per_s"]
-                    ratio = f"   -> ours/{name} {ours / tps:.2f}x"
-                print(f"decode {name:12s} batch {b}, {mode:26s} prefill "
-                      f"{prefill_ms:7.1f} ms, {tps:8.1f} tok/s{ratio}",
-                      flush=True)
+    for row, by_name in decode.items():
+        for name, r in by_name.items():
+            tps = r["tokens_per_s"]
+            ratio = ""
+            if name in THEIRS:
+                ours = by_name["ours"]["tokens_per_s"]
+                ratio = f"   -> ours/{name} {ours / tps:.2f}x"
+            if name in NARROW and "ct2 int8" in by_name:
+                ct2 = by_name["ct2 int8"]["tokens_per_s"]
+                ratio = f"   -> {name}/ct2 int8 {tps / ct2:.2f}x"
+            print(f"decode {name:13s} {row:35s} prefill "
+                  f"{r['prefill_ms']:7.1f} ms, {tps:8.1f} tok/s{ratio}",
+                  flush=True)
     return decode
 
 
 THEIRS = ("transformers", "ct2 fp32", "ct2 int8")   # engines, README order
+# our decoding with narrower weights (sample.prepare), beside ct2 int8
+NARROW = ("ours bfloat16", "ours int8")
+
+
+def narrow_markdown(r):
+    """docs/performance.md rows: our decoding in float32, bfloat16 and
+    int8 weights, each as tokens/s and its ratio to CTranslate2 int8."""
+    rows = []
+    for row, engines in r["decode"].items():
+        if "ct2 int8" not in engines:
+            continue
+        ct2 = engines["ct2 int8"]["tokens_per_s"]
+        cells = []
+        for e in ("ours", *NARROW):
+            rate = engines[e]["tokens_per_s"]
+            cells.append(f"{rate:.0f} ({rate / ct2:.2f}x)")
+        rows.append(f"| {r['size']} {row} | {' | '.join(cells)} | "
+                    f"{ct2:.0f} |")
+    return "\n".join(rows)
 
 
 def markdown(r):
@@ -466,6 +493,10 @@ def main(argv=None):
     def ours():
         return ours_generate(config, sample.prepare(params, dtype))
     engines = {"ours": ours}
+    for narrow in NARROW:          # laptop decoding: on CPU only
+        if cpu:
+            prepared = sample.prepare(params, narrow.split()[1])
+            engines[narrow] = partial(ours_generate, config, prepared)
     if not args.no_hf and cpu:
         engines.update(their_engines(config, params, batch_BT1, args.reps, res))
     res["decode"] = bench_decode(engines, args.prompt_len, args.new_tokens,
@@ -474,6 +505,7 @@ def main(argv=None):
         json.dump(res, f, indent=1)
     if args.markdown:
         print(markdown(res))
+        print(narrow_markdown(res))
 
 
 if __name__ == "__main__":

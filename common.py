@@ -24,6 +24,11 @@ import sys
 import tempfile
 import time
 
+# The weights' dtypes decoding offers (sample.prepare; --dtype of
+# sample.py, humaneval.py, mtpb.py and bench.py), here so a script
+# can list them without importing JAX.
+DECODE_DTYPES = ("float32", "bfloat16", "int8")
+
 
 # ----------------------------------------------------------------------------- errors
 

@@ -23,8 +23,9 @@ import os
 from collections import Counter, defaultdict
 
 import sandbox
-from common import (ArgumentParser, Progress, check_fields, check_flags,
-                    check_made_by, check_writable, checkpoint_dir,
+from common import (DECODE_DTYPES, ArgumentParser, Progress,
+                    check_fields, check_flags, check_made_by,
+                    check_writable, checkpoint_dir,
                     checkpoint_identity, generate_jsonl, made_by_path,
                     on_first_process, read_humaneval, read_jsonl,
                     results_path, run_main, sha256_of, write_jsonl)
@@ -363,8 +364,8 @@ def build_parser():
              "tokens), lowered to what the model's context leaves after "
              "the longest prompt")
     gen("--batch-size", type=int, default=32, help="prompts per generate call")
-    gen("--dtype", choices=["float32", "bfloat16"], default="float32",
-        help="parameter and compute dtype")
+    gen("--dtype", choices=DECODE_DTYPES, default="float32",
+        help="weights while decoding (docs/sampling.md)")
     gen("--seed", type=int, default=0, help="base sampling seed")
     gen("--mesh", help="DPxFSDPxMP mesh of each process's devices (tpu.py); "
                        "in a multi-host job each process samples its share; "

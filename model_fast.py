@@ -11,6 +11,10 @@ Decoding (sample.py's default; `forward`, `init_cache`):
   - a fresh cache (`init_cache`'s `length` is the Python 0) is not
     attended to at all: the prefill scores its T tokens against each
     other only.
+  - optionally (`quantized`, sample.py's --dtype int8) the matrices
+    in int8 with a scale per output channel, multiplied int8 x int8
+    with each row of activations quantized on the fly; the
+    activations stay float32.
 
 Training (train.py's default; `loss_fn`): `head_loss` walks the tokens
 C at a time and computes each chunk's loss and gradient in one pass
@@ -69,10 +73,91 @@ def decoding_layout(params):
 
 def _times(x, w_OI, dtype=None):
     """x @ w_OI.T for a weight in decoding_layout, written w·xᵀ: the
-    product XLA:CPU runs fastest."""
+    product XLA:CPU runs fastest; an int8 weight (`quantize`'s) by
+    `_int8_times`. XLA:CPU multiplies a single row by an int8 or
+    bfloat16 matrix with a slow kernel and two rows with its fast
+    one, so one row gets a row of zeros beside it."""
+    if x.size == x.shape[-1] and _narrow(w_OI):
+        x2 = jnp.concatenate([x, jnp.zeros_like(x)])
+        return _times(x2, w_OI, dtype)[:1]
+    if isinstance(w_OI, dict):
+        return _int8_times(x, w_OI)
     y = jnp.einsum("oi,...i->o...", w_OI, x,
                    preferred_element_type=dtype)
     return jnp.moveaxis(y, 0, -1)
+
+
+def _narrow(w_OI):
+    """Whether a weight is stored narrower than float32."""
+    return isinstance(w_OI, dict) or w_OI.dtype != jnp.float32
+
+
+# ----------------------------------------------------------------------------- int8 weights
+# A decode step reads every weight once per token, so it is bound by
+# the bytes the weights take: int8 takes a quarter of float32's.
+# `quantized` stores each matrix of decoding_layout as int8 with one
+# float32 scale per output channel (per row of w_OI); the product
+# quantizes each row of activations the same way on the fly, sums
+# int8 x int8 in int32 and applies both scales to the result: the
+# vector-wise quantization of LLM.int8() (Dettmers et al., 2022),
+# as CTranslate2's int8 does. The embedding stays float32: a step
+# reads one of its rows per sequence, and it sets the activations'
+# (and the KV cache's) dtype. docs/sampling.md.
+
+def _symmetric(a, axis):
+    """(int8 q, float32 scale) with a ≈ q · scale: along `axis`, the
+    largest |a| maps to 127 (an all-zero slice keeps scale 1)."""
+    top = jnp.max(jnp.abs(a), axis=axis, keepdims=True)
+    scale = jnp.where(top > 0, top / 127, 1.0)
+    q = jnp.round(a / scale).astype(jnp.int8)
+    return q, scale
+
+
+def quantize(w_OI):
+    """A float matrix stored [out, in] as {"int8": q_OI, "scale":
+    s_O}: w ≈ q · s[:, None], per output channel."""
+    q_OI, scale_O1 = _symmetric(jnp.asarray(w_OI, jnp.float32), 1)
+    return {"int8": q_OI, "scale": scale_O1[:, 0]}
+
+
+def dequantize(w):
+    """quantize's float32 matrix back: q · s[:, None]."""
+    return w["int8"].astype(jnp.float32) * w["scale"][:, None]
+
+
+def quantized(params):
+    """float32 params in decoding_layout with every matrix of
+    TRANSPOSED_FOR_DECODING (the layers' and the head's) quantized;
+    the rest, and with it the activations, stays float32."""
+    def matrices(tree):
+        out = dict(tree)
+        for name in TRANSPOSED_FOR_DECODING:
+            if name in tree:
+                out[name] = quantize(tree[name])
+        return out
+    layers = [matrices(p) for p in params["layers"]]
+    return matrices({**params, "layers": layers})
+
+
+def _int8_times(x, w):
+    """x @ dequantize(w).T, float32: x's rows quantized per row, the
+    product int8 x int8 summed in int32, then both scales."""
+    x_NI = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    q_NI, scale_N1 = _symmetric(x_NI, 1)
+    y_NO = jax.lax.dot_general(
+        q_NI, w["int8"], (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.int32)
+    y_NO = y_NO.astype(jnp.float32) * scale_N1 * w["scale"]
+    return y_NO.reshape(*x.shape[:-1], -1)
+
+
+def weight_bytes(params):
+    """Bytes the weights take (what decoding keeps resident); arrays
+    or their shapes (jax.eval_shape's)."""
+    total = 0
+    for a in jax.tree.leaves(params):
+        total += a.size * jnp.dtype(a.dtype).itemsize
+    return total
 
 
 # ----------------------------------------------------------------------------- decoding forward

@@ -39,9 +39,10 @@ import zlib
 from pathlib import Path
 
 import sandbox
-from common import (ArgumentParser, Progress, beside, check_fields,
-                    check_made_by, check_writable, checkpoint_dir,
-                    checkpoint_identity, flag_names, generate_jsonl,
+from common import (DECODE_DTYPES, ArgumentParser, Progress, beside,
+                    check_fields, check_made_by, check_writable,
+                    checkpoint_dir, checkpoint_identity, flag_names,
+                    generate_jsonl,
                     made_by_path, on_first_process, read_jsonl,
                     results_path, run_main, sha256_of, write_jsonl)
 from mtpb_check import (REFERENCE_GRACE, format_compare, format_report,
@@ -679,8 +680,8 @@ def build_parser():
     gen("--top-k", type=int, default=50,
         help="HF generate's default, which the reference kept; 0 = off")
     gen("--seed", type=int, default=16, help="mtpb_sample.py --seed")
-    gen("--dtype", choices=["float32", "bfloat16"], default="float32",
-        help="weights' dtype for the model")
+    gen("--dtype", choices=DECODE_DTYPES, default="float32",
+        help="weights while decoding (docs/sampling.md)")
     gen("--mesh", help="DPxFSDPxMP mesh of each process's devices "
                        "(tpu.py); multi-host: each samples its share")
     scoring = ap.add_argument_group("scoring").add_argument

@@ -512,8 +512,15 @@ def sample_dry_run(config, dtype, mesh_spec, topology, rows,
     tpu.check_layout(config, mesh, rows)
     T = bucket(config.n_ctx + 1 - max_new_tokens)
     new_bucket = bucket(max_new_tokens)
+    int8 = dtype == "int8"
+    if int8 and mesh.size > 1:
+        raise ValueError("int8 weights decode on one device: drop "
+                         "--mesh and --topology or pick float32")
     params, prompt, valid, key, limit, knobs = _sampling_args(
-        mesh, config, dtype, rows, T, prepare)
+        mesh, config, "float32" if int8 else dtype, rows, T, prepare)
+    if int8:       # tpu.RULES splits matrices, not int8 + scales
+        params = jax.eval_shape(partial(prepare, dtype=dtype), params)
+        params = jax.tree.map(lambda a: _on(mesh, a, P()), params)
     prefill = partial(prefill, config=config, new_bucket=new_bucket,
                       num_samples=1, mode=mode, mesh=mesh)
     decode = partial(decode, config=config, mode=mode, mesh=mesh)
@@ -528,7 +535,7 @@ def sample_dry_run(config, dtype, mesh_spec, topology, rows,
         f"  {rows} rows of {T + new_bucket} tokens ({T}-token "
         f"prompts, {new_bucket} new), {mode[0]}; per device:",
         f"    parameters       "
-        f"{human_size(bytes_per_device(params))}",
+        f"{human_size(bytes_per_device(params))}  ({dtype})",
         f"    KV cache         {human_size(cache_b)}"
         f"  (heads over model)",
     ]

@@ -441,12 +441,22 @@ def _text_before_stop(ids, stop, tok):
 
 
 def prepare(params, dtype="float32", plain=False):
-    """Parameters as decoding wants them: cast to `dtype` and, unless
-    `plain`, in model_fast.decoding_layout, once, instead of on every
-    generate call."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(
-            f"dtype must be float32 or bfloat16, got {dtype!r}")
+    """Parameters as decoding wants them, once, instead of on every
+    generate call: cast to `dtype` (one of common.DECODE_DTYPES) and,
+    unless `plain`, in model_fast.decoding_layout. "int8" is the fast
+    lane's model_fast.quantized: int8 matrices, the rest and the
+    activations float32."""
+    dtypes = common.DECODE_DTYPES
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, "
+                         f"got {dtype!r}")
+    if dtype == "int8" and plain:
+        raise ValueError("int8 weights decode in the fast lane only: "
+                         "drop plain (--plain) or pick float32")
+    if dtype == "int8":
+        params = model.cast(params, jnp.float32)
+        params = model_fast.decoding_layout(params)
+        return model_fast.quantized(params)
     params = model.cast(params, jnp.dtype(dtype))
     if plain:
         return params
@@ -460,6 +470,9 @@ def load(path, dtype="float32", mesh=None, plain=False):
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint at {path!r}; run `python "
                          f"train.py` first or pass --init-from DIR")
+    if dtype == "int8" and mesh is not None:
+        raise ValueError("int8 weights decode on one device: drop "
+                         "the mesh (--mesh) or pick float32")
     config, params = hf.load_hf(path)
     params = prepare(params, dtype, plain)     # numpy, on the host
     if mesh is None:
@@ -498,7 +511,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--stop", action="append", default=[],
                    help=r"stop string, repeatable; \n and \t mean newline and tab (e.g. --stop '\ndef')")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights while decoding")
+    p.add_argument("--dtype", choices=common.DECODE_DTYPES, default="float32", help="weights while decoding (int8: the fast lane's)")
     p.add_argument("--plain", action="store_true", help="decode with the plain model and sampler "
                    "(model.forward, sample._pick) instead of their fast twins: same tokens, slower")
     p.add_argument("--mesh", help="DPxFSDPxMP mesh of this process's devices (tpu.py); None: one device")
@@ -553,7 +566,8 @@ def main(argv=None):
     n_new = sum(map(len, rows))  # tokens generated, including any past a stop string
     compiled = min(sum(compiling), seconds)
     print(f"{'-' * 30}\nprompt tokens {len(prompt)}, new tokens {n_new}, {seconds:.2f} s, {n_new / seconds:.1f} "
-          f"tokens/s; without the {compiled:.2f} s of compilation {n_new / max(seconds - compiled, 1e-9):.1f} tokens/s")
+          f"tokens/s; without the {compiled:.2f} s of compilation {n_new / max(seconds - compiled, 1e-9):.1f} tokens/s; "
+          f"weights {plan.human_size(model_fast.weight_bytes(params)).strip()} in {args.dtype}")
 
 
 if __name__ == "__main__":
