@@ -303,6 +303,8 @@ def _layout(params, plain, mesh):
     the plain one, model_fast.decoding_layout (a no-op for load()'s
     params) for the fast one."""
     if not plain:
+        if mesh is not None and _is_int8(params):
+            raise ValueError(INT8_ON_MESH)
         return model_fast.decoding_layout(params)
     if mesh is not None:
         raise ValueError("plain decoding runs on one device: drop "
@@ -311,6 +313,15 @@ def _layout(params, plain, mesh):
         raise ValueError("plain decoding takes stacked weights "
                          "(hf.load_hf's); load them with plain=True")
     return params
+
+
+INT8_ON_MESH = ("int8 weights decode on one device: drop the mesh "
+                "(--mesh) or pick float32")
+
+
+def _is_int8(params):
+    """Whether `params` are model_fast.quantized's."""
+    return isinstance(params["head_w"], dict)
 
 
 def _left_padded(prompts, rows_divide, num_samples):
@@ -471,8 +482,7 @@ def load(path, dtype="float32", mesh=None, plain=False):
         raise ValueError(f"no checkpoint at {path!r}; run `python "
                          f"train.py` first or pass --init-from DIR")
     if dtype == "int8" and mesh is not None:
-        raise ValueError("int8 weights decode on one device: drop "
-                         "the mesh (--mesh) or pick float32")
+        raise ValueError(INT8_ON_MESH)
     config, params = hf.load_hf(path)
     params = prepare(params, dtype, plain)     # numpy, on the host
     if mesh is None:

@@ -120,6 +120,10 @@ def test_bad_dtype_is_one_line(capsys):
     assert "\n" not in str(e.value)
     code, _, err = run_cli(sample.main, ["--dtype", "int4"], capsys)
     assert code == 2 and err.count("\n") == 1 and "int8" in err
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"))
+    int8 = sample.prepare(params, "int8")
+    with pytest.raises(ValueError, match="one device: drop the mesh"):
+        sample.generate(int8, WIDE, [[1, 2]], 2, mesh=mesh)
 
 
 def test_cli_samples_in_int8_and_says_its_weights_bytes(tmp_path,
