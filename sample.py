@@ -507,57 +507,91 @@ def read_prompt(path):
         raise ValueError(f"--prompt-file {path} is not UTF-8 text (byte {e.start}); give a source file") from None
 
 
-def main(argv=None):
-    p = common.ArgumentParser(description="Sample code from a CodeGen checkpoint.")
-    p.add_argument("--init-from", default=os.path.join("out", "nano"),
-                   help="checkpoint directory (Hugging Face CodeGen or written by train.py)")
-    p.add_argument("--prompt", default="def helloworld():", help="prompt text")
-    p.add_argument("--prompt-file", help="read the prompt from this file instead of --prompt ('-': standard input)")
-    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one prefill for all)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per completion")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
-    p.add_argument("--seed", type=int, default=42, help="random seed")
-    p.add_argument("--stop", action="append", default=[],
-                   help=r"stop string, repeatable; \n and \t mean newline and tab (e.g. --stop '\ndef')")
-    p.add_argument("--dtype", choices=common.DECODE_DTYPES, default="float32", help="weights while decoding (int8: the fast lane's)")
-    p.add_argument("--plain", action="store_true", help="decode with the plain model and sampler "
-                   "(model.forward, sample._pick) instead of their fast twins: same tokens, slower")
-    p.add_argument("--mesh", help="DPxFSDPxMP mesh of this process's devices (tpu.py); None: one device")
-    p.add_argument("--dry-run", action="store_true", help="only plan: compile prefill and decode (--num-samples rows, "
-                   "longest prompt) of --size on --mesh, print the memory per device; nothing is loaded")
-    p.add_argument("--size", choices=tuple(model.CONFIGS), default="nano", help="for --dry-run: model preset")
-    p.add_argument("--topology", help="for --dry-run: compile with XLA:TPU for this TPU slice, e.g. v4:2x2x1 "
-                   "(pip install libtpu); None: this machine's devices, simulated on CPU if fewer")
-    p.add_argument("--device-memory", type=float, help="GiB per device, for --dry-run; None: the TPU chip's HBM")
-    args = p.parse_args(argv)
-    args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    try:                                                           # flag values, before loading anything
-        _check(model.CONFIGS["nano"], [], args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-               args.num_samples)
-    except ValueError as e:                                        # "top_p must be ..." -> "--top-p must be ..."
-        name, rest = str(e).split(" ", 1)
-        raise ValueError(f"{common.flag_names([name])} {rest}") from None
-    if args.dry_run:  # fewer devices than the mesh: re-runs this command on CPU with enough simulated ones
-        plan.ensure_fake_devices(args.mesh, args.topology)
-        steps = dict(prepare=prepare, prefill=_prefill, decode=_decode.__wrapped__, bucket=_bucket)
-        return print(plan.sample_dry_run(model.CONFIGS[args.size], args.dtype, args.mesh, args.topology,
-                                         args.num_samples, args.max_new_tokens,
-                                         _mode(args.temperature, args.top_k, args.top_p), args.device_memory, **steps))
-    if args.topology:
-        raise ValueError("--topology only plans (nothing runs on its devices): add --dry-run")
-    mesh = tpu.make_mesh(args.mesh, jax.local_devices()) if args.mesh else None
-    if args.plain and mesh is not None:
-        raise ValueError("--plain decodes on one device: drop --mesh")
-    config, params = load(args.init_from, args.dtype, mesh, args.plain)
-    how = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    tok = data.get_tokenizer()
+def build_parser():
+    p = common.ArgumentParser(
+        description="Sample code from a CodeGen checkpoint.")
+    add = p.add_argument
+    add("--init-from", default=os.path.join("out", "nano"),
+        help="checkpoint directory (Hugging Face CodeGen or "
+             "written by train.py)")
+    add("--prompt", default="def helloworld():", help="prompt text")
+    add("--prompt-file",
+        help="read the prompt from this file instead of --prompt "
+             "('-': standard input)")
+    add("--num-samples", type=int, default=1,
+        help="completions per prompt (one prefill for all)")
+    add("--max-new-tokens", type=int, default=128,
+        help="new tokens per completion")
+    add("--temperature", type=float, default=0.2, help="0 = greedy")
+    add("--top-p", type=float, default=0.95,
+        help="nucleus sampling mass; 1 = off")
+    add("--top-k", type=int, default=0,
+        help="keep the k most likely tokens; 0 = off")
+    add("--seed", type=int, default=42, help="random seed")
+    add("--stop", action="append", default=[],
+        help=r"stop string, repeatable; \n and \t mean newline and "
+             r"tab (e.g. --stop '\ndef')")
+    add("--dtype", choices=common.DECODE_DTYPES, default="float32",
+        help="weights while decoding (int8: the fast lane's)")
+    add("--plain", action="store_true",
+        help="decode with the plain model and sampler (model.forward, "
+             "sample._pick) instead of their fast twins: same "
+             "tokens, slower")
+    add("--mesh", help="DPxFSDPxMP mesh of this process's devices "
+                       "(tpu.py); None: one device")
+    plans = p.add_argument_group("planning (--dry-run)")
+    plans.add_argument(
+        "--dry-run", action="store_true",
+        help="only plan: compile prefill and decode (--num-samples "
+             "rows, longest prompt) of --size on --mesh, print the "
+             "memory per device; nothing is loaded")
+    plans.add_argument("--size", choices=tuple(model.CONFIGS),
+                       default="nano", help="model preset")
+    plans.add_argument(
+        "--topology",
+        help="compile with XLA:TPU for this TPU slice, e.g. v4:2x2x1 "
+             "(pip install libtpu); None: this machine's devices, "
+             "simulated on CPU if fewer")
+    plans.add_argument("--device-memory", type=float,
+                       help="GiB per device; None: the TPU chip's HBM")
+    return p
 
-    if args.prompt_file:
-        args.prompt = read_prompt(args.prompt_file)
-    prompt = tok.encode(args.prompt).ids
-    compiling = []                                                 # seconds JAX spends tracing and compiling
+
+def check_args(args):
+    """The sampling flags' values, before anything is loaded: _check's
+    message with the flag's name ("--top-p must be ...")."""
+    try:
+        _check(model.CONFIGS["nano"], [], args.max_new_tokens,
+               args.temperature, args.top_p, args.top_k,
+               args.num_samples)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        flag = common.flag_names([name])
+        raise ValueError(f"{flag} {rest}") from None
+    if args.topology and not args.dry_run:
+        raise ValueError("--topology only plans (nothing runs on its "
+                         "devices): add --dry-run")
+    if args.plain and args.mesh:
+        raise ValueError("--plain decodes on one device: drop --mesh")
+
+
+def dry_run(args):
+    """plan.py's report of prefill and decode on --mesh. With fewer
+    devices than the mesh, ensure_fake_devices re-runs this command
+    on CPU with enough simulated ones."""
+    plan.ensure_fake_devices(args.mesh, args.topology)
+    mode = _mode(args.temperature, args.top_k, args.top_p)
+    return plan.sample_dry_run(
+        model.CONFIGS[args.size], args.dtype, args.mesh,
+        args.topology, args.num_samples, args.max_new_tokens, mode,
+        args.device_memory, prepare=prepare, prefill=_prefill,
+        decode=_decode.__wrapped__, bucket=_bucket)
+
+
+def compile_seconds(run):
+    """(run()'s result, its seconds, the seconds of them JAX spent
+    tracing and compiling)."""
+    compiling = []
 
     def on_event(event, seconds, **_):
         if event.startswith("/jax/core/compile/"):
@@ -565,19 +599,51 @@ def main(argv=None):
     jax.monitoring.register_event_duration_secs_listener(on_event)
     t0 = time.perf_counter()
     try:
-        rows = generate(params, config, [prompt], args.max_new_tokens, seed=args.seed, num_samples=args.num_samples,
-                        until=_until_stop(args.stop, tok), mesh=mesh, plain=args.plain, **how)
+        result = run()
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     seconds = time.perf_counter() - t0
+    return result, seconds, min(sum(compiling), seconds)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.stop = [s.replace("\\n", "\n").replace("\\t", "\t")
+                 for s in args.stop]
+    check_args(args)
+    if args.dry_run:
+        return print(dry_run(args))
+    mesh = None
+    if args.mesh:
+        mesh = tpu.make_mesh(args.mesh, jax.local_devices())
+    config, params = load(args.init_from, args.dtype, mesh,
+                          args.plain)
+    tok = data.get_tokenizer()
+    if args.prompt_file:
+        args.prompt = read_prompt(args.prompt_file)
+    prompt = tok.encode(args.prompt).ids
+
+    def run():
+        return generate(
+            params, config, [prompt], args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed,
+            num_samples=args.num_samples,
+            until=_until_stop(args.stop, tok), mesh=mesh,
+            plain=args.plain)
+    rows, seconds, compiled = compile_seconds(run)
     for i, ids in enumerate(rows):
         print(f"{'-' * 30} sample {i + 1}/{len(rows)}")
         print(args.prompt + _text_before_stop(ids, args.stop, tok))
-    n_new = sum(map(len, rows))  # tokens generated, including any past a stop string
-    compiled = min(sum(compiling), seconds)
-    print(f"{'-' * 30}\nprompt tokens {len(prompt)}, new tokens {n_new}, {seconds:.2f} s, {n_new / seconds:.1f} "
-          f"tokens/s; without the {compiled:.2f} s of compilation {n_new / max(seconds - compiled, 1e-9):.1f} tokens/s; "
-          f"weights {plan.human_size(model_fast.weight_bytes(params)).strip()} in {args.dtype}")
+    # tokens generated, including any past a stop string
+    n_new = sum(map(len, rows))
+    warm = max(seconds - compiled, 1e-9)
+    size = plan.human_size(model_fast.weight_bytes(params)).strip()
+    print("-" * 30)
+    print(f"prompt tokens {len(prompt)}, new tokens {n_new}, "
+          f"{seconds:.2f} s, {n_new / seconds:.1f} tokens/s; without "
+          f"the {compiled:.2f} s of compilation {n_new / warm:.1f} "
+          f"tokens/s; weights {size} in {args.dtype}")
 
 
 if __name__ == "__main__":
