@@ -2,7 +2,7 @@
 Face transformers and CTranslate2.
 
     python bench.py                          # nano, the default training shape
-    python bench.py --size small --markdown  # the README's table rows
+    python bench.py --size small --markdown  # the rows of docs/performance.md
     python bench.py --size 350M --batch-size 8 --seq-len 2048   # on an accelerator
 
 One process, one config, one machine, measured in one run, so ratios are
@@ -308,7 +308,7 @@ def build_parser():
     p.add_argument("--no-hf", action="store_true",
                    help="skip transformers and CTranslate2")
     p.add_argument("--markdown", action="store_true",
-                   help="print the README table rows")
+                   help="print the rows of docs/performance.md's tables")
     p.add_argument("--out", default="bench.json", help="results file")
     return p
 
