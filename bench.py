@@ -47,6 +47,7 @@ import common
 import data
 import hf
 import model
+import model_fast
 import sample
 import train
 
@@ -288,6 +289,57 @@ def hf_train(m, batch_BT1, reps):
 # -------------------------------------------------- the report
 
 
+# ----------------------------------------------------------------------------- accuracy
+
+def accuracy(path, n_batches=8, rows=8, seq_len=256, new_tokens=200):
+    """What narrow weights change, against float32, for the checkpoint
+    at `path`, per dtype of sample.load: perplexity on held-out stdlib
+    windows (the validation split: documents training never saw);
+    the logits' max and mean error relative to each position's
+    largest |logit|, and how often the argmax agrees; and how many
+    greedy generations (prompts: the first 32 tokens of `rows`
+    windows) equal float32's token for token."""
+    batches = data.eval_batches("stdlib", rows, seq_len, n_batches)
+    prompts = [[int(t) for t in w[:32]] for w in batches[0]]
+    reference = None
+    out = {}
+    for dtype in common.DECODE_DTYPES:
+        config, params = sample.load(path, dtype)
+        logits = [_logits(params, config, w[:, :-1]) for w in batches]
+        targets = np.stack([w[:, 1:] for w in batches])
+        logp = jax.nn.log_softmax(np.stack(logits), -1)
+        picked = np.take_along_axis(np.asarray(logp),
+                                    targets[..., None], -1)
+        row = {"perplexity": float(np.exp(-picked.mean()))}
+        greedy = sample.generate(params, config, prompts, new_tokens)
+        if reference is None:
+            reference = (np.stack(logits), greedy)
+        else:
+            ref, ref_greedy = reference
+            top = np.abs(ref).max(-1, keepdims=True)
+            error = np.abs(np.stack(logits) - ref) / top
+            same = np.stack(logits).argmax(-1) == ref.argmax(-1)
+            equal = [a == b for a, b in zip(greedy, ref_greedy)]
+            row.update(max_rel_error=float(error.max()),
+                       mean_rel_error=float(error.mean()),
+                       argmax_agreement=float(same.mean()),
+                       greedy_equal=f"{sum(equal)}/{len(equal)}")
+        out[dtype] = row
+        print(f"accuracy {dtype:9s} " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in row.items()), flush=True)
+    return out
+
+
+def _logits(params, config, tokens_BT):
+    """model_fast.forward's float32 logits (B, T, V) on a fresh cache."""
+    B, T = tokens_BT.shape
+    cache = model_fast.init_cache(config, B, T)
+    logits, _ = model_fast.forward(params, jnp.asarray(tokens_BT),
+                                   config, cache=cache)
+    return np.asarray(logits, np.float32)
+
+
 def build_parser():
     """bench.py's command line, every flag with its default."""
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -310,6 +362,10 @@ def build_parser():
     p.add_argument("--markdown", action="store_true",
                    help="print the rows of docs/performance.md's tables")
     p.add_argument("--out", default="bench.json", help="results file")
+    p.add_argument("--accuracy", metavar="DIR",
+                   help="instead: what bfloat16 and int8 decoding change "
+                        "against float32 for the checkpoint DIR "
+                        "(perplexity on held-out stdlib, logits, greedy)")
     return p
 
 
@@ -462,6 +518,9 @@ def markdown(r):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.accuracy:
+        res = {"accuracy": accuracy(args.accuracy)}
+        return common.write_json(args.out, res)
     for flag in ("batch_size", "seq_len", "prompt_len", "new_tokens", "reps"):
         value = getattr(args, flag)
         if value is not None and value < 1:

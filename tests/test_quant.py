@@ -126,6 +126,27 @@ def test_bad_dtype_is_one_line(capsys):
         sample.generate(int8, WIDE, [[1, 2]], 2, mesh=mesh)
 
 
+def test_bench_accuracy_measures_each_dtype_against_float32(tmp_path,
+                                                            capsys):
+    """bench.py --accuracy DIR: float32's perplexity, and for bfloat16
+    and int8 their error, argmax agreement and greedy equality."""
+    import bench
+    hf.save_hf(random_params(WIDE), WIDE, tmp_path)
+    got = bench.accuracy(tmp_path, n_batches=1, rows=2, seq_len=32,
+                         new_tokens=8)
+    assert list(got) == ["float32", "bfloat16", "int8"]
+    assert list(got["float32"]) == ["perplexity"]
+    for dtype in ("bfloat16", "int8"):
+        row = got[dtype]
+        assert 0 < row["max_rel_error"] < 0.06
+        assert row["mean_rel_error"] < row["max_rel_error"]
+        assert row["argmax_agreement"] > 0.9
+        assert row["greedy_equal"] in {"0/2", "1/2", "2/2"}
+        ratio = row["perplexity"] / got["float32"]["perplexity"]
+        assert abs(ratio - 1) < 0.01
+    assert "accuracy int8" in capsys.readouterr().out
+
+
 def test_cli_samples_in_int8_and_says_its_weights_bytes(tmp_path,
                                                          capsys):
     hf.save_hf(random_params(WIDE), WIDE, tmp_path)
