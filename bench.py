@@ -332,9 +332,11 @@ def accuracy(path, n_batches=8, rows=8, seq_len=256, new_tokens=200):
 
 
 def _logits(params, config, tokens_BT):
-    """model_fast.forward's float32 logits (B, T, V) on a fresh cache."""
+    """model_fast.forward's float32 logits (B, T, V) on a fresh cache
+    of the weights' dtype, as sample.generate's prefill makes it."""
     B, T = tokens_BT.shape
-    cache = model_fast.init_cache(config, B, T)
+    dtype = params["wte"].dtype
+    cache = model_fast.init_cache(config, B, T, dtype)
     logits, _ = model_fast.forward(params, jnp.asarray(tokens_BT),
                                    config, cache=cache)
     return np.asarray(logits, np.float32)
