@@ -80,7 +80,7 @@ def _times(x, w_OI, dtype=None):
     if x.size == x.shape[-1] and _narrow(w_OI):
         x2 = jnp.concatenate([x, jnp.zeros_like(x)])
         return _times(x2, w_OI, dtype)[:1]
-    if isinstance(w_OI, dict):
+    if _is_int8(w_OI):
         return _int8_times(x, w_OI)
     y = jnp.einsum("oi,...i->o...", w_OI, x,
                    preferred_element_type=dtype)
@@ -89,7 +89,12 @@ def _times(x, w_OI, dtype=None):
 
 def _narrow(w_OI):
     """Whether a weight is stored narrower than float32."""
-    return isinstance(w_OI, dict) or w_OI.dtype != jnp.float32
+    return _is_int8(w_OI) or w_OI.dtype != jnp.float32
+
+
+def _is_int8(w_OI):
+    """Whether a weight is quantize's {"int8", "scale"}."""
+    return isinstance(w_OI, dict)
 
 
 # ----------------------------------------------------------------------------- int8 weights
@@ -137,6 +142,11 @@ def quantized(params):
         return out
     layers = [matrices(p) for p in params["layers"]]
     return matrices({**params, "layers": layers})
+
+
+def is_quantized(params):
+    """Whether `params` are quantized's (their head is int8)."""
+    return _is_int8(params["head_w"])
 
 
 def _int8_times(x, w):

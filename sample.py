@@ -303,7 +303,7 @@ def _layout(params, plain, mesh):
     the plain one, model_fast.decoding_layout (a no-op for load()'s
     params) for the fast one."""
     if not plain:
-        if mesh is not None and _is_int8(params):
+        if mesh is not None and model_fast.is_quantized(params):
             raise ValueError(INT8_ON_MESH)
         return model_fast.decoding_layout(params)
     if mesh is not None:
@@ -317,11 +317,6 @@ def _layout(params, plain, mesh):
 
 INT8_ON_MESH = ("int8 weights decode on one device: drop the mesh "
                 "(--mesh) or pick float32")
-
-
-def _is_int8(params):
-    """Whether `params` are model_fast.quantized's."""
-    return isinstance(params["head_w"], dict)
 
 
 def _left_padded(prompts, rows_divide, num_samples):
